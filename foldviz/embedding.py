@@ -1,0 +1,89 @@
+"""2-D embeddings of per-channel feature vectors (for the layer explorer scatter).
+
+* ``"pca"`` (default, fast, deterministic): scikit-learn PCA on the L2-normalised rows, so the
+  picture reflects the cosine geometry that k-means/similarity use.
+* ``"umap"``: umap-learn with the cosine metric, seeded (``random_state`` makes it single-threaded
+  and reproducible); the first call pays numba's JIT compile (~10-30 s), later calls are fast.
+
+Tiny inputs never fail: with fewer than 3 channels the points are laid out on a line, and UMAP
+falls back to PCA when there are too few channels for a neighbourhood graph (the result says so).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+METHODS = ("pca", "umap")
+
+
+@dataclass
+class Embedding:
+    coords: np.ndarray          # (n, 2) float64
+    method: str                 # method actually used: "pca" | "umap" | "trivial"
+    requested: str              # method asked for
+    seed: int
+    note: str = ""              # why a fallback happened, if it did
+    explained: list[float] = field(default_factory=list)  # PCA explained variance ratios
+
+    @property
+    def label(self) -> str:
+        return {"pca": "PCA", "umap": "UMAP", "trivial": "index"}[self.method]
+
+
+def _normalise(features: np.ndarray) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2:
+        x = x.reshape(x.shape[0], -1)
+    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _pca(x: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    from sklearn.decomposition import PCA
+
+    n, d = x.shape
+    comps = min(2, n, d)
+    out = np.zeros((n, 2))
+    if comps == 0 or np.allclose(x, x[:1]):
+        return out, []
+    pca = PCA(n_components=comps, svd_solver="full")
+    out[:, :comps] = pca.fit_transform(x)
+    return out, [float(v) for v in pca.explained_variance_ratio_]
+
+
+def embed(features: np.ndarray, method: str = "pca", *, seed: int = 0, normalize: bool = True,
+          n_neighbors: int = 15, min_dist: float = 0.1) -> Embedding:
+    """Embed ``features`` (n, d) into 2-D. Deterministic for a given ``seed``."""
+    method = str(method).lower()
+    if method not in METHODS:
+        raise ValueError(f"unknown embedding method {method!r}; choose one of {', '.join(METHODS)}")
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    n = x.shape[0]
+    if normalize:
+        x = _normalise(x)
+    if n < 3:
+        coords = np.stack([np.arange(n, dtype=float), np.zeros(n)], axis=1)
+        return Embedding(coords, "trivial", method, seed, note=f"only {n} channel(s): laid out on a line")
+    if method == "umap":
+        if n < 6:
+            coords, ev = _pca(x)
+            return Embedding(coords, "pca", method, seed, note=f"UMAP needs more than 5 channels (got {n}); used PCA",
+                             explained=ev)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import umap
+
+            reducer = umap.UMAP(n_components=2, n_neighbors=int(max(2, min(n_neighbors, n - 1))),
+                                min_dist=float(min_dist), metric="cosine" if normalize else "euclidean",
+                                random_state=int(seed), init="spectral" if n > 10 else "random",
+                                n_jobs=1)
+            coords = np.asarray(reducer.fit_transform(x), dtype=np.float64)
+        return Embedding(coords, "umap", method, seed)
+    coords, ev = _pca(x)
+    return Embedding(coords, "pca", method, seed, explained=ev)

@@ -1,0 +1,661 @@
+"""Plotly figure builders for foldviz (pure functions: numpy / dicts in, ``go.Figure`` out).
+
+Nothing here imports streamlit or torch; every builder is unit-tested on its own
+(``tests/test_figures.py``).  Conventions:
+
+* every figure has a title, axis titles (with units where there are units) and a
+  compact layout that stays readable on a laptop screen;
+* ``meta`` on the layout carries a small machine-readable description
+  (``{"figure": <builder name>, ...}``) so tests and the app can identify charts;
+* repair / pruning methods are displayed with the paper's names
+  (Fold-Naive, Fold-R, Fold-AR, Fold-DIR, L1/L2 pruning).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# --------------------------------------------------------------------------------------
+# shared style
+# --------------------------------------------------------------------------------------
+
+METHOD_LABELS: dict[str, str] = {
+    "none": "Fold-Naive",
+    "naive": "Fold-Naive",
+    "r": "Fold-R",
+    "ar": "Fold-AR",
+    "dir": "Fold-DIR",
+    "l1": "L1 pruning",
+    "l2": "L2 pruning",
+    "l1+r": "L1 pruning + R",
+    "l2+r": "L2 pruning + R",
+}
+
+METHOD_COLORS: dict[str, str] = {
+    "none": "#d62728",
+    "naive": "#d62728",
+    "r": "#1f77b4",
+    "ar": "#2ca02c",
+    "dir": "#9467bd",
+    "l1": "#7f7f7f",
+    "l2": "#bcbd22",
+    "l1+r": "#17becf",
+    "l2+r": "#8c564b",
+    "original": "#444444",
+}
+
+METHOD_DASH: dict[str, str] = {"l1": "dot", "l2": "dot", "l1+r": "dashdot", "l2+r": "dashdot"}
+
+# qualitative palette for clusters (repeats after 20)
+CLUSTER_COLORS: list[str] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+    "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+]
+
+_HEIGHT = 420
+_MARGIN = dict(l=60, r=20, t=60, b=55)
+
+
+def method_label(method: str) -> str:
+    """Human name of a method key ("ar" -> "Fold-AR"); unknown keys are returned unchanged."""
+    return METHOD_LABELS.get(str(method).lower(), str(method))
+
+
+def cluster_color(c: int) -> str:
+    return CLUSTER_COLORS[int(c) % len(CLUSTER_COLORS)]
+
+
+def _layout(fig: go.Figure, *, title: str, x: str | None = None, y: str | None = None,
+            height: int = _HEIGHT, figure: str, **meta) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=16)),
+        height=height,
+        margin=_MARGIN,
+        template="plotly_white",
+        meta={"figure": figure, **meta},
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    )
+    if x is not None:
+        fig.update_xaxes(title_text=x)
+    if y is not None:
+        fig.update_yaxes(title_text=y)
+    return fig
+
+
+def empty_figure(message: str, *, title: str = "Nothing to show yet") -> go.Figure:
+    """A blank figure with a centred message (used when there is no data)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color="#666"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title=title, height=260, figure="empty")
+
+
+def _as_labels(labels: Sequence[int] | np.ndarray, n: int | None = None) -> np.ndarray:
+    lab = np.asarray(labels, dtype=int).reshape(-1)
+    if n is not None and lab.shape[0] != n:
+        raise ValueError(f"labels has {lab.shape[0]} entries but there are {n} channels")
+    return lab
+
+
+def order_by_cluster(labels: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Stable permutation that lists channels cluster by cluster (largest cluster first)."""
+    lab = _as_labels(labels)
+    if lab.size == 0:
+        return np.zeros(0, dtype=int)
+    ids, counts = np.unique(lab, return_counts=True)
+    rank = {int(c): r for r, c in enumerate(ids[np.lexsort((ids, -counts))])}
+    keys = np.array([rank[int(c)] for c in lab])
+    return np.argsort(keys, kind="stable")
+
+
+# --------------------------------------------------------------------------------------
+# Layer explorer
+# --------------------------------------------------------------------------------------
+
+def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | None = None, *,
+                       order: Sequence[int] | np.ndarray | None = None, group: str = "",
+                       max_channels: int = 384, title: str | None = None) -> go.Figure:
+    """Cosine similarity between the channels of one group, ordered by cluster.
+
+    ``sim`` is (n, n); ``labels`` (n,) cluster ids; ``order`` overrides the permutation
+    (e.g. the engine's ``cluster_order``).  White lines mark the cluster boundaries.
+    Layers wider than ``max_channels`` are thinned evenly along the ordered axis so the
+    browser stays responsive (the title says so).
+    """
+    sim = np.asarray(sim, dtype=float)
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"similarity matrix must be square, got shape {sim.shape}")
+    n = sim.shape[0]
+    lab = _as_labels(labels, n) if labels is not None else np.zeros(n, dtype=int)
+    perm = np.asarray(order, dtype=int) if order is not None else order_by_cluster(lab)
+    if sorted(perm.tolist()) != list(range(n)):
+        raise ValueError("order must be a permutation of the channels")
+    step = max(1, int(math.ceil(n / max_channels)))
+    shown = perm[::step]
+    s = sim[np.ix_(shown, shown)]
+    lab_shown = lab[shown]
+    m = len(shown)
+    ticks = np.arange(m)
+    hover = [[f"channel {int(shown[i])} (cluster {int(lab_shown[i])})<br>"
+              f"channel {int(shown[j])} (cluster {int(lab_shown[j])})" for j in range(m)]
+             for i in range(m)] if m <= 160 else None
+    heat = go.Heatmap(
+        z=s, x=ticks, y=ticks, zmin=-1.0, zmax=1.0, colorscale="RdBu_r", zmid=0.0,
+        colorbar=dict(title=dict(text="cosine<br>similarity")),
+        name="cosine similarity",
+        customdata=np.stack([np.broadcast_to(shown[None, :], (m, m)),
+                             np.broadcast_to(shown[:, None], (m, m))], axis=-1),
+        hovertemplate="channel %{customdata[1]} vs channel %{customdata[0]}<br>"
+                      "cos = %{z:.3f}<extra></extra>" if hover is None else
+                      "%{text}<br>cos = %{z:.3f}<extra></extra>",
+        text=hover,
+    )
+    fig = go.Figure(heat)
+    # cluster boundaries
+    boundaries = [i for i in range(1, m) if lab_shown[i] != lab_shown[i - 1]]
+    k = len(np.unique(lab))
+    if 0 < len(boundaries) <= 200:
+        for b in boundaries:
+            pos = b - 0.5
+            fig.add_shape(type="line", x0=pos, x1=pos, y0=-0.5, y1=m - 0.5,
+                          line=dict(color="white", width=1))
+            fig.add_shape(type="line", x0=-0.5, x1=m - 0.5, y0=pos, y1=pos,
+                          line=dict(color="white", width=1))
+    thin = f" (every {step}th channel shown)" if step > 1 else ""
+    name = f" — {group}" if group else ""
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_xaxes(constrain="domain")
+    return _layout(fig, title=title or f"Filter cosine similarity, ordered by cluster{name}{thin}",
+                   x="channel (ordered by cluster)", y="channel (ordered by cluster)",
+                   height=520, figure="similarity_heatmap", channels=n, clusters=k, step=step)
+
+
+def embedding_scatter(coords: np.ndarray, labels: Sequence[int] | np.ndarray, *,
+                      method: str = "PCA", group: str = "", channel_ids: Sequence[int] | None = None,
+                      highlight: Sequence[int] | None = None, max_legend_clusters: int = 12,
+                      title: str | None = None) -> go.Figure:
+    """Channels of one group in a 2-D embedding, coloured by k-means cluster.
+
+    Hovering a point shows ``channel 17 · cluster 3``.  With up to ``max_legend_clusters``
+    clusters there is one trace per cluster (legend entries "cluster c (m ch)"); with more
+    there is a single trace coloured by cluster id.  ``highlight`` channels get a black ring.
+    """
+    xy = np.asarray(coords, dtype=float)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise ValueError(f"coords must be (n, 2), got {xy.shape}")
+    n = xy.shape[0]
+    lab = _as_labels(labels, n)
+    ids = np.asarray(channel_ids if channel_ids is not None else np.arange(n), dtype=int)
+    clusters = np.unique(lab)
+    Scatter = go.Scattergl if n > 1500 else go.Scatter
+    fig = go.Figure()
+    hover = "channel %{customdata[0]} · cluster %{customdata[1]}<extra></extra>"
+    if len(clusters) <= max_legend_clusters:
+        for c in clusters:
+            idx = np.where(lab == c)[0]
+            fig.add_trace(Scatter(
+                x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=f"cluster {int(c)} ({len(idx)} ch)",
+                marker=dict(size=9, color=cluster_color(c), line=dict(width=0.5, color="white")),
+                customdata=np.stack([ids[idx], np.full(len(idx), int(c))], axis=1),
+                hovertemplate=hover,
+            ))
+    else:
+        fig.add_trace(Scatter(
+            x=xy[:, 0], y=xy[:, 1], mode="markers", name="channels",
+            marker=dict(size=7, color=lab, colorscale="Turbo", showscale=True,
+                        colorbar=dict(title=dict(text="cluster"))),
+            customdata=np.stack([ids, lab], axis=1), hovertemplate=hover,
+        ))
+    if highlight is not None and len(highlight):
+        h = np.asarray(list(highlight), dtype=int)
+        pos = np.where(np.isin(ids, h))[0]
+        fig.add_trace(Scatter(
+            x=xy[pos, 0], y=xy[pos, 1], mode="markers", name="selected",
+            marker=dict(size=15, color="rgba(0,0,0,0)", line=dict(width=2, color="black")),
+            customdata=np.stack([ids[pos], lab[pos]], axis=1), hovertemplate=hover,
+        ))
+    name = f" — {group}" if group else ""
+    return _layout(fig, title=title or f"Channels in 2-D ({method}), coloured by cluster{name}",
+                   x=f"{method} 1 (a.u.)", y=f"{method} 2 (a.u.)", height=480,
+                   figure="embedding_scatter", method=method, channels=n, clusters=int(len(clusters)))
+
+
+def _near_square(d: int) -> tuple[int, int]:
+    h = int(math.floor(math.sqrt(d)))
+    while h > 1 and d % h:
+        h -= 1
+    w = d // h
+    if w > 4 * h:  # awkward factorisation (e.g. primes): pad to a square instead
+        h = int(math.ceil(math.sqrt(d)))
+        w = int(math.ceil(d / h))
+    return h, w
+
+
+def filter_images(weight: np.ndarray) -> tuple[np.ndarray, str]:
+    """Turn a producer weight into one small image per output channel.
+
+    Returns ``(images, mode)`` where images is (n, h, w) for grey maps or (n, h, w, 3) for RGB:
+
+    * conv with 1 input channel -> the kernel itself (``"kernel"``);
+    * conv with 3 input channels -> the kernel as an RGB image, min-max scaled per filter (``"rgb"``);
+    * conv with a spatial kernel and many input channels -> L2 norm over input channels (``"energy"``);
+    * 1x1 conv / linear rows -> the fan-in vector folded into a near-square image (``"fan-in"``;
+      a 64-wide MLP row on 8x8 digits becomes the 8x8 input template).
+    """
+    w = np.asarray(weight, dtype=float)
+    if w.ndim == 4:
+        n, c, kh, kw = w.shape
+        if kh * kw > 1:
+            if c == 1:
+                return w[:, 0], "kernel"
+            if c == 3:
+                img = np.transpose(w, (0, 2, 3, 1))
+                lo = img.reshape(n, -1).min(1)[:, None, None, None]
+                hi = img.reshape(n, -1).max(1)[:, None, None, None]
+                return (img - lo) / np.maximum(hi - lo, 1e-12), "rgb"
+            return np.sqrt((w ** 2).sum(axis=1)), "energy"
+        w = w.reshape(n, c)
+    elif w.ndim != 2:
+        w = w.reshape(w.shape[0], -1)
+    n, d = w.shape
+    h, ww = _near_square(d)
+    out = np.full((n, h * ww), np.nan)
+    out[:, :d] = w
+    return out.reshape(n, h, ww), "fan-in"
+
+
+def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group: str = "",
+                module: str = "", max_clusters: int = 12, max_per_cluster: int = 12,
+                centroids: bool = True, title: str | None = None) -> go.Figure:
+    """Filters drawn as small images, one row per cluster (largest clusters first).
+
+    Each row shows up to ``max_per_cluster`` member filters; with ``centroids`` the last tile
+    of the row (after a gap) is the cluster mean, i.e. the merged filter folding produces.
+    Hover names the channel and its cluster.
+    """
+    images, mode = filter_images(weight)
+    n = images.shape[0]
+    lab = _as_labels(labels, n)
+    ids, counts = np.unique(lab, return_counts=True)
+    order = ids[np.lexsort((ids, -counts))][:max_clusters]
+    rgb = images.ndim == 4
+    h, w = images.shape[1], images.shape[2]
+    gap = 1
+    cols = max_per_cluster + (2 if centroids else 0)
+    H = len(order) * (h + gap) - gap
+    W = cols * (w + gap) - gap
+    canvas = np.full((H, W, 3) if rgb else (H, W), np.nan if not rgb else 1.0)
+    ch_map = np.full((H, W), -1, dtype=int)
+    cl_map = np.full((H, W), -1, dtype=int)
+    shown = 0
+    for r, c in enumerate(order):
+        members = np.where(lab == c)[0]
+        y0 = r * (h + gap)
+        for j, ch in enumerate(members[:max_per_cluster]):
+            x0 = j * (w + gap)
+            canvas[y0:y0 + h, x0:x0 + w] = images[ch]
+            ch_map[y0:y0 + h, x0:x0 + w] = ch
+            cl_map[y0:y0 + h, x0:x0 + w] = c
+            shown += 1
+        if centroids:
+            x0 = (cols - 1) * (w + gap)
+            canvas[y0:y0 + h, x0:x0 + w] = np.nanmean(images[members], axis=0)
+            ch_map[y0:y0 + h, x0:x0 + w] = -2
+            cl_map[y0:y0 + h, x0:x0 + w] = c
+    custom = np.stack([ch_map, cl_map], axis=-1)
+    if rgb:
+        trace = go.Image(z=np.nan_to_num(canvas, nan=1.0) * 255.0, customdata=custom,
+                         hovertemplate="channel %{customdata[0]} · cluster %{customdata[1]}<extra></extra>",
+                         name="filters")
+    else:
+        lim = float(np.nanmax(np.abs(canvas))) if np.isfinite(canvas).any() else 1.0
+        signed = mode in ("kernel", "fan-in")
+        trace = go.Heatmap(
+            z=canvas, customdata=custom, zmin=-lim if signed else 0.0, zmax=lim,
+            colorscale="RdBu_r" if signed else "Viridis", name="filters",
+            colorbar=dict(title=dict(text="weight" if signed else "‖w‖")),
+            hovertemplate="channel %{customdata[0]} · cluster %{customdata[1]}<br>"
+                          "value %{z:.3f}<extra></extra>", hoverongaps=False,
+        )
+    fig = go.Figure(trace)
+    fig.update_yaxes(autorange="reversed", showticklabels=True, scaleanchor="x", constrain="domain",
+                     tickmode="array", tickvals=[r * (h + gap) + (h - 1) / 2 for r in range(len(order))],
+                     ticktext=[f"cluster {int(c)} ({int(counts[ids == c][0])})" for c in order],
+                     showgrid=False, zeroline=False)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain")
+    if centroids and len(order):
+        fig.add_annotation(x=(cols - 1) * (w + gap) + (w - 1) / 2, y=-0.5, yref="y", xref="x",
+                           text="merged", showarrow=False, yshift=12, font=dict(size=11))
+    mode_text = {"kernel": "kernels", "rgb": "RGB kernels", "energy": "kernel energy ‖w‖ over inputs",
+                 "fan-in": "fan-in weights as images"}[mode]
+    src = f" of {module}" if module else ""
+    height = int(min(900, max(260, 70 + len(order) * 42)))
+    return _layout(fig, title=title or f"Filters{src} grouped by cluster ({mode_text})",
+                   x=f"member filters (up to {max_per_cluster} per cluster){' · merged filter at right' if centroids else ''}",
+                   y="cluster (size)", height=height, figure="filter_grid", mode=mode, shown=shown,
+                   clusters=int(len(order)), group=group)
+
+
+def cluster_size_histogram(labels_or_sizes: Sequence[int] | np.ndarray, *, from_labels: bool = True,
+                           group: str = "", title: str | None = None) -> go.Figure:
+    """How many clusters have 1, 2, 3, ... members (singletons are channels kept as they are)."""
+    arr = np.asarray(labels_or_sizes, dtype=int)
+    sizes = np.unique(arr, return_counts=True)[1] if from_labels else arr
+    sizes = sizes[sizes > 0]
+    vals, cnt = np.unique(sizes, return_counts=True)
+    fig = go.Figure(go.Bar(
+        x=vals, y=cnt, name="clusters", marker_color="#4c78a8",
+        hovertemplate="%{y} cluster(s) of size %{x}<extra></extra>",
+    ))
+    fig.update_xaxes(dtick=1 if len(vals) and vals.max() <= 20 else None)
+    name = f" — {group}" if group else ""
+    return _layout(fig, title=title or f"Cluster sizes{name}", x="cluster size (channels merged)",
+                   y="number of clusters", height=320, figure="cluster_size_histogram",
+                   clusters=int(sizes.size))
+
+
+def group_overview(rows: Sequence[Mapping], *, title: str | None = None) -> go.Figure:
+    """Redundancy per channel group (model order).
+
+    ``rows``: dicts with ``id``, ``channels``, ``mean_cos``, ``max_cos`` and optional
+    ``score``, ``suggested_ratio`` / ``ratio``, ``foldable``.  Bars = mean |cosine|
+    similarity, diamonds = max, line = suggested fold ratio; unfoldable groups are grey.
+    """
+    if not rows:
+        return empty_figure("No channel groups", title=title or "Channel groups")
+    ids = [str(r["id"]) for r in rows]
+    foldable = [bool(r.get("foldable", True)) for r in rows]
+    mean = [float(r.get("mean_cos", np.nan)) for r in rows]
+    mx = [float(r.get("max_cos", np.nan)) for r in rows]
+    ch = [int(r.get("channels", 0)) for r in rows]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.6, 0.4],
+                        specs=[[{}], [{"secondary_y": True}]])
+    fig.add_trace(go.Bar(
+        x=ids, y=mean, name="mean cosine similarity",
+        marker_color=["#4c78a8" if f else "#c7c7c7" for f in foldable],
+        customdata=np.array([[c, "yes" if f else "no"] for c, f in zip(ch, foldable)], dtype=object),
+        hovertemplate="%{x}<br>mean cos %{y:.3f}<br>%{customdata[0]} channels · foldable %{customdata[1]}"
+                      "<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=ids, y=mx, mode="markers", name="max cosine similarity",
+                             marker=dict(symbol="diamond", size=8, color="#f58518"),
+                             hovertemplate="%{x}<br>max cos %{y:.3f}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=ids, y=ch, name="channels", marker_color="rgba(120,120,120,0.35)",
+                         hovertemplate="%{x}<br>%{y} channels<extra></extra>"), row=2, col=1, secondary_y=False)
+    ratio_key = "suggested_ratio" if any("suggested_ratio" in r for r in rows) else "ratio"
+    if any(ratio_key in r for r in rows):
+        fig.add_trace(go.Scatter(
+            x=ids, y=[100.0 * float(r.get(ratio_key, np.nan)) for r in rows], mode="lines+markers",
+            name="suggested fold ratio" if ratio_key == "suggested_ratio" else "fold ratio",
+            line=dict(color="#54a24b"), hovertemplate="%{x}<br>ratio %{y:.0f}%<extra></extra>"),
+            row=2, col=1, secondary_y=True)
+    fig.update_yaxes(title_text="cosine similarity", row=1, col=1, range=[0, 1.05])
+    fig.update_yaxes(title_text="channels", row=2, col=1, secondary_y=False)
+    fig.update_yaxes(title_text="ratio (%)", row=2, col=1, secondary_y=True, range=[0, 100], showgrid=False)
+    fig.update_xaxes(title_text="channel group (model order)", row=2, col=1, tickangle=-45)
+    return _layout(fig, title=title or "Redundancy per channel group", height=520, figure="group_overview",
+                   groups=len(rows))
+
+
+def inertia_curve(points: Sequence[Sequence[float]] | Mapping[str, Sequence[Sequence[float]]], *,
+                  current_ratio: float | None = None, normalize: bool = True,
+                  title: str | None = None) -> go.Figure:
+    """k-means inertia vs. fold ratio for one group (list of (ratio, k, inertia)) or several (dict).
+
+    With ``normalize`` the inertia is divided by the group's total sum of squares at k=1 (the
+    largest value), so curves of different groups are comparable: 0 = nothing lost, 1 = everything.
+    """
+    series = points if isinstance(points, Mapping) else {"": points}
+    fig = go.Figure()
+    for name, pts in series.items():
+        arr = np.asarray([[float(p[0]), float(p[1]), float(p[2])] for p in pts], dtype=float)
+        if arr.size == 0:
+            continue
+        arr = arr[np.argsort(arr[:, 0])]
+        y = arr[:, 2]
+        if normalize:
+            y = y / max(float(np.max(y)), 1e-12)
+        fig.add_trace(go.Scatter(
+            x=100.0 * arr[:, 0], y=y, mode="lines+markers", name=name or "inertia",
+            customdata=arr[:, 1:2].astype(int),
+            hovertemplate="ratio %{x:.0f}% · k = %{customdata[0]}<br>inertia %{y:.3g}<extra></extra>"))
+    if current_ratio is not None:
+        fig.add_vline(x=100.0 * float(current_ratio), line=dict(color="#d62728", dash="dash"),
+                      annotation_text="current", annotation_position="top")
+    return _layout(fig, title=title or "k-means inertia vs. fold ratio",
+                   x="fold ratio (% of channels removed)",
+                   y="inertia (fraction of max)" if normalize else "inertia (sum of squares)",
+                   height=340, figure="inertia_curve")
+
+
+# --------------------------------------------------------------------------------------
+# Plan / results
+# --------------------------------------------------------------------------------------
+
+def channels_per_group(groups: Sequence[Mapping], *, title: str | None = None) -> go.Figure:
+    """Channels before and after folding per group (``id``, ``channels_before``, ``channels_after``)."""
+    if not groups:
+        return empty_figure("No groups", title=title or "Channels per group")
+    ids = [str(g["id"]) for g in groups]
+    before = [int(g["channels_before"]) for g in groups]
+    after = [int(g["channels_after"]) for g in groups]
+    fig = go.Figure([
+        go.Bar(x=ids, y=before, name="before", marker_color="#c7c7c7",
+               hovertemplate="%{x}<br>%{y} channels before<extra></extra>"),
+        go.Bar(x=ids, y=after, name="after", marker_color="#4c78a8",
+               hovertemplate="%{x}<br>%{y} channels after<extra></extra>"),
+    ])
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(tickangle=-45)
+    return _layout(fig, title=title or "Channels per group: before vs. after",
+                   x="channel group (model order)", y="channels", height=380, figure="channels_per_group")
+
+
+_METRIC_UNITS = {
+    "params": ("Parameters", "parameters (millions)", 1e-6),
+    "flops": ("FLOPs", "FLOPs per image (millions)", 1e-6),
+    "size": ("Size", "size (MB)", 1e-6),
+    "size_bytes": ("Size", "size (MB)", 1e-6),
+    "latency_ms": ("Latency", "latency (ms / batch)", 1.0),
+    "latency": ("Latency", "latency (ms / batch)", 1.0),
+    "accuracy": ("Accuracy", "accuracy (%)", 100.0),
+}
+
+
+def before_after_bars(before: Mapping[str, float], after: Mapping[str, float], *,
+                      metrics: Sequence[str] | None = None, title: str | None = None) -> go.Figure:
+    """One small panel per metric with a "before" and an "after" bar, each in its own units.
+
+    Known metric keys: params, flops, size_bytes, latency_ms, accuracy (fraction 0-1, shown in %).
+    Unknown keys are plotted as-is.
+    """
+    keys = [m for m in (metrics or list(before)) if m in before and m in after]
+    if not keys:
+        return empty_figure("No metrics to compare", title=title or "Before vs. after")
+    fig = make_subplots(rows=1, cols=len(keys),
+                        subplot_titles=[_METRIC_UNITS.get(k, (k, k, 1.0))[0] for k in keys],
+                        horizontal_spacing=0.08)
+    for i, k in enumerate(keys, start=1):
+        name, unit, scale = _METRIC_UNITS.get(k, (k, k, 1.0))
+        b, a = float(before[k]) * scale, float(after[k]) * scale
+        change = (a / b - 1.0) * 100.0 if b else float("nan")
+        fig.add_trace(go.Bar(
+            x=["before", "after"], y=[b, a], marker_color=["#c7c7c7", "#4c78a8"], name=name,
+            text=[f"{b:.3g}", f"{a:.3g}"], textposition="outside", showlegend=False,
+            hovertemplate=f"{name}: %{{y:.4g}} {unit}<extra></extra>"), row=1, col=i)
+        fig.update_yaxes(title_text=unit, row=1, col=i, rangemode="tozero",
+                         range=[0, max(a, b) * 1.2 if max(a, b) > 0 else 1])
+        fig.update_xaxes(title_text=f"{change:+.1f}%" if math.isfinite(change) else "", row=1, col=i)
+    return _layout(fig, title=title or "Before vs. after folding", height=340, figure="before_after_bars",
+                   metrics=list(keys))
+
+
+def variance_ratio_plot(series: Mapping[str, Sequence[Mapping]], *, log_y: bool = True,
+                        title: str | None = None) -> go.Figure:
+    """Per-layer activation variance ratio Var(folded)/Var(original), one trace per method.
+
+    ``series`` maps a method key ("none", "r", "ar", "dir", ...) to the engine's
+    ``variance_ratios`` rows (``layer``, ``ratio``).  A dashed line marks the ideal ratio 1:
+    below = variance collapse, above = explosion.  Layers keep the order of first appearance.
+    """
+    layers: list[str] = []
+    for rows in series.values():
+        for r in rows:
+            if str(r["layer"]) not in layers:
+                layers.append(str(r["layer"]))
+    fig = go.Figure()
+    for method, rows in series.items():
+        d = {str(r["layer"]): float(r["ratio"]) for r in rows}
+        xs = [lay for lay in layers if lay in d]
+        ys = [d[lay] for lay in xs]
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="lines+markers", name=method_label(method),
+            line=dict(color=METHOD_COLORS.get(method), dash=METHOD_DASH.get(method, "solid")),
+            hovertemplate=f"{method_label(method)}<br>%{{x}}<br>Var ratio %{{y:.3g}}<extra></extra>"))
+    if layers:
+        fig.add_trace(go.Scatter(x=[layers[0], layers[-1]], y=[1.0, 1.0], mode="lines",
+                                 name="ideal (ratio = 1)", line=dict(color="black", dash="dash", width=1.5),
+                                 hoverinfo="skip"))
+    fig.update_xaxes(type="category", tickangle=-45, categoryorder="array", categoryarray=layers)
+    if log_y:
+        fig.update_yaxes(type="log")
+    fig.add_annotation(text="explosion ↑", xref="paper", yref="paper", x=1.0, y=1.0, showarrow=False,
+                       xanchor="right", yanchor="top", font=dict(size=11, color="#888"))
+    fig.add_annotation(text="collapse ↓", xref="paper", yref="paper", x=1.0, y=0.0, showarrow=False,
+                       xanchor="right", yanchor="bottom", font=dict(size=11, color="#888"))
+    return _layout(fig, title=title or "Activation variance after folding, per layer",
+                   x="layer (model order)", y="Var(folded) / Var(original)" + (" (log scale)" if log_y else ""),
+                   height=440, figure="variance_ratio_plot", methods=list(series))
+
+
+def sweep_plot(rows: Sequence[Mapping], *, methods: Sequence[str] | None = None,
+               baseline_accuracy: float | None = None, title: str | None = None) -> go.Figure:
+    """Accuracy vs. parameter sparsity, one trace per method (the paper's main figure).
+
+    ``rows``: the engine's sweep rows (``method``, ``ratio``, ``seed``, ``param_sparsity`` and
+    ``accuracy`` as fractions).  Several seeds are averaged with min-max error bars.
+    """
+    by: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by[str(r["method"])][float(r["ratio"])].append((float(r["param_sparsity"]), float(r["accuracy"])))
+    order = list(methods) if methods else list(by)
+    fig = go.Figure()
+    for m in order:
+        if m not in by:
+            continue
+        pts = []
+        for ratio, vals in by[m].items():
+            sp = np.mean([v[0] for v in vals])
+            acc = np.array([v[1] for v in vals])
+            pts.append((sp, acc.mean(), acc.max() - acc.mean(), acc.mean() - acc.min(), ratio, len(acc)))
+        pts.sort()
+        p = np.array(pts, dtype=float)
+        err = dict(type="data", array=100 * p[:, 2], arrayminus=100 * p[:, 3], visible=True) \
+            if np.any(p[:, 5] > 1) else None
+        fig.add_trace(go.Scatter(
+            x=100 * p[:, 0], y=100 * p[:, 1], mode="lines+markers", name=method_label(m), error_y=err,
+            line=dict(color=METHOD_COLORS.get(m), dash=METHOD_DASH.get(m, "solid")),
+            customdata=np.stack([100 * p[:, 4], p[:, 5]], axis=1),
+            hovertemplate=f"{method_label(m)}<br>sparsity %{{x:.1f}}%<br>accuracy %{{y:.1f}}%"
+                          "<br>per-group ratio %{customdata[0]:.0f}% · %{customdata[1]} seed(s)<extra></extra>"))
+    if baseline_accuracy is not None:
+        fig.add_hline(y=100 * float(baseline_accuracy), line=dict(color="#444", dash="dot"),
+                      annotation_text="unfolded", annotation_position="bottom left")
+    fig.update_xaxes(range=[0, 100])
+    fig.update_yaxes(rangemode="tozero")
+    return _layout(fig, title=title or "Accuracy vs. parameter sparsity",
+                   x="parameter sparsity (% of parameters removed)", y="accuracy (%)", height=440,
+                   figure="sweep_plot", methods=[m for m in order if m in by])
+
+
+def plan_preview_bars(groups: Sequence[Mapping], *, title: str | None = None) -> go.Figure:
+    """Per-group fold ratio of a plan (``id``, ``ratio``, ``channels_before``, ``channels_after``, ``skip``)."""
+    if not groups:
+        return empty_figure("No groups", title=title or "Plan")
+    ids = [str(g["id"]) for g in groups]
+    ratio = [100.0 * float(g.get("ratio", 0.0)) for g in groups]
+    colors = ["#c7c7c7" if g.get("skip") or not g.get("foldable", True) else "#4c78a8" for g in groups]
+    text = [f"{int(g.get('channels_before', 0))}→{int(g.get('channels_after', 0))}" for g in groups]
+    fig = go.Figure(go.Bar(x=ids, y=ratio, marker_color=colors, text=text, textposition="outside",
+                           name="fold ratio",
+                           hovertemplate="%{x}<br>ratio %{y:.0f}%<br>channels %{text}<extra></extra>"))
+    fig.update_xaxes(tickangle=-45)
+    fig.update_yaxes(range=[0, 110])
+    return _layout(fig, title=title or "Fold ratio per group (channels before→after)",
+                   x="channel group (model order)", y="fold ratio (% of channels removed)", height=360,
+                   figure="plan_preview_bars")
+
+
+# --------------------------------------------------------------------------------------
+# Learn page helpers
+# --------------------------------------------------------------------------------------
+
+def matrix_heatmap(mat: np.ndarray, *, title: str, x: str, y: str, zlabel: str = "weight",
+                   row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
+                   symmetric: bool = True, height: int = 320) -> go.Figure:
+    """A plain annotated heatmap of a (small) matrix, e.g. the next layer's weight columns."""
+    m = np.asarray(mat, dtype=float)
+    if m.ndim == 1:
+        m = m[None, :]
+    lim = float(np.nanmax(np.abs(m))) if m.size and np.isfinite(m).any() else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=m, x=list(col_labels) if col_labels is not None else None,
+        y=list(row_labels) if row_labels is not None else None,
+        zmin=-lim if symmetric else None, zmax=lim if symmetric else None,
+        colorscale="RdBu_r" if symmetric else "Viridis", colorbar=dict(title=dict(text=zlabel)),
+        hovertemplate="%{y} · %{x}<br>%{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title=title, x=x, y=y, height=height, figure="matrix_heatmap")
+
+
+def merged_variance_curve(max_size: int = 8, correlations: Iterable[float] = (0.0, 0.25, 0.5, 0.9, 1.0), *,
+                          measured: Sequence[Mapping] | None = None, title: str | None = None) -> go.Figure:
+    """Why averaging collapses variance: Var(mean of N channels) / Var(one channel) = (1 + (N-1)ρ) / N.
+
+    One curve per correlation ρ (unit-variance channels with equal pairwise correlation).
+    ``measured``: optional points (``size``, ``ratio``) from a real layer.
+    """
+    ns = np.arange(1, max(2, int(max_size)) + 1)
+    fig = go.Figure()
+    for rho in correlations:
+        y = (1.0 + (ns - 1) * float(rho)) / ns
+        fig.add_trace(go.Scatter(x=ns, y=y, mode="lines+markers", name=f"ρ = {rho:g}",
+                                 hovertemplate=f"ρ={rho:g}<br>N=%{{x}} → variance × %{{y:.3f}}<extra></extra>"))
+    if measured:
+        fig.add_trace(go.Scatter(x=[float(p["size"]) for p in measured], y=[float(p["ratio"]) for p in measured],
+                                 mode="markers", name="measured clusters",
+                                 marker=dict(symbol="x", size=10, color="black"),
+                                 hovertemplate="cluster of %{x}: variance × %{y:.3f}<extra></extra>"))
+    fig.update_xaxes(dtick=1)
+    fig.update_yaxes(range=[0, 1.1])
+    return _layout(fig, title=title or "Averaging N channels shrinks the variance (unless they are identical)",
+                   x="channels merged into one (N)", y="variance of the merged channel (× one channel)",
+                   height=360, figure="merged_variance_curve")
+
+
+# --------------------------------------------------------------------------------------
+# reading figures back (tests, exports)
+# --------------------------------------------------------------------------------------
+
+def decode_array(value):
+    """Decode a plotly JSON array value: plain lists pass through, typed arrays
+    (``{"dtype": "f8", "bdata": "...", "shape": "3, 4"}``, plotly >= 6) become numpy arrays."""
+    import base64
+
+    if isinstance(value, Mapping) and "bdata" in value:
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        if shape:
+            arr = arr.reshape([int(s) for s in str(shape).split(",")])
+        return arr
+    if isinstance(value, list):
+        return [decode_array(v) if isinstance(v, Mapping) else v for v in value] \
+            if any(isinstance(v, Mapping) for v in value) else value
+    return value

@@ -1,0 +1,270 @@
+"""Unit tests for the plotly figure builders (no streamlit, no torch)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from foldviz import figures as F
+
+
+def _decode(obj):
+    if isinstance(obj, dict):
+        if "bdata" in obj and "dtype" in obj:
+            return F.decode_array(obj).tolist()
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
+
+
+def _spec(fig: go.Figure) -> dict:
+    """Round-trip through JSON like st.plotly_chart does (typed arrays decoded to lists)."""
+    return _decode(json.loads(fig.to_json()))
+
+
+def _titles(spec: dict) -> tuple[str, str, str]:
+    lay = spec["layout"]
+    return (lay["title"]["text"], lay.get("xaxis", {}).get("title", {}).get("text", ""),
+            lay.get("yaxis", {}).get("title", {}).get("text", ""))
+
+
+def _rand_features(n=24, d=10, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d))
+    labels = np.arange(n) % k
+    x = centers[labels] + 0.1 * rng.normal(size=(n, d))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return x, xn @ xn.T, labels
+
+
+def test_method_labels():
+    assert F.method_label("ar") == "Fold-AR"
+    assert F.method_label("none") == "Fold-Naive"
+    assert F.method_label("l2") == "L2 pruning"
+    assert F.method_label("whatever") == "whatever"
+
+
+def test_order_by_cluster_groups_members_largest_first():
+    labels = np.array([2, 0, 1, 0, 2, 0])
+    order = F.order_by_cluster(labels)
+    assert sorted(order.tolist()) == list(range(6))
+    ordered = labels[order]
+    assert ordered.tolist() == [0, 0, 0, 2, 2, 1]
+
+
+def test_similarity_heatmap_orders_and_draws_boundaries():
+    _, sim, labels = _rand_features()
+    fig = F.similarity_heatmap(sim, labels, group="layer1.0.conv1")
+    spec = _spec(fig)
+    assert spec["data"][0]["type"] == "heatmap"
+    z = np.array(spec["data"][0]["z"], dtype=float)
+    assert z.shape == (24, 24)
+    order = F.order_by_cluster(labels)
+    assert np.allclose(z, sim[np.ix_(order, order)])
+    # within-cluster blocks are bright: mean of diagonal blocks > off-diagonal
+    lab = labels[order]
+    same = lab[:, None] == lab[None, :]
+    assert z[same].mean() > z[~same].mean() + 0.3
+    # 4 clusters -> 3 boundaries, each drawn horizontally and vertically
+    assert len(spec["layout"]["shapes"]) == 6
+    title, x, y = _titles(spec)
+    assert "layer1.0.conv1" in title and "cluster" in x and "cluster" in y
+    assert spec["layout"]["meta"]["figure"] == "similarity_heatmap"
+    assert spec["data"][0]["zmin"] == -1 and spec["data"][0]["zmax"] == 1
+
+
+def test_similarity_heatmap_thins_wide_layers_and_validates():
+    n = 1000
+    rng = np.random.default_rng(1)
+    sim = np.corrcoef(rng.normal(size=(n, 20)))
+    labels = rng.integers(0, 50, size=n)
+    spec = _spec(F.similarity_heatmap(sim, labels, max_channels=200))
+    z = np.array(spec["data"][0]["z"], dtype=float)
+    assert z.shape[0] <= 200 and spec["layout"]["meta"]["step"] == 5
+    assert "every 5th" in spec["layout"]["title"]["text"]
+    with pytest.raises(ValueError):
+        F.similarity_heatmap(np.zeros((3, 4)), [0, 0, 0])
+    with pytest.raises(ValueError):
+        F.similarity_heatmap(np.eye(3), [0, 1])
+
+
+def test_embedding_scatter_one_trace_per_cluster_with_hover():
+    rng = np.random.default_rng(0)
+    coords = rng.normal(size=(20, 2))
+    labels = np.arange(20) % 3
+    spec = _spec(F.embedding_scatter(coords, labels, method="PCA", group="g", highlight=[17]))
+    traces = spec["data"]
+    assert [t["name"] for t in traces[:3]] == ["cluster 0 (7 ch)", "cluster 1 (7 ch)", "cluster 2 (6 ch)"]
+    assert "channel %{customdata[0]} · cluster %{customdata[1]}" in traces[0]["hovertemplate"]
+    # channel 17 is in cluster 2; its customdata names it
+    cd = np.array(traces[2]["customdata"])
+    assert [17, 2] in cd.tolist()
+    assert traces[-1]["name"] == "selected"
+    title, x, y = _titles(spec)
+    assert "PCA" in title and x.startswith("PCA 1") and y.startswith("PCA 2")
+
+
+def test_embedding_scatter_many_clusters_single_trace():
+    rng = np.random.default_rng(0)
+    coords = rng.normal(size=(200, 2))
+    labels = np.arange(200) % 40
+    spec = _spec(F.embedding_scatter(coords, labels, method="UMAP"))
+    assert len(spec["data"]) == 1
+    assert spec["layout"]["meta"]["clusters"] == 40
+    with pytest.raises(ValueError):
+        F.embedding_scatter(np.zeros((3, 3)), [0, 0, 0])
+
+
+@pytest.mark.parametrize("shape,mode,img", [
+    ((6, 1, 3, 3), "kernel", (3, 3)),
+    ((6, 3, 5, 5), "rgb", (5, 5, 3)),
+    ((6, 16, 3, 3), "energy", (3, 3)),
+    ((6, 64, 1, 1), "fan-in", (8, 8)),
+    ((6, 64), "fan-in", (8, 8)),
+    ((6, 7), "fan-in", (3, 3)),
+])
+def test_filter_images_modes(shape, mode, img):
+    w = np.random.default_rng(0).normal(size=shape)
+    images, m = F.filter_images(w)
+    assert m == mode
+    assert images.shape == (6, *img)
+    if mode == "rgb":
+        assert images.min() >= 0 and images.max() <= 1
+
+
+def test_filter_grid_rows_per_cluster_and_merged_column():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(10, 1, 3, 3))
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
+    spec = _spec(F.filter_grid(w, labels, module="conv1", max_per_cluster=4))
+    tr = spec["data"][0]
+    assert tr["type"] == "heatmap"
+    z = np.array(tr["z"], dtype=float)
+    # 4 clusters of 3 rows + gaps; 4 members + gap + merged tile
+    assert z.shape == (4 * 4 - 1, 6 * 4 - 1)
+    assert spec["layout"]["meta"]["shown"] == 10
+    ticks = spec["layout"]["yaxis"]["ticktext"]
+    assert ticks[0] == "cluster 0 (4)" and len(ticks) == 4
+    # merged tile of cluster 0 = mean of its members
+    x0 = 5 * 4
+    assert np.allclose(z[0:3, x0:x0 + 3], w[:4, 0].mean(0))
+    assert "channel %{customdata[0]} · cluster %{customdata[1]}" in tr["hovertemplate"]
+    assert "conv1" in spec["layout"]["title"]["text"]
+
+
+def test_filter_grid_rgb_uses_image_trace():
+    w = np.random.default_rng(0).normal(size=(8, 3, 3, 3))
+    spec = _spec(F.filter_grid(w, np.arange(8) % 2))
+    assert spec["data"][0]["type"] == "image"
+
+
+def test_cluster_size_histogram():
+    labels = [0, 0, 0, 1, 1, 2, 3, 4]  # sizes 3,2,1,1,1
+    spec = _spec(F.cluster_size_histogram(labels))
+    tr = spec["data"][0]
+    assert tr["type"] == "bar"
+    assert dict(zip(tr["x"], tr["y"])) == {1: 3, 2: 1, 3: 1}
+    t, x, y = _titles(spec)
+    assert "size" in x and "clusters" in y
+    spec2 = _spec(F.cluster_size_histogram([3, 2, 1, 1, 1], from_labels=False))
+    assert dict(zip(spec2["data"][0]["x"], spec2["data"][0]["y"])) == {1: 3, 2: 1, 3: 1}
+
+
+def test_group_overview():
+    rows = [dict(id="conv1", channels=16, mean_cos=0.3, max_cos=0.9, suggested_ratio=0.4, foldable=True),
+            dict(id="fc", channels=10, mean_cos=0.1, max_cos=0.2, suggested_ratio=0.0, foldable=False)]
+    spec = _spec(F.group_overview(rows))
+    names = [t["name"] for t in spec["data"]]
+    assert names == ["mean cosine similarity", "max cosine similarity", "channels", "suggested fold ratio"]
+    assert spec["data"][0]["x"] == ["conv1", "fc"]
+    assert spec["data"][3]["y"] == [40.0, 0.0]
+    assert spec["layout"]["title"]["text"]
+    assert F.group_overview([]).layout.meta["figure"] == "empty"
+
+
+def test_inertia_curve_normalised_and_marker():
+    pts = [(0.0, 10, 0.0), (0.5, 5, 2.0), (0.9, 1, 8.0)]
+    spec = _spec(F.inertia_curve(pts, current_ratio=0.5))
+    tr = spec["data"][0]
+    assert tr["x"] == [0.0, 50.0, 90.0]
+    assert tr["y"] == [0.0, 0.25, 1.0]
+    assert any(s.get("x0") == 50.0 for s in spec["layout"]["shapes"])
+    multi = _spec(F.inertia_curve({"a": pts, "b": pts}))
+    assert [t["name"] for t in multi["data"]] == ["a", "b"]
+
+
+def test_variance_ratio_plot_traces_and_ideal_line():
+    series = {
+        "none": [dict(layer="bn1", ratio=0.4), dict(layer="layer1.0.bn1", ratio=0.2)],
+        "ar": [dict(layer="bn1", ratio=0.95), dict(layer="layer1.0.bn1", ratio=1.1)],
+        "r": [dict(layer="bn1", ratio=1.0), dict(layer="layer1.0.bn1", ratio=1.0)],
+    }
+    spec = _spec(F.variance_ratio_plot(series))
+    names = [t["name"] for t in spec["data"]]
+    assert names == ["Fold-Naive", "Fold-AR", "Fold-R", "ideal (ratio = 1)"]
+    ideal = spec["data"][-1]
+    assert ideal["y"] == [1.0, 1.0] and ideal["line"]["dash"] == "dash"
+    assert spec["layout"]["yaxis"]["type"] == "log"
+    assert spec["data"][0]["x"] == ["bn1", "layer1.0.bn1"]
+    _, x, y = _titles(spec)
+    assert "layer" in x and "Var" in y
+    lin = _spec(F.variance_ratio_plot(series, log_y=False))
+    assert lin["layout"]["yaxis"].get("type") != "log"
+
+
+def test_sweep_plot_one_trace_per_method_in_percent():
+    rows = []
+    for m in ("none", "ar", "l1"):
+        for ratio in (0.1, 0.5):
+            for seed in (0, 1):
+                rows.append(dict(method=m, ratio=ratio, seed=seed, param_sparsity=ratio * 1.5,
+                                 accuracy=0.9 - ratio - 0.01 * seed, loss=0.1))
+    spec = _spec(F.sweep_plot(rows, methods=["ar", "none", "l1", "dir"], baseline_accuracy=0.95))
+    names = [t["name"] for t in spec["data"]]
+    assert names == ["Fold-AR", "Fold-Naive", "L1 pruning"]
+    tr = spec["data"][0]
+    assert np.allclose(tr["x"], [15.0, 75.0])
+    assert np.allclose(tr["y"], [79.5, 39.5])
+    assert tr["error_y"]["visible"]
+    _, x, y = _titles(spec)
+    assert x.startswith("parameter sparsity (%") and y == "accuracy (%)"
+    assert spec["layout"]["shapes"]  # baseline line
+
+
+def test_before_after_bars_units():
+    before = dict(params=2_000_000, flops=50_000_000, size_bytes=8_000_000, latency_ms=3.0, accuracy=0.95)
+    after = dict(params=1_000_000, flops=20_000_000, size_bytes=4_000_000, latency_ms=2.0, accuracy=0.9)
+    spec = _spec(F.before_after_bars(before, after))
+    assert len(spec["data"]) == 5
+    assert spec["data"][0]["y"] == [2.0, 1.0]
+    assert spec["data"][4]["y"] == pytest.approx([95.0, 90.0])
+    assert spec["layout"]["yaxis"]["title"]["text"] == "parameters (millions)"
+    assert spec["layout"]["xaxis"]["title"]["text"] == "-50.0%"
+
+
+def test_channels_per_group_and_plan_preview():
+    groups = [dict(id="a", channels_before=16, channels_after=8, ratio=0.5),
+              dict(id="b", channels_before=32, channels_after=32, ratio=0.0, skip=True)]
+    spec = _spec(F.channels_per_group(groups))
+    assert [t["name"] for t in spec["data"]] == ["before", "after"]
+    assert spec["data"][1]["y"] == [8, 32]
+    p = _spec(F.plan_preview_bars(groups))
+    assert p["data"][0]["y"] == [50.0, 0.0]
+    assert p["data"][0]["text"] == ["16→8", "32→32"]
+
+
+def test_learn_helpers():
+    spec = _spec(F.merged_variance_curve(4, correlations=(0.0, 1.0), measured=[dict(size=2, ratio=0.6)]))
+    assert spec["data"][0]["y"] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    assert spec["data"][1]["y"] == pytest.approx([1.0, 1.0, 1.0, 1.0])
+    assert spec["data"][2]["name"] == "measured clusters"
+    m = _spec(F.matrix_heatmap(np.eye(3), title="W", x="in", y="out"))
+    assert m["layout"]["title"]["text"] == "W"
+
+
+def test_empty_figure():
+    spec = _spec(F.empty_figure("nothing"))
+    assert spec["layout"]["annotations"][0]["text"] == "nothing"
