@@ -1,0 +1,195 @@
+"""Coupled channel groups, discovered from the model's autograd graph with Torch-Pruning's DependencyGraph.
+
+A *channel group* is a set of channels that must be folded together: the output channels of every producer
+(conv/linear rows, BatchNorm, depthwise convs) joined by residual adds or concatenations, and the matching input
+channels of every consumer. One group = one clustering problem. This module only describes groups; the
+operations on them live in ``fold``/``prune``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_SUPPORTED = _CONV + _BN + (nn.Linear,)
+
+
+class GroupError(ValueError):
+    """A group id or graph query that cannot be answered."""
+
+
+@dataclass
+class Member:
+    """One module touched by a group. ``side`` is "out" (its output channels are the group's) or "in"."""
+
+    module: str
+    side: str
+    type: str
+    idxs: list[int] = field(repr=False)        # indices in this module's own channel axis
+    root_idxs: list[int] = field(repr=False)   # the group channel each index belongs to
+
+
+@dataclass
+class ChannelGroup:
+    id: str
+    channels: int
+    producers: list[str]
+    consumers: list[str]
+    foldable: bool
+    reason: str | None
+    root_type: str
+    first_conv: str | None
+    has_bn: bool
+    members: list[Member] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("members")
+        return d
+
+
+@dataclass
+class GroupGraph:
+    """All channel groups of a model plus the traced dependency graph they came from."""
+
+    groups: list[ChannelGroup]
+    dg: tp.DependencyGraph = field(repr=False)
+    model: nn.Module = field(repr=False)
+    output_layers: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def by_id(self) -> dict[str, ChannelGroup]:
+        return {g.id: g for g in self.groups}
+
+    @property
+    def foldable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.foldable]
+
+    def get(self, group_id: str) -> ChannelGroup:
+        try:
+            return self.by_id[group_id]
+        except KeyError:
+            raise GroupError(f"unknown group id {group_id!r}; known ids: {', '.join(self.by_id) or '(none)'}") from None
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    return isinstance(m, _CONV) and 1 < m.groups
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, _CONV) and m.groups == m.in_channels == m.out_channels and m.groups > 1
+
+
+def _output_layers(dg: tp.DependencyGraph, names: dict) -> list[nn.Module]:
+    """Parametrised layers whose output reaches the model output without passing another parametrised layer."""
+    out = []
+    for mod, node in dg.module2node.items():
+        if not isinstance(mod, (nn.Linear,) + _CONV) or mod not in names:
+            continue
+        stack, seen, reaches_param = list(node.outputs), set(), False
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if isinstance(n.module, nn.Module) and n.module in names and any(True for _ in n.module.parameters(recurse=False)):
+                reaches_param = True
+                break
+            stack.extend(n.outputs)
+        if not reaches_param:
+            out.append(mod)
+    return out
+
+
+def _check_foldable(members: list[Member], modules: dict[str, nn.Module], n: int) -> str | None:
+    for mem in members:
+        m = modules[mem.module]
+        if not isinstance(m, _SUPPORTED):
+            return f"member {mem.module} is a {type(m).__name__}, which foldviz cannot merge"
+        if _is_grouped(m) and not _is_depthwise(m):
+            return f"{mem.module} is a grouped convolution (groups={m.groups}): clusters would cross groups"
+        if isinstance(m, _CONV) and getattr(m, "transposed", False):
+            return f"{mem.module} is a transposed convolution"
+        counts: dict[int, int] = {}
+        for r in mem.root_idxs:
+            counts[r] = counts.get(r, 0) + 1
+        if len(counts) != n or len(set(counts.values())) != 1:
+            return f"channel mapping into {mem.module} is not one-to-one per channel (shuffle or reshape)"
+    return None
+
+
+def _members(group, names: dict, dg: tp.DependencyGraph) -> list[Member]:
+    seen, members = set(), []
+    for item in group:
+        mod = item.dep.target.module
+        if not isinstance(mod, nn.Module) or mod not in names:
+            if isinstance(mod, nn.Parameter):
+                members.append(Member("<parameter>", "out", "Parameter", list(item.idxs), list(item.root_idxs)))
+            continue
+        side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+        key = (names[mod], side)
+        if key in seen:
+            continue
+        seen.add(key)
+        members.append(Member(names[mod], side, type(mod).__name__, list(item.idxs), list(item.root_idxs)))
+    return members
+
+
+def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+
+
+def find_groups(model: nn.Module, example_input: torch.Tensor, dg: tp.DependencyGraph | None = None) -> GroupGraph:
+    """Trace ``model`` on ``example_input`` and return its channel groups, in model order.
+
+    Groups touching the model input or the classifier outputs are never listed as foldable; groups that cannot
+    be merged safely (grouped convs, channel shuffles, unsupported layers) are listed with the reason.
+    """
+    names = {m: n for n, m in model.named_modules() if n}
+    order = {n: i for i, n in enumerate(names.values())}
+    was_training = model.training
+    model.eval()
+    try:
+        dg = dg or build_dependency_graph(model, example_input)
+    except Exception as exc:  # tracing can fail on exotic models; report instead of crashing
+        model.train(was_training)
+        return GroupGraph([], None, model, [], error=f"could not trace the model: {type(exc).__name__}: {exc}")
+    model.train(was_training)
+    outputs = _output_layers(dg, names)
+    modules = dict(model.named_modules())
+    groups: list[ChannelGroup] = []
+    for g in dg.get_all_groups(ignored_layers=outputs, root_module_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        members = _members(g, names, dg)
+        n = len(g[0].idxs)
+        producers = sorted({m.module for m in members if m.side == "out"}, key=lambda s: order.get(s, 1e9))
+        consumers = sorted({m.module for m in members if m.side == "in"}, key=lambda s: order.get(s, 1e9))
+        weighted = [p for p in producers if isinstance(modules.get(p), (nn.Linear,) + _CONV)]
+        gid = weighted[0] if weighted else producers[0]
+        reason = None if "<parameter>" not in producers else "a bare nn.Parameter is coupled to these channels"
+        reason = reason or _check_foldable(members, modules, n)
+        if n < 2 and reason is None:
+            reason = "a single channel cannot be folded"
+        first_conv = next((p for p in weighted if isinstance(modules[p], nn.Conv2d) and not _is_grouped(modules[p])), None)
+        groups.append(ChannelGroup(
+            id=gid, channels=n, producers=producers, consumers=consumers, foldable=reason is None, reason=reason,
+            root_type=type(modules[gid]).__name__ if gid in modules else "Parameter", first_conv=first_conv,
+            has_bn=any(isinstance(modules.get(p), _BN) for p in producers), members=members,
+        ))
+    groups.sort(key=lambda grp: order.get(grp.id, 1e9))
+    return GroupGraph(groups, dg, model, [names[m] for m in outputs])
+
+
+def root_handler(dg: tp.DependencyGraph, module: nn.Module):
+    """The out-channel pruning function Torch-Pruning uses for ``module``."""
+    if _is_depthwise(module):
+        return tp.prune_depthwise_conv_out_channels
+    return dg.get_pruner_of_module(module).prune_out_channels

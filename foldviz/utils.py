@@ -1,0 +1,42 @@
+"""Small helpers shared across the library: devices, seeds, hashing."""
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """Return ``device`` as a torch.device; ``None``/"auto" means cuda when available, else cpu."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def state_dict_hash(model_or_state: nn.Module | dict) -> str:
+    """SHA-256 over the names, shapes and float32 bytes of a state dict (order-independent)."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not torch.is_tensor(t):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
