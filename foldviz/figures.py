@@ -344,6 +344,47 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
                    clusters=int(len(order)), group=group)
 
 
+def filter_gallery(weight: np.ndarray, *, module: str = "", columns: int = 8, max_filters: int = 64,
+                   title: str | None = None) -> go.Figure:
+    """All filters of a layer as small images in channel order (before any clustering).
+
+    Same image rules as :func:`filter_images`; hover names the channel.
+    """
+    images, mode = filter_images(weight)
+    n = min(images.shape[0], max_filters)
+    rgb = images.ndim == 4
+    h, w = images.shape[1], images.shape[2]
+    gap = 1
+    cols = max(1, min(columns, n))
+    rows = int(math.ceil(n / cols))
+    H, W = rows * (h + gap) - gap, cols * (w + gap) - gap
+    canvas = np.full((H, W, 3) if rgb else (H, W), 1.0 if rgb else np.nan)
+    ch_map = np.full((H, W), -1, dtype=int)
+    for i in range(n):
+        y0, x0 = (i // cols) * (h + gap), (i % cols) * (w + gap)
+        canvas[y0:y0 + h, x0:x0 + w] = images[i]
+        ch_map[y0:y0 + h, x0:x0 + w] = i
+    if rgb:
+        trace = go.Image(z=canvas * 255.0, customdata=ch_map[..., None],
+                         hovertemplate="channel %{customdata[0]}<extra></extra>", name="filters")
+    else:
+        lim = float(np.nanmax(np.abs(canvas))) if np.isfinite(canvas).any() else 1.0
+        signed = mode in ("kernel", "fan-in")
+        trace = go.Heatmap(z=canvas, customdata=ch_map, zmin=-lim if signed else 0.0, zmax=lim,
+                           colorscale="RdBu_r" if signed else "Viridis", hoverongaps=False, name="filters",
+                           colorbar=dict(title=dict(text="weight" if signed else "‖w‖")),
+                           hovertemplate="channel %{customdata}<br>value %{z:.3f}<extra></extra>")
+    fig = go.Figure(trace)
+    fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor="x", constrain="domain",
+                     showgrid=False, zeroline=False)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain")
+    src = f" of {module}" if module else ""
+    more = f" (first {n} of {images.shape[0]})" if images.shape[0] > n else ""
+    return _layout(fig, title=title or f"The {images.shape[0]} filters{src}{more}",
+                   x=f"filters in channel order, {cols} per row", y="", height=int(min(700, max(240, 60 + rows * 55))),
+                   figure="filter_gallery", mode=mode, shown=n)
+
+
 def cluster_size_histogram(labels_or_sizes: Sequence[int] | np.ndarray, *, from_labels: bool = True,
                            group: str = "", title: str | None = None) -> go.Figure:
     """How many clusters have 1, 2, 3, ... members (singletons are channels kept as they are)."""

@@ -708,6 +708,71 @@ class Workbench:
                         "mean_cos": float(_mean_pairwise_cos(self.features(group_id)[idx.numpy()]))})
         return out
 
+    def _consumer(self, group_id: str):
+        """First conv/linear consumer whose input channels map one-to-one onto the group (or None)."""
+        g = self.group(group_id)
+        modules = dict(self.model.named_modules())
+        for mem in g.members:
+            mod = modules.get(mem.module)
+            if mem.side == "in" and isinstance(mod, (nn.Conv2d, nn.Linear)) and len(mem.idxs) == g.channels \
+                    and getattr(mod, "groups", 1) == 1:
+                order = np.argsort(np.asarray(mem.root_idxs), kind="stable")
+                return mem.module, mod, np.asarray(mem.idxs)[order]
+        return None
+
+    def consumer_columns(self, group_id: str, labels: np.ndarray, max_rows: int = 24) -> dict | None:
+        """The next layer's weights seen from the group: (out, n) before and (out, k) after folding.
+
+        Conv kernels are summed over their spatial taps (the response to a constant patch)."""
+        found = self._consumer(group_id)
+        if found is None:
+            return None
+        name, mod, idx = found
+        w = mod.weight.detach().double()
+        w = w.sum(dim=(2, 3)) if w.dim() == 4 else w
+        cols = w[:, torch.as_tensor(idx)].numpy()[:max_rows]
+        labels = np.asarray(labels)
+        k = int(labels.max()) + 1
+        merged = np.stack([cols[:, labels == c].sum(1) for c in range(k)], axis=1)
+        return {"module": name, "before": cols, "after": merged, "rows": int(w.shape[0]),
+                "kernel": list(mod.weight.shape[2:]) if mod.weight.dim() == 4 else []}
+
+    def merge_error(self, group_id: str, labels: np.ndarray, inputs: torch.Tensor, seed: int = 0) -> dict | None:
+        """Relative change of the next layer's output when each channel it reads is replaced by its cluster mean
+        (what the merged channel feeds it), for the k-means clusters and for random clusters of the same sizes."""
+        found = self._consumer(group_id)
+        if found is None:
+            return None
+        name, mod, idx = found
+        store = {}
+        h = mod.register_forward_pre_hook(lambda _m, a: store.__setitem__("x", a[0].detach()))
+        try:
+            with torch.no_grad():
+                self.model(inputs)
+        finally:
+            h.remove()
+        x = store["x"]
+        labels = np.asarray(labels)
+        idx_t = torch.as_tensor(idx)
+
+        def replaced(lab):
+            xg = x[:, idx_t]
+            out = x.clone()
+            k = int(lab.max()) + 1
+            lab_t = torch.as_tensor(lab)
+            shape = (xg.shape[0], k) + tuple(xg.shape[2:])
+            sums = torch.zeros(shape, dtype=xg.dtype).index_add_(1, lab_t, xg)
+            means = sums / torch.bincount(lab_t, minlength=k).to(xg.dtype).view(1, k, *([1] * (xg.dim() - 2)))
+            out[:, idx_t] = means[:, lab_t]
+            return out
+
+        with torch.no_grad():
+            y = mod(x)
+            err = float((mod(replaced(labels)) - y).norm() / y.norm().clamp_min(1e-12))
+            rng = np.random.default_rng(seed)
+            rerr = float((mod(replaced(rng.permutation(labels))) - y).norm() / y.norm().clamp_min(1e-12))
+        return {"consumer": name, "error": err, "random_error": rerr}
+
     # ---- export -------------------------------------------------------------------------------
     def export_folded(self, outcome: FoldOutcome) -> bytes:
         """A zip with the folded model (safetensors + card + plan) and the report."""

@@ -268,3 +268,14 @@ def test_learn_helpers():
 def test_empty_figure():
     spec = _spec(F.empty_figure("nothing"))
     assert spec["layout"]["annotations"][0]["text"] == "nothing"
+
+
+def test_filter_gallery_channel_order():
+    w = np.random.default_rng(0).normal(size=(10, 1, 3, 3))
+    spec = _spec(F.filter_gallery(w, module="conv1", columns=4))
+    z = np.array(spec["data"][0]["z"], dtype=float)
+    assert z.shape == (3 * 4 - 1, 4 * 4 - 1)
+    assert np.allclose(z[0:3, 4:7], w[1, 0])       # channel 1 is the second tile of row 0
+    assert np.allclose(z[4:7, 0:3], w[4, 0])       # channel 4 starts row 1
+    assert spec["layout"]["meta"]["shown"] == 10
+    assert "10 filters of conv1" in spec["layout"]["title"]["text"]

@@ -1,0 +1,291 @@
+"""Shared Streamlit glue for the foldviz pages (state, caches, progress, small widgets).
+
+Everything that computes lives in ``foldviz`` (``session.Workbench``, ``figures``); this module only
+wires it to Streamlit:
+
+* ``st.session_state`` holds plain data: ``model_source`` / ``data_source`` (dicts), ``plan``
+  (a FoldPlan dict), ``outcome`` (the last fold), ``sweep`` (rows), ``compare`` (variance ratios);
+* ``st.cache_resource`` holds one Workbench (base model + channel groups) per model source;
+  the base model is never folded in place (the engine folds copies);
+* ``st.cache_data`` holds per-group analyses, evaluations, repair comparisons and sweeps, keyed by
+  (model source, weights hash, group, ratio/k, seed, ...).
+"""
+from __future__ import annotations
+
+import json
+import traceback
+from typing import Callable
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from foldviz.session import (
+    DEFAULT_MODEL,
+    REPAIR_LABELS,
+    DataSource,
+    ModelSource,
+    Workbench,
+    WorkbenchError,
+    default_data_for,
+    fmt_count,
+)
+
+PLAN_WIDGET_PREFIX = "planw_"
+
+
+# ------------------------------------------------------------------------------------------------
+# state
+# ------------------------------------------------------------------------------------------------
+
+def init_state() -> None:
+    ss = st.session_state
+    ss.setdefault("model_source", ModelSource(DEFAULT_MODEL).to_dict())
+    ss.setdefault("data_source", default_data_for(DEFAULT_MODEL).to_dict())
+    ss.setdefault("plan", None)          # FoldPlan.to_dict(); created once the model is loaded
+    ss.setdefault("outcome", None)       # FoldOutcome of the last run
+    ss.setdefault("sweep", None)         # {"key": ..., "rows": [...]}
+    ss.setdefault("compare", None)       # {"key": ..., "data": {...}}
+    ss.setdefault("messages", [])        # (kind, text) shown once on the next run
+
+
+def model_source() -> ModelSource:
+    return ModelSource.from_dict(st.session_state["model_source"])
+
+
+def data_source() -> DataSource:
+    return DataSource.from_dict(st.session_state["data_source"])
+
+
+def source_key(src: ModelSource | None = None) -> tuple:
+    src = src or model_source()
+    return (src.spec, src.weights, src.weights_name, src.num_classes, src.cifar_stem)
+
+
+def data_key(data: DataSource | None = None) -> tuple:
+    data = data or data_source()
+    return (data.spec, data.limit, data.repair_samples)
+
+
+def flash(kind: str, text: str) -> None:
+    """Queue a message for the next run (survives st.rerun / page switches)."""
+    st.session_state["messages"].append((kind, text))
+
+
+def show_flash() -> None:
+    msgs, st.session_state["messages"] = st.session_state["messages"], []
+    for kind, text in msgs:
+        getattr(st, kind, st.info)(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# caches
+# ------------------------------------------------------------------------------------------------
+
+@st.cache_resource(show_spinner="Loading the model and tracing its channel groups…", max_entries=4)
+def _workbench(key: tuple) -> Workbench:
+    spec, weights, weights_name, num_classes, cifar_stem = key
+    wb = Workbench.load(ModelSource(spec, weights, weights_name, num_classes, cifar_stem))
+    _ = wb.graph  # trace once, inside the spinner
+    return wb
+
+
+def get_workbench(src: ModelSource | None = None) -> Workbench:
+    """The Workbench for ``src`` (default: the session's model); raises WorkbenchError."""
+    return _workbench(source_key(src))
+
+
+def workbench_or_stop() -> Workbench:
+    """Current workbench; on failure show the error, fall back to the default demo, or stop the page."""
+    try:
+        wb = get_workbench()
+    except WorkbenchError as exc:
+        st.error(f"{exc}")
+        if model_source().spec != DEFAULT_MODEL:
+            st.info(f"Switching back to {DEFAULT_MODEL}.")
+            set_model(ModelSource(DEFAULT_MODEL), default_data_for(DEFAULT_MODEL))
+            wb = get_workbench()
+        else:
+            st.stop()
+    ensure_plan(wb)
+    return wb
+
+
+def wkey(wb: Workbench) -> tuple:
+    """Cache key of the current model: source + weights hash."""
+    return (*source_key(wb.source), wb.weights_sha256)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def overview_rows(key: tuple, target: float) -> list[dict]:
+    return _wb(key).overview_rows(target)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def group_detail(key: tuple, group_id: str, ratio: float, seed: int, method: str) -> dict:
+    return _wb(key).group_detail(group_id, ratio, seed=seed, embed_method=method)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def inertia_curve(key: tuple, group_id: str, seed: int) -> list:
+    return _wb(key).inertia_curve(group_id, seed=seed)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def baseline_eval(key: tuple, dkey: tuple) -> dict:
+    return _wb(key).evaluate(None, DataSource(*dkey))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def preview(key: tuple, plan_json: str) -> dict:
+    wb = _wb(key)
+    return wb.preview(wb.plan_from(json.loads(plan_json)))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def variance_comparison(key: tuple, dkey: tuple, plan_json: str, methods: tuple, _progress=None) -> dict:
+    wb = _wb(key)
+    return wb.variance_comparison(wb.plan_from(json.loads(plan_json)), list(methods), DataSource(*dkey),
+                                  progress=_progress)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def sweep(key: tuple, dkey: tuple, ratios: tuple, methods: tuple, seeds: tuple, _progress=None) -> list[dict]:
+    return _wb(key).sweep(list(ratios), list(methods), DataSource(*dkey), seeds=list(seeds), progress=_progress)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cluster_variance(key: tuple, group_id: str, ratio: float, seed: int, dkey: tuple) -> list[dict]:
+    wb = _wb(key)
+    labels = wb.cluster(group_id, ratio, seed=seed).labels
+    return wb.cluster_variance(group_id, labels, wb.sample_batch(DataSource(*dkey), n=256, seed=seed))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def learn_bundle(key: tuple, group_id: str, ratio: float, seed: int, dkey: tuple) -> dict:
+    """Numbers for the Learn page's walkthrough of one group."""
+    wb = _wb(key)
+    labels = wb.cluster(group_id, ratio, seed=seed).labels
+    inputs = wb.sample_batch(DataSource(*dkey), n=256, seed=seed)
+    return {"consumer": wb.consumer_columns(group_id, labels),
+            "merge_error": wb.merge_error(group_id, labels, inputs, seed=seed),
+            "cluster_variance": wb.cluster_variance(group_id, labels, inputs)}
+
+
+def _wb(key: tuple) -> Workbench:
+    return _workbench(tuple(key[:5]))
+
+
+# ------------------------------------------------------------------------------------------------
+# model / plan mutations
+# ------------------------------------------------------------------------------------------------
+
+def set_model(src: ModelSource, data: DataSource | None = None) -> None:
+    """Switch model (after it loaded successfully); the plan and results belong to the old model."""
+    st.session_state["model_source"] = src.to_dict()
+    if data is not None:
+        st.session_state["data_source"] = data.to_dict()
+    st.session_state["plan"] = None
+    st.session_state["outcome"] = None
+    st.session_state["sweep"] = None
+    st.session_state["compare"] = None
+    reset_plan_widgets()
+
+
+def ensure_plan(wb: Workbench) -> None:
+    p = st.session_state.get("plan")
+    if p is None or p.get("model") != wb.spec:
+        st.session_state["plan"] = wb.default_plan(0.3, "ar").to_dict()
+
+
+def current_plan(wb: Workbench):
+    ensure_plan(wb)
+    try:
+        return wb.plan_from(st.session_state["plan"])
+    except WorkbenchError as exc:
+        st.error(f"The current plan is not valid for this model ({exc}); starting from a default plan.")
+        st.session_state["plan"] = wb.default_plan(0.3, "ar").to_dict()
+        return wb.plan_from(st.session_state["plan"])
+
+
+def update_plan(**changes) -> None:
+    """Change fields of the session plan (plain dict) — validated by the next current_plan()."""
+    p = dict(st.session_state["plan"])
+    p.update(changes)
+    st.session_state["plan"] = p
+
+
+def replace_plan(plan_dict: dict) -> None:
+    st.session_state["plan"] = dict(plan_dict)
+    reset_plan_widgets()
+
+
+def reset_plan_widgets() -> None:
+    for k in list(st.session_state.keys()):
+        if isinstance(k, str) and k.startswith(PLAN_WIDGET_PREFIX):
+            del st.session_state[k]
+
+
+def plan_json(plan_dict: dict) -> str:
+    return json.dumps(plan_dict, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# presentation helpers
+# ------------------------------------------------------------------------------------------------
+
+def chart(fig: go.Figure, key: str | None = None) -> None:
+    st.plotly_chart(fig, key=key, config={"displaylogo": False})
+
+
+def progress_reporter(status, total_label: str = "") -> Callable[[str, int, int], None]:
+    """An engine progress callback that drives an st.progress bar inside ``status``."""
+    bar = status.progress(0.0, text="starting…")
+    names = {"cluster": "clustering groups", "merge": "merging channels", "repair": "resetting BatchNorm statistics",
+             "dir": "Deep-Inversion: synthesising inputs", "evaluate": "evaluating", "compare": "repair methods done",
+             "sweep": "sweep points done"}
+
+    def cb(stage: str, done: int, total: int) -> None:
+        frac = min(1.0, max(0.0, done / total)) if total else 0.0
+        bar.progress(frac, text=f"{names.get(stage, stage)}: {done}/{total}{total_label}")
+    return cb
+
+
+def report_failure(exc: Exception, what: str) -> None:
+    """A clear in-page error that keeps model, plan and results intact."""
+    if isinstance(exc, (WorkbenchError, ValueError)):
+        st.error(f"{what} failed: {exc}")
+    else:
+        st.error(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}. Your model, plan and results are kept.")
+        with st.expander("Technical details"):
+            st.code("".join(traceback.format_exception(exc)), language="text")
+
+
+def fmt_pct(x, digits: int = 1) -> str:
+    return "—" if x is None else f"{100 * float(x):.{digits}f}%"
+
+
+def sidebar(wb: Workbench | None) -> None:
+    ss = st.session_state
+    with st.sidebar:
+        st.toggle("Teaching mode", key="teaching", value=ss.get("teaching", False),
+                  help="Hide advanced settings (clustering, Deep-Inversion hyper-parameters).")
+        st.markdown("**Model**")
+        st.caption(model_source().label)
+        st.markdown("**Data**")
+        st.caption(data_source().label)
+        p = ss.get("plan")
+        if p:
+            st.markdown("**Plan**")
+            st.caption(f"{REPAIR_LABELS.get(p['repair'], p['repair'])} · ratio {100 * p['default_ratio']:.0f}% · "
+                       f"{len(p.get('ratios', {}))} override(s) · {len(p.get('skip', []))} skipped · seed {p['seed']}")
+        out = ss.get("outcome")
+        if out is not None:
+            r = out.report
+            acc_b, acc_a = r["before"].get("accuracy"), r["after"].get("accuracy")
+            st.markdown("**Last fold**")
+            st.caption(f"{r['method']}: params {fmt_count(r['before']['params'])} → {fmt_count(r['after']['params'])}"
+                       + (f" · accuracy {fmt_pct(acc_b)} → {fmt_pct(acc_a)}" if acc_a is not None else ""))
+
+
+def teaching() -> bool:
+    return bool(st.session_state.get("teaching", False))

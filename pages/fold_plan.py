@@ -1,0 +1,216 @@
+"""Page 3 — Fold plan: ratios per group, repair method, seed; live preview; import/export."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pandas as pd
+import streamlit as st
+
+from foldviz import figures as F
+from foldviz.session import REPAIR_LABELS, WorkbenchError, fmt_count
+from pages import _ui
+
+P = _ui.PLAN_WIDGET_PREFIX
+
+st.title("Fold plan")
+st.caption("Decide how much of each channel group to fold and how to repair the statistics afterwards. "
+           "The plan is kept while you visit other pages, and can be exported as JSON and imported again.")
+
+wb = _ui.workbench_or_stop()
+key = _ui.wkey(wb)
+plan = _ui.current_plan(wb)
+ss = st.session_state
+groups = wb.graph.groups
+foldable = wb.foldable_ids()
+data = _ui.data_source()
+
+
+def _set(field: str, widget: str, cast=float):
+    def cb():
+        _ui.update_plan(**{field: cast(ss[widget])})
+    return cb
+
+
+# ---------------------------------------------------------------------------- global settings
+with st.container(border=True):
+    st.subheader("Global settings")
+    c1, c2, c3 = st.columns([2, 2, 1])
+    c1.slider("Global fold ratio (fraction of channels removed in every group)", 0.0, 0.95,
+              value=float(plan.default_ratio), step=0.05, key=P + "default_ratio",
+              on_change=_set("default_ratio", P + "default_ratio"))
+    repairs = list(REPAIR_LABELS)
+    c2.selectbox("Repair method", repairs, index=repairs.index(plan.repair), key=P + "repair",
+                 format_func=lambda r: {"none": "Fold-Naive (no repair)", "r": "Fold-R (reset BN with real data)",
+                                        "ar": "Fold-AR (data-free approximate repair)",
+                                        "dir": "Fold-DIR (reset BN with Deep-Inversion data)"}[r],
+                 on_change=_set("repair", P + "repair", str))
+    c3.number_input("Seed", min_value=0, max_value=2**31 - 1, value=int(plan.seed), step=1, key=P + "seed",
+                    on_change=_set("seed", P + "seed", int))
+    rs = dict(plan.repair_settings)
+    if plan.repair == "r":
+        if not data.spec:
+            st.warning("Fold-R needs real data: pick a dataset on the Model & data page, or choose Fold-AR / Fold-DIR.")
+
+        def _samples():
+            _ui.update_plan(repair_settings={**ss["plan"].get("repair_settings", {}), "samples": int(ss[P + "samples"])})
+        st.number_input("Real samples used to reset BatchNorm statistics", min_value=8, max_value=100000,
+                        value=int(rs.get("samples", data.repair_samples)), step=64, key=P + "samples",
+                        on_change=_samples)
+    elif plan.repair == "dir":
+        from foldviz.repair import dir_defaults
+
+        dd = dir_defaults(tuple(wb.loaded.input_shape))
+        c1, c2, c3 = st.columns(3)
+
+        def _dir(field, widget, cast):
+            def cb():
+                _ui.update_plan(repair_settings={**ss["plan"].get("repair_settings", {}), field: cast(ss[widget])})
+            return cb
+        c1.number_input("Deep-Inversion iterations", 1, 100000, int(rs.get("iterations", dd["iterations"])),
+                        step=50, key=P + "dir_it", on_change=_dir("iterations", P + "dir_it", int))
+        c2.number_input("Synthetic batch size", 2, 4096, int(rs.get("batch_size", dd["batch_size"])), step=32,
+                        key=P + "dir_bs", on_change=_dir("batch_size", P + "dir_bs", int))
+        if not _ui.teaching():
+            c3.number_input("Learning rate", 1e-4, 10.0, float(rs.get("lr", dd["lr"])), step=0.05, format="%.4f",
+                            key=P + "dir_lr", on_change=_dir("lr", P + "dir_lr", float))
+        st.caption("Fold-DIR synthesises inputs whose BatchNorm statistics match the original model, then resets "
+                   "the folded model's statistics on them: no real data, but slower.")
+    if not _ui.teaching():
+        with st.expander("Clustering settings"):
+            cl = dict(plan.clustering)
+
+            def _cl(field, widget, cast):
+                def cb():
+                    _ui.update_plan(clustering={**ss["plan"].get("clustering", {}), field: cast(ss[widget])})
+                return cb
+            algos = ["kmeans", "sklearn", "ward"]
+            c1, c2, c3 = st.columns(3)
+            c1.selectbox("Algorithm", algos, index=algos.index(cl.get("algorithm", "kmeans")), key=P + "algo",
+                         on_change=_cl("algorithm", P + "algo", str),
+                         format_func=lambda a: {"kmeans": "k-means (torch, k-means++)", "sklearn": "k-means (scikit-learn)",
+                                                "ward": "Ward agglomerative"}[a])
+            c2.number_input("Restarts (n_init)", 1, 100, int(cl.get("n_init", 4)), key=P + "ninit",
+                            on_change=_cl("n_init", P + "ninit", int))
+            c3.number_input("Max iterations", 1, 10000, int(cl.get("max_iter", 100)), key=P + "maxit",
+                            on_change=_cl("max_iter", P + "maxit", int))
+
+plan = _ui.current_plan(wb)
+
+# ---------------------------------------------------------------------------- suggestion
+with st.container(border=True):
+    st.subheader("Suggest ratios from redundancy")
+    c1, c2 = st.columns([3, 1])
+    target = c1.slider("Target parameter sparsity (% of parameters removed)", 5, 95, 50, step=5, key="fp_target")
+    if c2.button("Suggest a plan", key="fp_suggest", type="secondary"):
+        try:
+            with st.spinner("Allocating ratios by measured redundancy…"):
+                sug = wb.suggest(target / 100.0, repair=plan.repair, seed=plan.seed)
+            d = sug.to_dict()
+            d["repair_settings"], d["clustering"] = plan.repair_settings, plan.clustering
+            _ui.replace_plan(d)
+            _ui.flash("success", f"Suggested plan for {target}% parameter sparsity: more redundant groups fold more.")
+            st.rerun()
+        except Exception as exc:  # noqa: BLE001
+            _ui.report_failure(exc, "Suggesting a plan")
+
+# ---------------------------------------------------------------------------- per-group overrides
+with st.container(border=True):
+    st.subheader("Per-group ratios")
+    c1, c2, c3 = st.columns([2, 2, 1])
+    gid = c1.selectbox("Group", foldable, key="fp_group")
+    has = gid in plan.ratios
+    c2.slider(f"Ratio for {gid}", 0.0, 0.95, value=float(plan.ratios.get(gid, plan.default_ratio)), step=0.05,
+              key=P + f"ratio_{gid}", on_change=lambda g=gid: _ui.update_plan(
+                  ratios={**ss["plan"].get("ratios", {}), g: float(ss[P + f"ratio_{g}"])}))
+
+    def _skip(g=gid):
+        skip = [s for s in ss["plan"].get("skip", []) if s != g]
+        if ss[P + f"skip_{g}"]:
+            skip.append(g)
+        _ui.update_plan(skip=skip)
+    c3.toggle("Skip", value=gid in plan.skip, key=P + f"skip_{gid}", on_change=_skip,
+              help="A skipped group keeps all of its channels.")
+    if has and st.button(f"Reset {gid} to the global ratio", key="fp_reset_one"):
+        _ui.replace_plan({**ss["plan"], "ratios": {g: r for g, r in plan.ratios.items() if g != gid}})
+        st.rerun()
+
+    rows = wb.plan_rows(plan)
+    table = pd.DataFrame([{"group": r["id"], "channels": r["channels_before"],
+                           "ratio": r["ratio"] if not r["skip"] else plan.ratios.get(r["id"], plan.default_ratio),
+                           "skip": r["skip"], "override": r["override"], "channels after": r["channels_after"]}
+                          for r in rows if r["foldable"]])
+    edited = st.data_editor(
+        table, hide_index=True, width="stretch", key=P + "table_" + hashlib.md5(_ui.plan_json(ss["plan"]).encode()).hexdigest()[:10],
+        disabled=["group", "channels", "override", "channels after"],
+        column_config={"ratio": st.column_config.NumberColumn("ratio", min_value=0.0, max_value=0.95, step=0.05,
+                                                              format="%.2f"),
+                       "skip": st.column_config.CheckboxColumn("skip")})
+    changed = False
+    ratios, skip = dict(plan.ratios), list(plan.skip)
+    for (_, old), (_, new) in zip(table.iterrows(), edited.iterrows()):
+        g = old["group"]
+        if abs(float(new["ratio"]) - float(old["ratio"])) > 1e-9:
+            ratios[g] = float(min(0.95, max(0.0, new["ratio"])))
+            changed = True
+        if bool(new["skip"]) != bool(old["skip"]):
+            skip = [s for s in skip if s != g] + ([g] if new["skip"] else [])
+            changed = True
+    if changed:
+        _ui.replace_plan({**ss["plan"], "ratios": ratios, "skip": skip})
+        st.rerun()
+    if plan.ratios and st.button("Clear all overrides", key="fp_clear"):
+        _ui.replace_plan({**ss["plan"], "ratios": {}, "skip": []})
+        st.rerun()
+
+# ---------------------------------------------------------------------------- live preview
+plan = _ui.current_plan(wb)
+st.subheader("Preview (nothing is folded yet)")
+try:
+    pv = _ui.preview(key, _ui.plan_json(plan.to_dict()))
+except Exception as exc:  # noqa: BLE001
+    _ui.report_failure(exc, "Preview")
+    pv = None
+if pv:
+    pb, pa = pv.get("params_before"), pv.get("params_after")
+    fb, fa = pv.get("flops_before"), pv.get("flops_after")
+    sp = pv.get("param_sparsity", (1 - pa / pb) if pa and pb else None)
+    ch_b = sum(r["channels_before"] for r in pv["groups"] if r.get("foldable", True))
+    ch_a = sum(r["channels_after"] for r in pv["groups"] if r.get("foldable", True))
+    m = st.columns(4)
+    m[0].metric("Foldable channels", f"{ch_b} → {ch_a}")
+    m[1].metric("Parameters", f"{fmt_count(pb)} → {fmt_count(pa)}" if pa else fmt_count(pb))
+    m[2].metric("Parameter sparsity", _ui.fmt_pct(sp))
+    m[3].metric("FLOPs / image", f"{fmt_count(fb)} → {fmt_count(fa)}" if fa else fmt_count(fb),
+                delta=f"{100 * (fa / fb - 1):.1f}%" if fa and fb else None, delta_color="inverse")
+    _ui.chart(F.plan_preview_bars([r for r in pv["groups"] if r.get("foldable", True)]), key="fp_preview")
+
+# ---------------------------------------------------------------------------- import / export
+with st.container(border=True):
+    st.subheader("Export / import")
+    c1, c2 = st.columns(2)
+    with c1:
+        st.download_button("Download plan (JSON)", plan.to_json(), file_name="fold-plan.json",
+                           mime="application/json", key="fp_download", type="primary")
+        with st.expander("Show plan JSON"):
+            st.code(plan.to_json(), language="json")
+    with c2:
+        up = st.file_uploader("Import a plan (foldviz plan JSON)", type=["json"], key="fp_upload")
+        pasted = st.text_area("…or paste plan JSON", key="fp_paste", height=100)
+        if st.button("Import plan", key="fp_import", disabled=up is None and not pasted.strip()):
+            text = up.getvalue() if up is not None else pasted
+            try:
+                new, warnings = wb.import_plan(text)
+            except WorkbenchError as exc:
+                st.error(str(exc) + " — your current plan is unchanged.")
+            else:
+                d = new.to_dict()
+                d["model"], d["weights_sha256"] = wb.spec, wb.weights_sha256
+                _ui.replace_plan(d)
+                for w in warnings:
+                    _ui.flash("warning", f"Imported, but {w}.")
+                _ui.flash("success", f"Plan imported: {REPAIR_LABELS[new.repair]}, global ratio "
+                                     f"{100 * new.default_ratio:.0f}%, {len(new.ratios)} override(s), "
+                                     f"{len(new.skip)} skipped, seed {new.seed}.")
+                st.rerun()
+_ = json

@@ -1,0 +1,177 @@
+"""Page 4 — Fold & results: run the plan, measure before/after, see why repair matters, sweep."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pandas as pd
+import streamlit as st
+
+from foldviz import figures as F
+from foldviz.session import REPAIR_LABELS, fmt_count, report_csv, report_json, sweep_csv
+from pages import _ui
+
+st.title("Fold & results")
+st.caption("Run the plan on a copy of the model, compare before and after, and see what each repair method does "
+           "to the activation statistics.")
+
+wb = _ui.workbench_or_stop()
+key = _ui.wkey(wb)
+plan = _ui.current_plan(wb)
+data = _ui.data_source()
+ss = st.session_state
+pj = _ui.plan_json(plan.to_dict())
+dkey = _ui.data_key(data)
+
+st.info(f"**Plan:** {REPAIR_LABELS[plan.repair]} · global ratio {100 * plan.default_ratio:.0f}% · "
+        f"{len(plan.ratios)} override(s) · {len(plan.skip)} skipped · seed {plan.seed} · data: {data.label}")
+
+available = ["none", "ar", "dir"] + (["r"] if data.spec else [])
+default_methods = [m for m in ("none", "r", "ar") if m in available]
+if plan.repair not in default_methods:
+    default_methods.append(plan.repair)
+c1, c2 = st.columns([3, 1])
+methods = c1.multiselect("Repair methods to overlay in the variance plot", available, default=default_methods,
+                         format_func=lambda m: REPAIR_LABELS[m], key="fr_methods",
+                         help="The plan is folded once per method (same clusters, same seed). Fold-DIR is slower.")
+run = c2.button("Run fold", type="primary", key="fr_run", width="stretch")
+
+if run:
+    with st.status("Folding…", expanded=True) as status:
+        try:
+            status.write(f"Folding with {REPAIR_LABELS[plan.repair]}")
+            outcome = wb.fold(plan, data, progress=_ui.progress_reporter(status))
+            ss["outcome"] = outcome
+            ss["outcome_plan"] = pj
+            if methods:
+                status.write("Comparing repair methods: " + ", ".join(REPAIR_LABELS[m] for m in methods))
+                comp = _ui.variance_comparison(key, dkey, pj, tuple(methods),
+                                               _progress=_ui.progress_reporter(status))
+                ss["compare"] = {"plan": pj, "methods": list(methods), "data": comp}
+            status.update(label=f"Folded in {outcome.report['seconds']['wall']:.1f} s", state="complete",
+                          expanded=False)
+        except Exception as exc:  # noqa: BLE001
+            status.update(label="Folding failed", state="error", expanded=False)
+            _ui.report_failure(exc, "Folding")
+
+outcome = ss.get("outcome")
+if outcome is None:
+    st.markdown("Nothing folded yet: press **Run fold**.")
+else:
+    r = outcome.report
+    if ss.get("outcome_plan") != pj:
+        st.warning("These results come from an earlier version of the plan; press **Run fold** to update them.")
+    b, a = r["before"], r["after"]
+    st.subheader(f"Result — {r['method']}")
+    m = st.columns(5)
+    if a.get("accuracy") is not None:
+        m[0].metric("Accuracy", _ui.fmt_pct(a["accuracy"]), delta=f"{100 * (a['accuracy'] - b['accuracy']):+.1f} pts",
+                    help=f"before: {_ui.fmt_pct(b['accuracy'])} (top-1 on {data.label})")
+    else:
+        m[0].metric("Accuracy", "—", help="pick evaluation data on the Model & data page")
+    m[1].metric("Parameters", fmt_count(a["params"]), delta=f"{-100 * r['param_sparsity']:.1f}%", delta_color="inverse",
+                help=f"before: {fmt_count(b['params'])}")
+    if a.get("flops") and b.get("flops"):
+        m[2].metric("FLOPs / image", fmt_count(a["flops"]), delta=f"{100 * (a['flops'] / b['flops'] - 1):.1f}%",
+                    delta_color="inverse", help=f"before: {fmt_count(b['flops'])}")
+    m[3].metric("Size", f"{a['size_bytes'] / 1e6:.2f} MB", delta=f"{100 * (a['size_bytes'] / b['size_bytes'] - 1):.1f}%",
+                delta_color="inverse", help=f"before: {b['size_bytes'] / 1e6:.2f} MB")
+    if a.get("latency_ms"):
+        m[4].metric("Latency (batch 8, CPU)", f"{a['latency_ms']:.2f} ms",
+                    delta=f"{100 * (a['latency_ms'] / b['latency_ms'] - 1):.1f}%", delta_color="inverse",
+                    help=f"before: {b['latency_ms']:.2f} ms")
+    st.caption(f"Accuracy before: {_ui.fmt_pct(b.get('accuracy'))} → after: {_ui.fmt_pct(a.get('accuracy'))} · "
+               f"parameter sparsity {_ui.fmt_pct(r['param_sparsity'])} · "
+               + " · ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items()))
+    left, right = st.columns(2)
+    with left:
+        _ui.chart(F.before_after_bars(b, a, metrics=[k for k in ("accuracy", "params", "flops", "size_bytes", "latency_ms")
+                                                     if b.get(k) is not None and a.get(k) is not None]),
+                  key="fr_before_after")
+    with right:
+        _ui.chart(F.channels_per_group([g for g in r["groups"] if g.get("foldable", True)]), key="fr_channels")
+
+    comp = ss.get("compare")
+    if comp and comp["plan"] == ss.get("outcome_plan"):
+        st.subheader("Why repair matters: activation variance per layer")
+        series = {m_: v["rows"] for m_, v in comp["data"].items() if v["rows"]}
+        log_y = st.toggle("Log scale", value=True, key="fr_logy")
+        _ui.chart(F.variance_ratio_plot(series, log_y=log_y), key="fr_variance")
+        st.caption("Var(folded) / Var(original) of each layer's output channels on the same inputs. Merging channels "
+                   "averages them, which shrinks the variance (below 1 = collapse); the error compounds layer after "
+                   "layer. Fold-R and Fold-DIR re-estimate BatchNorm statistics; Fold-AR rescales each merged "
+                   "channel from the weights alone.")
+        rows = [{"method": REPAIR_LABELS[m_], "accuracy": _ui.fmt_pct(v["accuracy"]),
+                 "mean variance ratio": (f"{sum(x['ratio'] for x in v['rows']) / len(v['rows']):.3f}" if v["rows"] else "—"),
+                 "note": v["error"] or ""} for m_, v in comp["data"].items()]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="fr_compare_table")
+
+    st.subheader("Downloads")
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Folded model (.zip: safetensors + card + plan)", lambda: wb.export_folded(outcome),
+                       file_name="folded-model.zip", mime="application/zip", key="fr_dl_model")
+
+    def _report_zip() -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("report.json", report_json(r))
+            z.writestr("groups.csv", report_csv(r))
+            z.writestr("plan.json", outcome.result.plan.to_json())
+            figs = {"before_after": F.before_after_bars(b, a),
+                    "channels_per_group": F.channels_per_group([g for g in r["groups"] if g.get("foldable", True)])}
+            c = ss.get("compare")
+            if c and c["plan"] == ss.get("outcome_plan"):
+                figs["variance_ratio"] = F.variance_ratio_plot({m_: v["rows"] for m_, v in c["data"].items() if v["rows"]})
+            sw = ss.get("sweep")
+            if sw and sw.get("rows"):
+                z.writestr("sweep.csv", sweep_csv(sw["rows"]))
+                figs["sweep"] = F.sweep_plot(sw["rows"], methods=sw["methods"])
+            for name, fig in figs.items():
+                z.writestr(f"plots/{name}.html", fig.to_html(include_plotlyjs="cdn", full_html=True))
+                z.writestr(f"plots/{name}.json", fig.to_json())
+        return buf.getvalue()
+    c2.download_button("Report (.zip: JSON, CSV, plots)", _report_zip, file_name="fold-report.zip",
+                       mime="application/zip", key="fr_dl_report")
+    c3.download_button("Report (JSON)", report_json(r), file_name="fold-report.json", mime="application/json",
+                       key="fr_dl_json")
+
+# ---------------------------------------------------------------------------- sweep
+st.divider()
+st.subheader("Sweep: accuracy vs. parameter sparsity")
+st.caption("The paper's main figure: fold (or prune) the whole model at several uniform ratios and measure accuracy. "
+           "L1/L2 magnitude pruning removes the channels with the smallest weights instead of merging clusters.")
+if not data.spec:
+    st.warning("A sweep measures accuracy: pick evaluation data on the Model & data page.")
+else:
+    sweep_methods = ["none", "r", "ar", "dir", "l1", "l2", "l1+r", "l2+r"]
+    c1, c2, c3 = st.columns([3, 3, 1])
+    sm = c1.multiselect("Methods", sweep_methods, default=["none", "ar", "l1"], key="fr_sweep_methods",
+                        format_func=F.method_label)
+    ratio_opts = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    sr = c2.multiselect("Per-group ratios", ratio_opts, default=[0.1, 0.3, 0.5, 0.7], key="fr_sweep_ratios",
+                        format_func=lambda x: f"{100 * x:.0f}%")
+    seeds = c3.number_input("Seeds", 1, 5, 1, key="fr_sweep_seeds")
+    skey = (key, dkey, tuple(sorted(sr)), tuple(sm), tuple(range(int(seeds))))
+    if st.button("Run sweep", key="fr_sweep_run", disabled=not (sm and sr)):
+        with st.status(f"Sweeping {len(sm)} method(s) × {len(sr)} ratio(s) × {int(seeds)} seed(s)…",
+                       expanded=True) as status:
+            try:
+                rows = _ui.sweep(*skey, _progress=_ui.progress_reporter(status))
+                ss["sweep"] = {"key": skey, "rows": rows, "methods": list(sm)}
+                status.update(label=f"Sweep done: {len(rows)} points", state="complete", expanded=False)
+            except Exception as exc:  # noqa: BLE001
+                status.update(label="Sweep failed", state="error", expanded=False)
+                _ui.report_failure(exc, "The sweep")
+    sw = ss.get("sweep")
+    if sw and sw.get("rows"):
+        if sw["key"] != skey:
+            st.caption("Showing the last sweep; press **Run sweep** for the current selection "
+                       "(points already computed come from the cache).")
+        base = None
+        try:
+            base = _ui.baseline_eval(key, dkey)["accuracy"]
+        except Exception:  # noqa: BLE001
+            pass
+        _ui.chart(F.sweep_plot(sw["rows"], methods=sw["methods"], baseline_accuracy=base), key="fr_sweep")
+        st.download_button("Sweep (CSV)", sweep_csv(sw["rows"]), file_name="sweep.csv", mime="text/csv",
+                           key="fr_dl_sweep")
