@@ -23,7 +23,7 @@ from torch import nn
 from .clustering import ar_scale, group_features_tensor, k_for_ratio, kmeans
 from .groups import _BN, _CONV, GroupGraph, build_dependency_graph, find_groups, root_handler
 from .plans import FoldPlan, PlanError
-from .repair import deep_inversion, dir_defaults, fuse_batchnorms, reset_bn_stats
+from .repair import absorb_fused_biases, deep_inversion, dir_defaults, fuse_batchnorms, reset_bn_stats
 from .utils import resolve_device
 
 Progress = Callable[[str, int, int], None] | None
@@ -195,7 +195,7 @@ def run(model: nn.Module, plan: FoldPlan, *, method: str = "fold", example_input
                                    device=dev, progress=progress, **settings)
         seconds["dir"] = time.perf_counter() - t
 
-    fused = fuse_batchnorms(work, dg) if method == "fold" and plan.repair == "ar" else {}
+    fused, biased = fuse_batchnorms(work, dg) if method == "fold" and plan.repair == "ar" else ({}, set())
 
     # 1. cluster every group on the unmerged weights
     t = time.perf_counter()
@@ -241,6 +241,7 @@ def run(model: nn.Module, plan: FoldPlan, *, method: str = "fold", example_input
         folder.apply(g.id, g.channels, rep_of, keep, scales, labels)
         if progress:
             progress("merge", i + 1, len(decisions))
+    absorb_fused_biases(work, fused, biased)
     seconds["merge"] = time.perf_counter() - t
 
     # 3. repair statistics

@@ -35,15 +35,17 @@ def _bn_producers(dg, model: nn.Module) -> dict[nn.Module, nn.Module]:
 
 
 @torch.no_grad()
-def fuse_batchnorms(model: nn.Module, dg) -> dict[str, str]:
-    """Fuse BN statistics into producers in place; returns {bn_name: producer_name}.
+def fuse_batchnorms(model: nn.Module, dg) -> tuple[dict[str, str], set[str]]:
+    """Fuse BN statistics into producers in place; returns ({bn_name: producer_name}, producers that had a bias).
 
     After fusion the producer computes (W x + b - mu) / sqrt(var + eps), and the BN keeps gamma, beta with
     running_mean = 0 and running_var = 1 - eps, so it applies exactly gamma * y + beta.
     """
     names = {m: n for n, m in model.named_modules()}
-    fused = {}
+    fused, biased = {}, set()
     for bn, prod in _bn_producers(dg, model).items():
+        if prod.bias is not None:
+            biased.add(names[prod])
         inv = torch.rsqrt(bn.running_var.double() + bn.eps)
         shape = (-1,) + (1,) * (prod.weight.dim() - 1)
         prod.weight.copy_((prod.weight.double() * inv.view(shape)).to(prod.weight.dtype))
@@ -56,7 +58,20 @@ def fuse_batchnorms(model: nn.Module, dg) -> dict[str, str]:
         bn.running_mean.zero_()
         bn.running_var.fill_(1.0 - bn.eps)
         fused[names[bn]] = names[prod]
-    return fused
+    return fused, biased
+
+
+@torch.no_grad()
+def absorb_fused_biases(model: nn.Module, fused: dict[str, str], biased: set[str]) -> None:
+    """Undo the bias that fusion added: with running stats (0, 1 - eps) the BN is the affine map gamma*y + beta,
+    so gamma*b moves exactly into beta. Producers listed in ``biased`` had a bias of their own and keep it."""
+    mods = dict(model.named_modules())
+    for bn_name, prod_name in fused.items():
+        bn, prod = mods[bn_name], mods[prod_name]
+        if prod_name in biased or prod.bias is None or not bn.affine:
+            continue
+        bn.bias.add_(bn.weight * prod.bias)
+        prod.bias = None
 
 
 @torch.no_grad()
