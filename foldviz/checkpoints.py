@@ -1,0 +1,237 @@
+"""Reading checkpoints (state dicts) safely and applying them to a model.
+
+Only *data* formats are accepted:
+
+* ``.safetensors`` files (read with :func:`safetensors.torch.load_file`);
+* ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` files holding a state dict, read with
+  ``torch.load(..., weights_only=True)``.  Anything that needs code execution to unpickle (a whole pickled
+  ``nn.Module``, arbitrary Python objects) is refused with a :class:`ModelLoadError`.
+
+Common wrappers are unwrapped (``{"state_dict": ...}``, ``{"model": ...}``, ``{"model_state_dict": ...}``,
+``{"net": ...}``) and the ``module.`` (DataParallel / DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are
+stripped.  Every user-facing failure raises :class:`ModelLoadError` with a readable message.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ModelLoadError",
+    "MAX_CHECKPOINT_BYTES",
+    "MAX_UPLOAD_BYTES",
+    "SAFETENSORS_SUFFIXES",
+    "TORCH_SUFFIXES",
+    "load_state_dict_file",
+    "load_state_dict_bytes",
+    "normalize_state_dict",
+    "apply_state_dict",
+    "describe_mismatch",
+    "save_safetensors",
+]
+
+#: Largest checkpoint file read from a path (CLI, library).
+MAX_CHECKPOINT_BYTES = 2 * 1024**3
+#: Largest checkpoint accepted as an upload (the app's file uploader should use this limit).
+MAX_UPLOAD_BYTES = 500 * 1024**2
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+class ModelLoadError(ValueError):
+    """A model or checkpoint could not be loaded; the message is meant for the user."""
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _check_size(size: int, limit: int, what: str) -> None:
+    if size > limit:
+        raise ModelLoadError(
+            f"{what} is {_human_bytes(size)}, larger than the limit of {_human_bytes(limit)}; "
+            "refusing to load it"
+        )
+
+
+def _kind_from_name(filename: str) -> str:
+    name = str(filename).lower()
+    if name.endswith(SAFETENSORS_SUFFIXES):
+        return "safetensors"
+    if name.endswith(TORCH_SUFFIXES):
+        return "torch"
+    raise ModelLoadError(
+        f"unsupported checkpoint file {Path(str(filename)).name!r}: expected one of "
+        f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}"
+    )
+
+
+def _torch_load(source, label: str):
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"refused to unpickle {label}: it contains Python objects that would need code execution to load "
+            "(for example a whole pickled model). Save a state_dict (torch.save(model.state_dict(), path)) "
+            f"or a safetensors file instead. Details: {str(exc).splitlines()[0]}"
+        ) from None
+    except Exception as exc:  # corrupt zip, truncated file, not a torch file at all, ...
+        msg = str(exc)
+        if "weights_only" in msg or "Weights only load failed" in msg:
+            raise ModelLoadError(
+                f"refused to unpickle {label}: it needs code execution to load. Save a state_dict or a "
+                "safetensors file instead."
+            ) from None
+        first = msg.splitlines()[0] if msg else type(exc).__name__
+        raise ModelLoadError(f"could not read {label} as a PyTorch checkpoint: {first}") from None
+
+
+def _safetensors_load(path_or_bytes, label: str) -> dict:
+    from safetensors.torch import load, load_file
+
+    try:
+        if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+            return load(bytes(path_or_bytes))
+        return load_file(str(path_or_bytes), device="cpu")
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"could not read {label} as a safetensors file: {first}") from None
+
+
+def normalize_state_dict(obj) -> dict[str, torch.Tensor]:
+    """Unwrap common checkpoint wrappers and strip ``module.`` / ``_orig_mod.`` prefixes.
+
+    Non-tensor entries (epoch counters, optimizer names, ...) are dropped.  Raises :class:`ModelLoadError` when
+    no tensors are left.
+    """
+    if isinstance(obj, nn.Module):  # only reachable for objects handed in directly, never from torch.load
+        obj = obj.state_dict()
+    for _ in range(4):  # nested wrappers such as {"model": {"state_dict": ...}}
+        if not isinstance(obj, Mapping):
+            break
+        if any(torch.is_tensor(v) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ModelLoadError(f"checkpoint does not contain a state dict (found {type(obj).__name__})")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not torch.is_tensor(value):
+            continue
+        name = str(key)
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _STRIP_PREFIXES:
+                if name.startswith(prefix):
+                    name = name[len(prefix):]
+                    changed = True
+        out[name] = value
+    if not out:
+        keys = ", ".join(list(map(str, obj.keys()))[:5])
+        raise ModelLoadError(f"checkpoint holds no tensors (top-level keys: {keys or 'none'})")
+    return out
+
+
+def load_state_dict_file(path: str | os.PathLike, *, max_bytes: int = MAX_CHECKPOINT_BYTES) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict (see module docstring)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"checkpoint file not found: {p}")
+    if p.is_dir():
+        raise ModelLoadError(f"checkpoint path is a directory, expected a file: {p}")
+    kind = _kind_from_name(p.name)
+    _check_size(p.stat().st_size, max_bytes, f"checkpoint {p.name}")
+    if kind == "safetensors":
+        raw = _safetensors_load(p, f"{p.name}")
+    else:
+        raw = _torch_load(str(p), f"{p.name}")
+    return normalize_state_dict(raw)
+
+
+def load_state_dict_bytes(data: bytes, filename: str, *, max_bytes: int = MAX_UPLOAD_BYTES) -> dict[str, torch.Tensor]:
+    """Like :func:`load_state_dict_file` for an uploaded file's bytes; ``filename`` picks the format."""
+    kind = _kind_from_name(filename)
+    _check_size(len(data), max_bytes, f"upload {Path(str(filename)).name}")
+    label = Path(str(filename)).name
+    if kind == "safetensors":
+        raw = _safetensors_load(data, label)
+    else:
+        raw = _torch_load(io.BytesIO(bytes(data)), label)
+    return normalize_state_dict(raw)
+
+
+def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], *, limit: int = 5) -> list[str]:
+    """Human-readable problems between ``state`` and ``model.state_dict()`` (empty list: compatible).
+
+    Missing ``num_batches_tracked`` buffers are tolerated (many checkpoints omit them).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+
+    def _fmt(items):
+        extra = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + extra
+
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es): {_fmt(shapes)}")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_fmt(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_fmt(unexpected)}")
+    return problems
+
+
+def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, label: str = "checkpoint") -> nn.Module:
+    """Load ``state`` into ``model`` strictly; raise :class:`ModelLoadError` describing any mismatch."""
+    problems = describe_mismatch(model, state)
+    if problems:
+        raise ModelLoadError(f"{label} does not match the model architecture — " + "; ".join(problems))
+    own = model.state_dict()
+    cleaned = {}
+    for k, v in state.items():
+        if k in own and own[k].is_floating_point() and v.is_floating_point():
+            v = v.to(own[k].dtype)
+        cleaned[k] = v
+    try:
+        model.load_state_dict(cleaned, strict=False)
+    except Exception as exc:  # pragma: no cover - describe_mismatch should have caught it
+        raise ModelLoadError(f"{label} could not be loaded: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def save_safetensors(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict as safetensors (tensors made contiguous and moved to CPU)."""
+    from safetensors.torch import save_file
+
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(p), metadata=metadata)
+    return p
