@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -80,22 +81,26 @@ def _kind_from_name(filename: str) -> str:
     )
 
 
+def _unpickle_detail(msg: str) -> str:
+    m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"[Uu]nsupported global:? ([\w.]+)", msg)
+    if m:
+        return f"it references the Python object {m.group(1)}, e.g. a whole pickled model or custom class"
+    m = re.search(r"Unsupported operand \d+", msg)
+    if m:
+        return f"it is not a plain weights-only pickle ({m.group(0)})"
+    return "it is not a plain weights-only checkpoint"
+
+
 def _torch_load(source, label: str):
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(
-            f"refused to unpickle {label}: it contains Python objects that would need code execution to load "
-            "(for example a whole pickled model). Save a state_dict (torch.save(model.state_dict(), path)) "
-            f"or a safetensors file instead. Details: {str(exc).splitlines()[0]}"
+            f"refused to unpickle {label}: {_unpickle_detail(str(exc))}; loading it would need code execution. "
+            "Save a state_dict (torch.save(model.state_dict(), path)) or a safetensors file instead."
         ) from None
     except Exception as exc:  # corrupt zip, truncated file, not a torch file at all, ...
         msg = str(exc)
-        if "weights_only" in msg or "Weights only load failed" in msg:
-            raise ModelLoadError(
-                f"refused to unpickle {label}: it needs code execution to load. Save a state_dict or a "
-                "safetensors file instead."
-            ) from None
         first = msg.splitlines()[0] if msg else type(exc).__name__
         raise ModelLoadError(f"could not read {label} as a PyTorch checkpoint: {first}") from None
 
@@ -186,11 +191,10 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], *, li
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
+    # weight matrices / kernels first: they say more than the BatchNorm vectors next to them
+    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    bad.sort(key=lambda k: own[k].ndim < 2)
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in bad]
     problems = []
 
     def _fmt(items):

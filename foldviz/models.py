@@ -405,7 +405,8 @@ def _load_torchvision(arch: str, weights, num_classes, cifar_stem: bool, pretrai
     note = None
     if pretrained:
         model, wname = _pretrained_torchvision(arch, num_classes, cifar_stem)
-        card = torchvision_card(arch, num_classes=num_classes, cifar_stem=False, weights=wname)
+        n_out = _num_outputs(model)
+        card = torchvision_card(arch, num_classes=n_out, cifar_stem=False, weights=wname)
     else:
         state = None
         if weights is not None:
@@ -422,6 +423,14 @@ def _load_torchvision(arch: str, weights, num_classes, cifar_stem: bool, pretrai
             note = RANDOM_INIT_NOTE
         card = torchvision_card(arch, num_classes=n, cifar_stem=cifar_stem, weights=wname)
     return LoadedModel(_finish(model), spec, card, tuple(card["input_shape"]), note)
+
+
+def _num_outputs(model: nn.Module) -> int | None:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m.out_features
+    return last
 
 
 def _infer_num_classes(arch: str, state: dict) -> int | None:

@@ -1,0 +1,57 @@
+"""Shared pytest setup for foldviz.
+
+* makes the repository importable without installing it;
+* ``repo_root`` / ``demo_names`` / ``demo_card`` fixtures;
+* ``no_network``: makes any torch hub / torchvision weight download fail immediately.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+DEMO_NAMES = sorted(p.stem for p in (REPO_ROOT / "assets" / "models").glob("*.json"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def demo_names() -> list[str]:
+    return list(DEMO_NAMES)
+
+
+@pytest.fixture
+def demo_card():
+    """``demo_card(name)`` → the bundled card as a dict."""
+
+    def _read(name: str) -> dict:
+        return json.loads((REPO_ROOT / "assets" / "models" / f"{name}.json").read_text())
+
+    return _read
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Weight downloads raise ``URLError`` (as on a machine without internet); the hub cache is empty."""
+    import urllib.error
+
+    import torch.hub
+    import torchvision.models._api as tv_api
+
+    def _offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"offline test: refusing to download {url}")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", _offline)
+    return _offline
