@@ -126,7 +126,7 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
     """Cosine similarity between the channels of one group, ordered by cluster.
 
     ``sim`` is (n, n); ``labels`` (n,) cluster ids; ``order`` overrides the permutation
-    (e.g. the engine's ``cluster_order``).  White lines mark the cluster boundaries.
+    (e.g. the engine's ``cluster_order``).  Thin dark lines mark the cluster boundaries.
     Layers wider than ``max_channels`` are thinned evenly along the ordered axis so the
     browser stays responsive (the title says so).
     """
@@ -166,9 +166,9 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
         for b in boundaries:
             pos = b - 0.5
             fig.add_shape(type="line", x0=pos, x1=pos, y0=-0.5, y1=m - 0.5,
-                          line=dict(color="white", width=1))
+                          line=dict(color="rgba(40,40,40,0.55)", width=1))
             fig.add_shape(type="line", x0=-0.5, x1=m - 0.5, y0=pos, y1=pos,
-                          line=dict(color="white", width=1))
+                          line=dict(color="rgba(40,40,40,0.55)", width=1))
     thin = f" (every {step}th channel shown)" if step > 1 else ""
     name = f" — {group}" if group else ""
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
@@ -277,8 +277,8 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
                 centroids: bool = True, title: str | None = None) -> go.Figure:
     """Filters drawn as small images, one row per cluster (largest clusters first).
 
-    Each row shows up to ``max_per_cluster`` member filters; with ``centroids`` the last tile
-    of the row (after a gap) is the cluster mean, i.e. the merged filter folding produces.
+    With ``centroids`` the first tile of each row is the cluster mean, i.e. the merged filter
+    folding produces, followed (after a gap) by up to ``max_per_cluster`` member filters.
     Hover names the channel and its cluster.
     """
     images, mode = filter_images(weight)
@@ -289,7 +289,9 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
     rgb = images.ndim == 4
     h, w = images.shape[1], images.shape[2]
     gap = 1
-    cols = max_per_cluster + (2 if centroids else 0)
+    widest = int(min(max_per_cluster, max((int(counts[ids == c][0]) for c in order), default=1)))
+    first = 2 if centroids else 0          # merged tile + an empty separator column
+    cols = widest + first
     H = len(order) * (h + gap) - gap
     W = cols * (w + gap) - gap
     canvas = np.full((H, W, 3) if rgb else (H, W), np.nan if not rgb else 1.0)
@@ -299,22 +301,21 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
     for r, c in enumerate(order):
         members = np.where(lab == c)[0]
         y0 = r * (h + gap)
+        if centroids:
+            canvas[y0:y0 + h, 0:w] = np.nanmean(images[members], axis=0)
+            ch_map[y0:y0 + h, 0:w] = -2
+            cl_map[y0:y0 + h, 0:w] = c
         for j, ch in enumerate(members[:max_per_cluster]):
-            x0 = j * (w + gap)
+            x0 = (first + j) * (w + gap)
             canvas[y0:y0 + h, x0:x0 + w] = images[ch]
             ch_map[y0:y0 + h, x0:x0 + w] = ch
             cl_map[y0:y0 + h, x0:x0 + w] = c
             shown += 1
-        if centroids:
-            x0 = (cols - 1) * (w + gap)
-            canvas[y0:y0 + h, x0:x0 + w] = np.nanmean(images[members], axis=0)
-            ch_map[y0:y0 + h, x0:x0 + w] = -2
-            cl_map[y0:y0 + h, x0:x0 + w] = c
     custom = np.stack([ch_map, cl_map], axis=-1)
+    hover = "channel %{customdata[0]} · cluster %{customdata[1]}"
     if rgb:
         trace = go.Image(z=np.nan_to_num(canvas, nan=1.0) * 255.0, customdata=custom,
-                         hovertemplate="channel %{customdata[0]} · cluster %{customdata[1]}<extra></extra>",
-                         name="filters")
+                         hovertemplate=hover + "<extra></extra>", name="filters")
     else:
         lim = float(np.nanmax(np.abs(canvas))) if np.isfinite(canvas).any() else 1.0
         signed = mode in ("kernel", "fan-in")
@@ -322,8 +323,7 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
             z=canvas, customdata=custom, zmin=-lim if signed else 0.0, zmax=lim,
             colorscale="RdBu_r" if signed else "Viridis", name="filters",
             colorbar=dict(title=dict(text="weight" if signed else "‖w‖")),
-            hovertemplate="channel %{customdata[0]} · cluster %{customdata[1]}<br>"
-                          "value %{z:.3f}<extra></extra>", hoverongaps=False,
+            hovertemplate=hover + "<br>value %{z:.3f}<extra></extra>", hoverongaps=False,
         )
     fig = go.Figure(trace)
     fig.update_yaxes(autorange="reversed", showticklabels=True, scaleanchor="x", constrain="domain",
@@ -332,15 +332,16 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
                      showgrid=False, zeroline=False)
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain")
     if centroids and len(order):
-        fig.add_annotation(x=(cols - 1) * (w + gap) + (w - 1) / 2, y=-0.5, yref="y", xref="x",
-                           text="merged", showarrow=False, yshift=12, font=dict(size=11))
+        fig.add_annotation(x=(w - 1) / 2, y=0, yref="paper", xref="x", text="merged", showarrow=False,
+                           yanchor="top", yshift=-2, font=dict(size=11))
+        fig.add_annotation(x=(first * (w + gap) + (widest * (w + gap) - gap) / 2 - 0.5), y=0, yref="paper",
+                           xref="x", text="members", showarrow=False, yanchor="top", yshift=-2, font=dict(size=11))
     mode_text = {"kernel": "kernels", "rgb": "RGB kernels", "energy": "kernel energy ‖w‖ over inputs",
                  "fan-in": "fan-in weights as images"}[mode]
     src = f" of {module}" if module else ""
-    height = int(min(900, max(260, 70 + len(order) * 42)))
+    height = int(min(900, max(260, 90 + len(order) * 44)))
     return _layout(fig, title=title or f"Filters{src} grouped by cluster ({mode_text})",
-                   x=f"member filters (up to {max_per_cluster} per cluster){' · merged filter at right' if centroids else ''}",
-                   y="cluster (size)", height=height, figure="filter_grid", mode=mode, shown=shown,
+                   x=None, y="cluster (size)", height=height, figure="filter_grid", mode=mode, shown=shown,
                    clusters=int(len(order)), group=group)
 
 
@@ -439,7 +440,8 @@ def group_overview(rows: Sequence[Mapping], *, title: str | None = None) -> go.F
             row=2, col=1, secondary_y=True)
     fig.update_yaxes(title_text="cosine similarity", row=1, col=1, range=[0, 1.05])
     fig.update_yaxes(title_text="channels", row=2, col=1, secondary_y=False)
-    fig.update_yaxes(title_text="ratio (%)", row=2, col=1, secondary_y=True, range=[0, 100], showgrid=False)
+    fig.update_yaxes(title_text="ratio (%)", row=2, col=1, secondary_y=True, range=[0, 100], showgrid=False,
+                     tickmode="linear", tick0=0, dtick=25)
     fig.update_xaxes(title_text="channel group (model order)", row=2, col=1, tickangle=-45)
     return _layout(fig, title=title or "Redundancy per channel group", height=520, figure="group_overview",
                    groups=len(rows))
@@ -581,10 +583,15 @@ def sweep_plot(rows: Sequence[Mapping], *, methods: Sequence[str] | None = None,
     """Accuracy vs. parameter sparsity, one trace per method (the paper's main figure).
 
     ``rows``: the engine's sweep rows (``method``, ``ratio``, ``seed``, ``param_sparsity`` and
-    ``accuracy`` as fractions).  Several seeds are averaged with min-max error bars.
+    ``accuracy`` as fractions).  Several seeds are averaged with min-max error bars.  A row with
+    method ``"original"`` is the unfolded model: it becomes the baseline line, not a trace.
     """
     by: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
+        if str(r["method"]) == "original":  # the engine's unfolded reference row
+            if baseline_accuracy is None:
+                baseline_accuracy = float(r["accuracy"])
+            continue
         by[str(r["method"])][float(r["ratio"])].append((float(r["param_sparsity"]), float(r["accuracy"])))
     order = list(methods) if methods else list(by)
     fig = go.Figure()

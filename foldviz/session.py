@@ -639,8 +639,9 @@ class Workbench:
             engine_sweep = None
         if engine_sweep is not None:
             try:
+                cb = (lambda done, total, *_: progress("sweep", done, total)) if progress else None
                 return [dict(r) for r in engine_sweep(self.loaded, list(ratios), list(methods), data.spec,
-                                                      seeds=tuple(seeds), progress=progress,
+                                                      seeds=tuple(seeds), progress=cb,
                                                       **_sweep_kwargs(engine_sweep, data))]
             except ValueError as exc:
                 raise WorkbenchError(str(exc)) from None
@@ -851,6 +852,8 @@ def _sweep_kwargs(fn, data: DataSource) -> dict:
     kw = {}
     if "limit" in params:
         kw["limit"] = data.limit
+    if "eval_limit" in params:
+        kw["eval_limit"] = data.limit
     if "repair_samples" in params:
         kw["repair_samples"] = data.repair_samples
     return kw

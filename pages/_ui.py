@@ -12,8 +12,11 @@ wires it to Streamlit:
 """
 from __future__ import annotations
 
+import copy
 import json
+import threading
 import traceback
+from collections import OrderedDict
 from typing import Callable
 
 import plotly.graph_objects as go
@@ -141,16 +144,40 @@ def preview(key: tuple, plan_json: str) -> dict:
     return wb.preview(wb.plan_from(json.loads(plan_json)))
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+@st.cache_resource
+def _job_store() -> dict:
+    return {"lock": threading.Lock(), "items": OrderedDict()}
+
+
+def cached_job(name: str, key: tuple, fn: Callable[[], object], max_items: int = 48):
+    """Process-wide cache for long jobs that report progress (st.cache_data cannot replay the
+    progress-bar updates made from inside the cached function). Returns a deep copy."""
+    store = _job_store()
+    k = (name, key)
+    with store["lock"]:
+        if k in store["items"]:
+            store["items"].move_to_end(k)
+            return copy.deepcopy(store["items"][k])
+    value = fn()
+    with store["lock"]:
+        store["items"][k] = value
+        while len(store["items"]) > max_items:
+            store["items"].popitem(last=False)
+    return copy.deepcopy(value)
+
+
 def variance_comparison(key: tuple, dkey: tuple, plan_json: str, methods: tuple, _progress=None) -> dict:
-    wb = _wb(key)
-    return wb.variance_comparison(wb.plan_from(json.loads(plan_json)), list(methods), DataSource(*dkey),
-                                  progress=_progress)
+    def run():
+        wb = _wb(key)
+        return wb.variance_comparison(wb.plan_from(json.loads(plan_json)), list(methods), DataSource(*dkey),
+                                      progress=_progress)
+    return cached_job("variance", (key, dkey, plan_json, tuple(methods)), run)
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
 def sweep(key: tuple, dkey: tuple, ratios: tuple, methods: tuple, seeds: tuple, _progress=None) -> list[dict]:
-    return _wb(key).sweep(list(ratios), list(methods), DataSource(*dkey), seeds=list(seeds), progress=_progress)
+    def run():
+        return _wb(key).sweep(list(ratios), list(methods), DataSource(*dkey), seeds=list(seeds), progress=_progress)
+    return cached_job("sweep", (key, dkey, tuple(ratios), tuple(methods), tuple(seeds)), run)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -28,7 +28,7 @@ st.info(f"**Plan:** {REPAIR_LABELS[plan.repair]} · global ratio {100 * plan.def
 
 available = ["none", "ar", "dir"] + (["r"] if data.spec else [])
 default_methods = [m for m in ("none", "r", "ar") if m in available]
-if plan.repair not in default_methods:
+if plan.repair not in default_methods and plan.repair in available:
     default_methods.append(plan.repair)
 c1, c2 = st.columns([3, 1])
 methods = c1.multiselect("Repair methods to overlay in the variance plot", available, default=default_methods,

@@ -168,7 +168,7 @@ cols = st.columns(5)
 cols[0].metric("Parameters", fmt_count(summary["params"]))
 cols[1].metric("FLOPs / image", fmt_count(summary["flops"]), help="2 FLOPs per multiply-add, batch of 1")
 cols[2].metric("Size", f"{summary['size_bytes'] / 1e6:.2f} MB")
-cols[3].metric("Channel groups", f"{summary['foldable_groups']} / {summary['groups']} foldable")
+cols[3].metric("Foldable groups", f"{summary['foldable_groups']} of {summary['groups']}")
 cols[4].metric("Baseline accuracy", _ui.fmt_pct(acc["accuracy"]) if acc else "—",
                help=f"top-1 on {acc['n']} test samples" if acc else "pick evaluation data")
 if acc_err:

@@ -139,18 +139,19 @@ def test_filter_grid_rows_per_cluster_and_merged_column():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(10, 1, 3, 3))
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
-    spec = _spec(F.filter_grid(w, labels, module="conv1", max_per_cluster=4))
+    spec = _spec(F.filter_grid(w, labels, module="conv1", max_per_cluster=8))
     tr = spec["data"][0]
     assert tr["type"] == "heatmap"
     z = np.array(tr["z"], dtype=float)
-    # 4 clusters of 3 rows + gaps; 4 members + gap + merged tile
+    # 4 clusters of 3 rows + gaps; merged tile + gap + 4 members
     assert z.shape == (4 * 4 - 1, 6 * 4 - 1)
     assert spec["layout"]["meta"]["shown"] == 10
     ticks = spec["layout"]["yaxis"]["ticktext"]
     assert ticks[0] == "cluster 0 (4)" and len(ticks) == 4
-    # merged tile of cluster 0 = mean of its members
-    x0 = 5 * 4
-    assert np.allclose(z[0:3, x0:x0 + 3], w[:4, 0].mean(0))
+    # merged tile of cluster 0 (first column) = mean of its members; members start at column 2
+    assert np.allclose(z[0:3, 0:3], w[:4, 0].mean(0))
+    assert np.allclose(z[0:3, 8:11], w[0, 0])
+    assert np.isnan(z[0:3, 4:7]).all()
     assert "channel %{customdata[0]} · cluster %{customdata[1]}" in tr["hovertemplate"]
     assert "conv1" in spec["layout"]["title"]["text"]
 
@@ -279,3 +280,11 @@ def test_filter_gallery_channel_order():
     assert np.allclose(z[4:7, 0:3], w[4, 0])       # channel 4 starts row 1
     assert spec["layout"]["meta"]["shown"] == 10
     assert "10 filters of conv1" in spec["layout"]["title"]["text"]
+
+
+def test_sweep_plot_original_row_is_baseline():
+    rows = [dict(method="original", ratio=0.0, seed=0, param_sparsity=0.0, accuracy=0.97),
+            dict(method="ar", ratio=0.5, seed=0, param_sparsity=0.7, accuracy=0.9)]
+    spec = _spec(F.sweep_plot(rows))
+    assert [t["name"] for t in spec["data"]] == ["Fold-AR"]
+    assert spec["layout"]["shapes"][0]["y0"] == pytest.approx(97.0)
