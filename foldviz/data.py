@@ -174,6 +174,19 @@ def _tensor_transform(x: torch.Tensor, shape: tuple[int, int, int], norm: dict |
     return x.contiguous()
 
 
+class _TransformedImages(Dataset):
+    """In-memory [0, 1] images converted lazily to the model's input shape/normalisation."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, shape, norm):
+        self.x, self.y, self.shape, self.norm = x, y, tuple(shape), norm
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return _tensor_transform(self.x[i:i + 1], self.shape, self.norm)[0], self.y[i]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # load_dataset
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,7 +222,10 @@ def load_dataset(spec: str, split: str = "test", *, card: dict | None = None) ->
         if arg:
             raise DataError("the digits dataset is bundled and takes no path: use 'digits'")
         x, y = digits_arrays(split)
-        ds = TensorDataset(_tensor_transform(x, shape, norm), y)
+        if tuple(shape) == tuple(x.shape[1:]):
+            ds = TensorDataset(_tensor_transform(x, shape, norm), y)
+        else:  # e.g. a 3×224×224 model: convert per item instead of materialising every resized image
+            ds = _TransformedImages(x, y, shape, norm)
         ds.classes = [str(i) for i in range(10)]
         return ds
     if not arg:

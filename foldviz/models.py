@@ -436,8 +436,9 @@ def _num_outputs(model: nn.Module) -> int | None:
 def _infer_num_classes(arch: str, state: dict) -> int | None:
     """Guess the number of classes from the last 2-D weight of a checkpoint whose key matches the model's head."""
     try:
-        ref = _build_torchvision(arch, 1000, False).state_dict()
-    except ModelLoadError:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            ref = _build_torchvision(arch, 1000, False).state_dict()
+    except Exception:
         return None
     heads = [k for k, v in ref.items() if v.ndim == 2 and v.shape[0] == 1000 and k.endswith("weight")]
     for k in heads:
