@@ -227,8 +227,7 @@ class Workbench:
         return self._stat("flops", f)
 
     def size_bytes(self) -> int:
-        return self._stat("size", lambda: int(sum(t.numel() * t.element_size()
-                                                   for t in self.model.state_dict().values())))
+        return self._stat("size", lambda: _size_bytes(self.model))
 
     def summary(self) -> dict:
         g = self.graph
@@ -456,39 +455,159 @@ class Workbench:
         return rows
 
     def preview(self, plan) -> dict:
-        """Predicted channels / params / FLOPs after folding, without folding."""
+        """Predicted channels / params / FLOPs after folding, without folding.
+
+        Uses the engine's ``plans.preview`` when it exists, else :meth:`estimate` (exact for conv/linear/BN
+        parameters, conv/linear FLOPs scaled by the kept input/output fractions)."""
         try:
             from .plans import preview as engine_preview
         except ImportError:
             engine_preview = None
-        base = {"params_before": self.params(), "flops_before": self.flops()}
         if engine_preview is not None:
             try:
                 out = dict(engine_preview(self.model, self.graph, plan, self.example_input(1)))
             except ValueError as exc:
                 raise WorkbenchError(str(exc)) from None
-            out.setdefault("params_before", base["params_before"])
-            out.setdefault("flops_before", base["flops_before"])
+            out.setdefault("params_before", self.params())
+            out.setdefault("flops_before", self.flops())
             out.setdefault("groups", self.plan_rows(plan))
             return out
-        return {**base, "groups": self.plan_rows(plan)}
+        return self.estimate(plan)
 
     def suggest(self, target_sparsity: float, *, repair: str = "ar", seed: int = 0):
+        """A plan whose per-group ratios follow measured redundancy and whose predicted parameter sparsity is
+        ``target_sparsity`` (engine ``plans.suggest_plan`` when available, else :meth:`suggest_by_redundancy`)."""
+        from .plans import FoldPlan
+
         try:
             from .plans import suggest_plan
         except ImportError:
-            raise WorkbenchError("the engine does not provide suggest_plan yet") from None
-        try:
-            plan = suggest_plan(self.model, self.graph, float(target_sparsity), example_input=self.example_input(1))
-        except TypeError:
-            plan = suggest_plan(self.model, self.graph, float(target_sparsity))
-        except ValueError as exc:
-            raise WorkbenchError(str(exc)) from None
+            suggest_plan = None
+        if suggest_plan is None:
+            plan = self.suggest_by_redundancy(target_sparsity, repair=repair, seed=seed)
+        else:
+            try:
+                plan = suggest_plan(self.model, self.graph, float(target_sparsity),
+                                    example_input=self.example_input(1))
+            except TypeError:
+                plan = suggest_plan(self.model, self.graph, float(target_sparsity))
+            except ValueError as exc:
+                raise WorkbenchError(str(exc)) from None
         d = plan.to_dict()
         d.update(repair=repair, seed=int(seed), model=self.spec, weights_sha256=self.weights_sha256)
+        return FoldPlan.from_dict(d)
+
+    # ---- app-side planning helpers (analytic; no folding) ---------------------------------------------
+    def _module_costs(self) -> dict:
+        """Per parametrised module: parameter tensors and conv/linear FLOPs for batch 1 (cached)."""
+        def f():
+            flops: dict[str, int] = {}
+            hooks = []
+            for name, mod in self.model.named_modules():
+                if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                    def hook(m, _i, out, name=name):
+                        per_out = m.weight[0].numel()  # in/groups * kernel (conv) or in_features (linear)
+                        flops[name] = flops.get(name, 0) + 2 * int(out.numel() // out.shape[0]) * int(per_out)
+                    hooks.append(mod.register_forward_hook(hook))
+            try:
+                with torch.no_grad():
+                    self.model(self.example_input(1))
+            finally:
+                for h in hooks:
+                    h.remove()
+            return flops
+        return self._stat("module_flops", f)
+
+    def _keep_fractions(self, plan) -> tuple[dict, dict, list[dict]]:
+        """Fraction of each module's output / input channels that survives ``plan``."""
+        from .clustering import k_for_ratio
+
+        modules = dict(self.model.named_modules())
+        out_keep: dict[str, float] = {}
+        in_keep: dict[str, list[tuple[int, float]]] = {}
+        rows = []
+        for g in self.graph.groups:
+            r = plan.ratio_for(g.id) if g.foldable else 0.0
+            k = k_for_ratio(g.channels, r) if g.foldable else g.channels
+            keep = k / g.channels
+            rows.append({"id": g.id, "channels_before": g.channels, "channels_after": k, "ratio": r,
+                         "skip": g.id in plan.skip, "foldable": bool(g.foldable), "override": g.id in plan.ratios})
+            for mem in g.members:
+                mod = modules.get(mem.module)
+                if mod is None:
+                    continue
+                if mem.side == "out":
+                    out_keep[mem.module] = keep
+                else:
+                    in_keep.setdefault(mem.module, []).append((len(mem.idxs), keep))
+        in_frac = {}
+        for name, parts in in_keep.items():
+            mod = modules[name]
+            w = getattr(mod, "weight", None)
+            if w is None or w.dim() < 2:
+                continue
+            total = w.shape[1] * (getattr(mod, "groups", 1) or 1)
+            covered = sum(n for n, _ in parts)
+            kept = sum(n * kp for n, kp in parts) + max(0, total - covered)
+            in_frac[name] = kept / max(1, total)
+        return out_keep, in_frac, rows
+
+    def estimate(self, plan) -> dict:
+        """Analytic preview of ``plan``: channels per group, parameters and FLOPs after folding."""
+        out_keep, in_frac, rows = self._keep_fractions(plan)
+        flops = self._module_costs()
+        params_after = 0.0
+        for name, mod in self.model.named_modules():
+            depthwise = isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups > 1
+            for pname, p in mod.named_parameters(recurse=False):
+                f = out_keep.get(name, 1.0)
+                if pname == "weight" and p.dim() >= 2 and not depthwise:
+                    f *= in_frac.get(name, 1.0)
+                params_after += p.numel() * f
+        total_flops = self.flops()
+        conv_flops = sum(flops.values())
+        flops_after = None
+        if total_flops:
+            scaled = sum(v * out_keep.get(n, 1.0) * (1.0 if getattr(dict(self.model.named_modules())[n], "groups", 1) > 1
+                                                      else in_frac.get(n, 1.0)) for n, v in flops.items())
+            flops_after = int(round(total_flops - conv_flops + scaled))
+        pb = self.params()
+        return {"params_before": pb, "params_after": int(round(params_after)), "flops_before": total_flops,
+                "flops_after": flops_after, "param_sparsity": 1.0 - params_after / max(1, pb), "groups": rows,
+                "estimated": True}
+
+    def suggest_by_redundancy(self, target_sparsity: float, *, repair: str = "ar", seed: int = 0,
+                              max_ratio: float = 0.9):
+        """Ratios proportional to each group's redundancy score (``clustering.suggest_ratio``), scaled by a
+        bisection so that the estimated parameter sparsity matches ``target_sparsity``."""
+        from .clustering import suggest_ratio
         from .plans import FoldPlan
 
-        return FoldPlan.from_dict(d)
+        target = float(target_sparsity)
+        if not 0.0 < target < 1.0:
+            raise WorkbenchError(f"target sparsity must be between 0 and 1, got {target}")
+        scores = {g.id: self.redundancy(g.id)["score"] for g in self.graph.foldable}
+        if not scores:
+            raise WorkbenchError("this model has no foldable groups")
+
+        def plan_for(t: float):
+            ratios = {gid: round(min(max_ratio, suggest_ratio(sc, t)), 3) for gid, sc in scores.items()}
+            return FoldPlan(default_ratio=0.0, ratios=ratios, repair=repair, seed=int(seed), model=self.spec,
+                            weights_sha256=self.weights_sha256)
+
+        lo, hi = 0.0, 2.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if self.estimate(plan_for(mid))["param_sparsity"] < target:
+                lo = mid
+            else:
+                hi = mid
+        plan = plan_for(hi)
+        got = self.estimate(plan)["param_sparsity"]
+        if got < target - 0.02:
+            raise WorkbenchError(f"cannot reach {100 * target:.0f}% parameter sparsity by folding alone (at most "
+                                 f"{100 * got:.0f}% with every group at {100 * max_ratio:.0f}%)")
+        return plan
 
     # ---- data ---------------------------------------------------------------------------------
     def _dataset(self, data: DataSource, split: str):
@@ -566,7 +685,7 @@ class Workbench:
         before = {"params": self.params(), "flops": self.flops(), "size_bytes": self.size_bytes()}
         after = {"params": int(sum(p.numel() for p in res.model.parameters())),
                  "flops": _flops(res.model, self.example_input(1)),
-                 "size_bytes": int(sum(t.numel() * t.element_size() for t in res.model.state_dict().values()))}
+                 "size_bytes": _size_bytes(res.model)}
         if measure_latency:
             before["latency_ms"] = self.latency(self.model)
             after["latency_ms"] = self.latency(res.model)
@@ -834,6 +953,15 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+def _size_bytes(model: nn.Module) -> int:
+    try:
+        from .metrics import model_size_bytes
+
+        return int(model_size_bytes(model))
+    except ImportError:
+        return int(sum(t.numel() * t.element_size() for t in model.state_dict().values()))
 
 
 def _flops(model: nn.Module, x: torch.Tensor) -> int | None:
