@@ -117,7 +117,7 @@ def dir_defaults(input_shape) -> dict:
     """Deep-Inversion settings scaled to the input size (small inputs converge in a few hundred steps)."""
     h = input_shape[-1]
     if h <= 16:
-        return {"batch_size": 256, "iterations": 200, "lr": 0.1, "bn_weight": 1.0, "tv_weight": 1e-4,
+        return {"batch_size": 128, "iterations": 100, "lr": 0.1, "bn_weight": 1.0, "tv_weight": 1e-4,
                 "l2_weight": 1e-5, "jitter": 1}
     if h <= 64:
         return {"batch_size": 256, "iterations": 500, "lr": 0.1, "bn_weight": 1.0, "tv_weight": 2.5e-5,
