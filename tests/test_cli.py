@@ -1,0 +1,91 @@
+"""The command line end to end: inspect, plan, fold (with report and reload), sweep, errors."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from foldviz.cli import main
+from foldviz.models import load_model
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def test_inspect_json_lists_groups(capsys):
+    assert run("inspect", "demo:digits-resnet", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    ids = [g["id"] for g in info["groups"]]
+    assert ids[0] == "conv1" and len(ids) == 9 and all(g["foldable"] for g in info["groups"])
+    assert info["params"] == 696042 and len(info["weights_sha256"]) == 64
+
+
+def test_plan_then_fold_with_plan_writes_model_plan_and_report(tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    assert run("plan", "demo:digits-vgg", "--ratio", 0.5, "--repair", "ar", "--out", plan_path) == 0
+    plan = json.loads(plan_path.read_text())
+    plan["ratios"] = {"classifier.0": 0.25}
+    plan_path.write_text(json.dumps(plan))
+    out = tmp_path / "folded"
+    assert run("fold", "demo:digits-vgg", "--plan", plan_path, "--data", "digits", "--eval-limit", 200,
+               "--no-latency", "--out", out) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("params_before", "params_after", "flops_before", "flops_after", "accuracy_before", "accuracy_after",
+                "variance_ratio", "groups", "seconds"):
+        assert key in report, key
+    assert report["params_after"] < report["params_before"] and report["eval_samples"] == 200
+    groups = {g["id"]: g for g in report["groups"]}
+    assert groups["classifier.0"]["channels_after"] == 192 and groups["features.0"]["channels_after"] == 16
+    assert json.loads((out / "plan.json").read_text())["ratios"] == {"classifier.0": 0.25}
+
+    # the saved model loads back through the normal model spec, without pickle, with the same outputs
+    original = load_model("demo:digits-vgg")
+    reloaded = load_model(str(out))
+    x = torch.randn(5, 1, 8, 8)
+    from foldviz.fold import fold
+    from foldviz.plans import FoldPlan
+    again = fold(original.model, FoldPlan.load(out / "plan.json"), example_input=x[:1])
+    assert torch.allclose(reloaded.model(x), again.model(x), atol=1e-5)
+    assert "Folded model" in reloaded.note
+    assert run("inspect", out) == 0  # a folded model is a valid MODEL argument
+    assert "classifier.0" in capsys.readouterr().out
+
+
+def test_fold_r_without_data_is_a_clear_error(tmp_path, capsys):
+    assert run("fold", "demo:digits-mlp", "--ratio", 0.3, "--repair", "r", "--out", tmp_path / "x") == 2
+    assert "needs real data" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_plan_and_bad_model_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"foldviz_plan": 1, "default_ratio": 0.5, "repair": "ar", "ratios": {"nope": 0.2}}))
+    assert run("fold", "demo:digits-mlp", "--plan", bad, "--out", tmp_path / "o") == 2
+    assert "unknown group id 'nope'" in capsys.readouterr().err
+    assert run("inspect", "demo:no-such-model") == 2
+    assert "unknown demo model" in capsys.readouterr().err
+
+
+def test_sweep_writes_csv(tmp_path):
+    out = tmp_path / "s.csv"
+    assert run("sweep", "demo:digits-mlp", "--ratios", 0.25, 0.5, "--methods", "none", "l1", "--data", "digits",
+               "--eval-limit", 100, "--out", out) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["method"] for r in rows] == ["original", "none", "none", "l1", "l1"]
+    assert float(rows[2]["param_sparsity"]) > float(rows[1]["param_sparsity"]) > 0.3
+
+
+def test_module_entry_point_help():
+    for sub in ("inspect", "plan", "fold", "sweep", "train"):
+        out = subprocess.run([sys.executable, "-m", "foldviz", sub, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage" in out.stdout
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.1"])
+def test_ratio_out_of_range_rejected(ratio, capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "demo:digits-mlp", "--ratio", ratio, "--out", "x.json"])
+    assert "ratio must be in [0, 1)" in capsys.readouterr().err

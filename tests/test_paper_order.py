@@ -1,0 +1,36 @@
+"""On the trained digits ResNet the methods rank as the paper reports (README table)."""
+import pytest
+
+from foldviz.data import evaluate, load_dataset, make_loader
+from foldviz.models import load_model
+from foldviz.plans import FoldPlan
+from foldviz.report import apply_method, repair_inputs
+
+
+@pytest.fixture(scope="module")
+def accuracies():
+    loaded = load_model("demo:digits-resnet")
+    loader = make_loader(load_dataset("digits", "test", card=loaded.card))
+    data = repair_inputs(loaded, "digits", 512)
+    acc = {}
+    for r in (0.3, 0.5):
+        for m in ("none", "r", "ar", "dir", "l1", "l2"):
+            res = apply_method(loaded, FoldPlan(default_ratio=r, repair="none"), m, repair_data=data)
+            acc[r, m] = evaluate(res.model, loader).accuracy
+    acc["base"] = evaluate(loaded.model, loader).accuracy
+    return acc
+
+
+def test_repairs_well_above_naive(accuracies):
+    a = accuracies
+    for m in ("r", "ar", "dir"):
+        assert a[0.5, m] > a[0.5, "none"] + 0.3, (m, a[0.5, m], a[0.5, "none"])
+    assert a[0.5, "r"] > 0.85 and a[0.5, "dir"] > 0.8
+
+
+def test_folding_beats_magnitude_pruning_without_repair(accuracies):
+    a = accuracies
+    for r in (0.3, 0.5):
+        for fold_m in ("r", "ar", "dir"):
+            assert a[r, fold_m] > max(a[r, "l1"], a[r, "l2"]) + 0.3
+    assert a[0.3, "none"] > max(a[0.3, "l1"], a[0.3, "l2"])
