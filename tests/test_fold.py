@@ -128,3 +128,23 @@ def test_pruning_keeps_largest_channels_and_shrinks_equally():
     kept = np.flatnonzero(res.channel_maps["fc1"] >= 0)
     assert set(kept) == set(torch.argsort(norms, descending=True)[:256].tolist())
     assert torch.equal(res.model.fc1.weight, m.fc1.weight[sorted(kept)])
+
+
+def test_device_argument_cpu_and_clear_error_without_cuda():
+    m = random_demo("mlp")
+    res = fold(m, 0.5, example_input=X8[:1], repair="ar", device="cpu")
+    assert next(res.model.parameters()).device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            fold(m, 0.5, example_input=X8[:1], device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_and_cpu_agree():
+    m = random_demo("resnet")
+    for repair in ("none", "ar", "r"):
+        plan = FoldPlan(default_ratio=0.5, repair=repair)
+        cpu = fold(m, plan, example_input=X8[:1], repair_data=X8, device="cpu")
+        gpu = fold(m, plan, example_input=X8[:1], repair_data=X8, device="cuda")
+        assert all(np.array_equal(cpu.labels[g], gpu.labels[g]) for g in cpu.labels)
+        assert torch.allclose(cpu.model(X8), gpu.model(X8), atol=1e-4)
