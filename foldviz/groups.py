@@ -144,8 +144,13 @@ def _members(group, names: dict, dg: tp.DependencyGraph) -> list[Member]:
 
 
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    """Trace ``model``; any failure becomes a GroupError that says the model cannot be folded as a whole."""
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    except Exception as exc:  # tracing can fail on exotic models (channel shuffles, dynamic control flow)
+        raise GroupError(f"could not trace the model's channel dependencies ({type(exc).__name__}: {exc}); "
+                         "no group of it can be folded") from exc
 
 
 def find_groups(model: nn.Module, example_input: torch.Tensor, dg: tp.DependencyGraph | None = None) -> GroupGraph:
@@ -160,9 +165,9 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, dg: tp.Dependency
     model.eval()
     try:
         dg = dg or build_dependency_graph(model, example_input)
-    except Exception as exc:  # tracing can fail on exotic models; report instead of crashing
+    except GroupError as exc:
         model.train(was_training)
-        return GroupGraph([], None, model, [], error=f"could not trace the model: {type(exc).__name__}: {exc}")
+        return GroupGraph([], None, model, [], error=str(exc))
     model.train(was_training)
     outputs = _output_layers(dg, names)
     modules = dict(model.named_modules())

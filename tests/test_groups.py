@@ -1,4 +1,5 @@
 """Channel groups found from the graph match the authors' hand-written specs (folding-spec §2.1, §12)."""
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -66,3 +67,12 @@ def test_untraceable_model_reports_error_instead_of_raising():
 
     graph = find_groups(Bad(), torch.randn(1, 3, 8, 8))
     assert graph.groups == [] and "could not trace" in graph.error
+
+
+def test_shufflenet_fold_fails_with_a_clear_message():
+    from foldviz.fold import fold
+    from foldviz.groups import GroupError
+
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    with pytest.raises(GroupError, match="could not trace the model"):
+        fold(model, 0.3, example_input=torch.randn(1, 3, 64, 64))
