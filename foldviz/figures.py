@@ -122,13 +122,15 @@ def order_by_cluster(labels: Sequence[int] | np.ndarray) -> np.ndarray:
 
 def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | None = None, *,
                        order: Sequence[int] | np.ndarray | None = None, group: str = "",
-                       max_channels: int = 384, title: str | None = None) -> go.Figure:
+                       max_channels: int = 384, zrange: str = "auto", title: str | None = None) -> go.Figure:
     """Cosine similarity between the channels of one group, ordered by cluster.
 
     ``sim`` is (n, n); ``labels`` (n,) cluster ids; ``order`` overrides the permutation
-    (e.g. the engine's ``cluster_order``).  Thin dark lines mark the cluster boundaries.
-    Layers wider than ``max_channels`` are thinned evenly along the ordered axis so the
-    browser stays responsive (the title says so).
+    (e.g. the engine's ``cluster_order``).  Every cluster with two or more members is outlined
+    as a square block on the diagonal.  ``zrange="auto"`` scales the colours to the largest
+    off-diagonal |cosine| (so weak structure stays visible; the diagonal saturates), ``"full"``
+    uses [-1, 1].  Layers wider than ``max_channels`` are thinned evenly along the ordered axis
+    so the browser stays responsive (the title says so).
     """
     sim = np.asarray(sim, dtype=float)
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
@@ -143,39 +145,43 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
     s = sim[np.ix_(shown, shown)]
     lab_shown = lab[shown]
     m = len(shown)
+    lim = 1.0
+    if zrange == "auto" and m > 1:
+        off = np.abs(s[~np.eye(m, dtype=bool)])
+        lim = float(min(1.0, max(0.1, math.ceil(np.nanmax(off) * 10) / 10))) if off.size else 1.0
     ticks = np.arange(m)
-    hover = [[f"channel {int(shown[i])} (cluster {int(lab_shown[i])})<br>"
-              f"channel {int(shown[j])} (cluster {int(lab_shown[j])})" for j in range(m)]
-             for i in range(m)] if m <= 160 else None
     heat = go.Heatmap(
-        z=s, x=ticks, y=ticks, zmin=-1.0, zmax=1.0, colorscale="RdBu_r", zmid=0.0,
+        z=s, x=ticks, y=ticks, zmin=-lim, zmax=lim, colorscale="RdBu_r", zmid=0.0,
         colorbar=dict(title=dict(text="cosine<br>similarity")),
         name="cosine similarity",
-        customdata=np.stack([np.broadcast_to(shown[None, :], (m, m)),
-                             np.broadcast_to(shown[:, None], (m, m))], axis=-1),
-        hovertemplate="channel %{customdata[1]} vs channel %{customdata[0]}<br>"
-                      "cos = %{z:.3f}<extra></extra>" if hover is None else
-                      "%{text}<br>cos = %{z:.3f}<extra></extra>",
-        text=hover,
+        customdata=np.stack([np.broadcast_to(shown[None, :], (m, m)), np.broadcast_to(shown[:, None], (m, m)),
+                             np.broadcast_to(lab_shown[None, :], (m, m)), np.broadcast_to(lab_shown[:, None], (m, m))],
+                            axis=-1),
+        hovertemplate="channel %{customdata[1]} (cluster %{customdata[3]}) vs "
+                      "channel %{customdata[0]} (cluster %{customdata[2]})<br>cos = %{z:.3f}<extra></extra>",
     )
     fig = go.Figure(heat)
-    # cluster boundaries
-    boundaries = [i for i in range(1, m) if lab_shown[i] != lab_shown[i - 1]]
+    # outline every multi-member cluster block on the diagonal
+    blocks = []
+    start = 0
+    for i in range(1, m + 1):
+        if i == m or lab_shown[i] != lab_shown[start]:
+            if i - start >= 2:
+                blocks.append((start, i - 1))
+            start = i
     k = len(np.unique(lab))
-    if 0 < len(boundaries) <= 200:
-        for b in boundaries:
-            pos = b - 0.5
-            fig.add_shape(type="line", x0=pos, x1=pos, y0=-0.5, y1=m - 0.5,
-                          line=dict(color="rgba(40,40,40,0.55)", width=1))
-            fig.add_shape(type="line", x0=-0.5, x1=m - 0.5, y0=pos, y1=pos,
-                          line=dict(color="rgba(40,40,40,0.55)", width=1))
+    if len(blocks) <= 300:
+        for a, b in blocks:
+            fig.add_shape(type="rect", x0=a - 0.5, x1=b + 0.5, y0=a - 0.5, y1=b + 0.5,
+                          line=dict(color="rgba(20,20,20,0.85)", width=1.5))
     thin = f" (every {step}th channel shown)" if step > 1 else ""
     name = f" — {group}" if group else ""
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
     fig.update_xaxes(constrain="domain")
     return _layout(fig, title=title or f"Filter cosine similarity, ordered by cluster{name}{thin}",
                    x="channel (ordered by cluster)", y="channel (ordered by cluster)",
-                   height=520, figure="similarity_heatmap", channels=n, clusters=k, step=step)
+                   height=520, figure="similarity_heatmap", channels=n, clusters=k, step=step,
+                   blocks=len(blocks), zlim=lim)
 
 
 def embedding_scatter(coords: np.ndarray, labels: Sequence[int] | np.ndarray, *,
@@ -501,14 +507,14 @@ def channels_per_group(groups: Sequence[Mapping], *, title: str | None = None) -
                    x="channel group (model order)", y="channels", height=380, figure="channels_per_group")
 
 
-_METRIC_UNITS = {
-    "params": ("Parameters", "parameters (millions)", 1e-6),
-    "flops": ("FLOPs", "FLOPs per image (millions)", 1e-6),
-    "size": ("Size", "size (MB)", 1e-6),
-    "size_bytes": ("Size", "size (MB)", 1e-6),
-    "latency_ms": ("Latency", "latency (ms / batch)", 1.0),
-    "latency": ("Latency", "latency (ms / batch)", 1.0),
-    "accuracy": ("Accuracy", "accuracy (%)", 100.0),
+_METRIC_UNITS = {  # key: (panel title, y-axis unit, scale)
+    "params": ("Parameters", "millions", 1e-6),
+    "flops": ("FLOPs / image", "millions", 1e-6),
+    "size": ("Size", "MB", 1e-6),
+    "size_bytes": ("Size", "MB", 1e-6),
+    "latency_ms": ("Latency", "ms", 1.0),
+    "latency": ("Latency", "ms", 1.0),
+    "accuracy": ("Accuracy", "%", 100.0),
 }
 
 
@@ -524,7 +530,7 @@ def before_after_bars(before: Mapping[str, float], after: Mapping[str, float], *
         return empty_figure("No metrics to compare", title=title or "Before vs. after")
     fig = make_subplots(rows=1, cols=len(keys),
                         subplot_titles=[_METRIC_UNITS.get(k, (k, k, 1.0))[0] for k in keys],
-                        horizontal_spacing=0.08)
+                        horizontal_spacing=0.09)
     for i, k in enumerate(keys, start=1):
         name, unit, scale = _METRIC_UNITS.get(k, (k, k, 1.0))
         b, a = float(before[k]) * scale, float(after[k]) * scale
@@ -532,7 +538,7 @@ def before_after_bars(before: Mapping[str, float], after: Mapping[str, float], *
         fig.add_trace(go.Bar(
             x=["before", "after"], y=[b, a], marker_color=["#c7c7c7", "#4c78a8"], name=name,
             text=[f"{b:.3g}", f"{a:.3g}"], textposition="outside", showlegend=False,
-            hovertemplate=f"{name}: %{{y:.4g}} {unit}<extra></extra>"), row=1, col=i)
+            hovertemplate=f"{name}: %{{y:.4g}} {unit}<extra></extra>", cliponaxis=False), row=1, col=i)
         fig.update_yaxes(title_text=unit, row=1, col=i, rangemode="tozero",
                          range=[0, max(a, b) * 1.2 if max(a, b) > 0 else 1])
         fig.update_xaxes(title_text=f"{change:+.1f}%" if math.isfinite(change) else "", row=1, col=i)

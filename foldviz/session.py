@@ -687,8 +687,7 @@ class Workbench:
                  "flops": _flops(res.model, self.example_input(1)),
                  "size_bytes": _size_bytes(res.model)}
         if measure_latency:
-            before["latency_ms"] = self.latency(self.model)
-            after["latency_ms"] = self.latency(res.model)
+            before["latency_ms"], after["latency_ms"] = self.latency_pair(self.model, res.model)
         if data is not None and data.spec:
             before["accuracy"] = self.evaluate(None, data)["accuracy"]
             ev = self.evaluate(res.model, data, progress)
@@ -705,6 +704,21 @@ class Workbench:
             "repair_samples": int(getattr(res, "repair_samples", 0) or 0),
         }
         return FoldOutcome(res, report)
+
+    def latency_pair(self, a: nn.Module, b: nn.Module, batch: int = 8, rounds: int = 7) -> tuple[float, float]:
+        """Median latency (ms per batch) of two models measured in alternation, so a busy machine slows
+        both alike instead of whichever happened to run second."""
+        x = self.example_input(batch)
+        ta, tb = [], []
+        with torch.no_grad():
+            for m in (a, b):
+                m(x)
+            for _ in range(rounds):
+                for m, acc in ((a, ta), (b, tb)):
+                    t = time.perf_counter()
+                    m(x)
+                    acc.append((time.perf_counter() - t) * 1000.0)
+        return float(np.median(ta)), float(np.median(tb))
 
     def latency(self, model: nn.Module, batch: int = 8) -> float:
         try:

@@ -242,14 +242,55 @@ def update_plan(**changes) -> None:
 
 
 def replace_plan(plan_dict: dict) -> None:
+    """Replace the whole plan (import, suggestion, table edit, ...). The plan page's widgets are re-synced
+    from it at the start of its next run (see sync_plan_widgets)."""
     st.session_state["plan"] = dict(plan_dict)
     reset_plan_widgets()
 
 
 def reset_plan_widgets() -> None:
-    for k in list(st.session_state.keys()):
+    st.session_state["plan_widgets_stale"] = True
+
+
+def _plan_widget_value(key: str, plan: dict):
+    """The value the plan-page widget ``key`` must show for ``plan`` (KeyError: no such value)."""
+    name = key[len(PLAN_WIDGET_PREFIX):]
+    rs, cl = plan.get("repair_settings", {}), plan.get("clustering", {})
+    direct = {"default_ratio": plan["default_ratio"], "repair": plan["repair"], "seed": plan["seed"]}
+    if name in direct:
+        return direct[name]
+    settings = {"samples": ("samples", rs), "dir_it": ("iterations", rs), "dir_bs": ("batch_size", rs),
+                "dir_lr": ("lr", rs), "algo": ("algorithm", cl), "ninit": ("n_init", cl), "maxit": ("max_iter", cl)}
+    if name in settings:
+        field, src = settings[name]
+        return src[field]
+    if name.startswith("ratio_"):
+        gid = name[len("ratio_"):]
+        return float(plan.get("ratios", {}).get(gid, plan["default_ratio"]))
+    if name.startswith("skip_"):
+        return name[len("skip_"):] in plan.get("skip", [])
+    raise KeyError(key)
+
+
+def sync_plan_widgets() -> None:
+    """Call at the top of the plan page, before its widgets: after the plan was replaced, push the new
+    values into the widgets' state through the Session State API (so the browser shows them too) and drop
+    widget state that has no counterpart in the plan."""
+    ss = st.session_state
+    if not ss.pop("plan_widgets_stale", False) or not ss.get("plan"):
+        return
+    for k in list(ss.keys()):
         if isinstance(k, str) and k.startswith(PLAN_WIDGET_PREFIX):
-            del st.session_state[k]
+            try:
+                ss[k] = _plan_widget_value(k, ss["plan"])
+            except KeyError:
+                del ss[k]
+
+
+def wv(key: str, **default) -> dict:
+    """Widget default kwargs (``value=``/``index=``) only when the widget has no state yet — avoids
+    Streamlit's 'default value but also set via Session State' warning after sync_plan_widgets."""
+    return {} if key in st.session_state else default
 
 
 def plan_json(plan_dict: dict) -> str:

@@ -20,6 +20,7 @@ st.caption("Decide how much of each channel group to fold and how to repair the 
 wb = _ui.workbench_or_stop()
 key = _ui.wkey(wb)
 plan = _ui.current_plan(wb)
+_ui.sync_plan_widgets()
 ss = st.session_state
 groups = wb.graph.groups
 foldable = wb.foldable_ids()
@@ -37,15 +38,16 @@ with st.container(border=True):
     st.subheader("Global settings")
     c1, c2, c3 = st.columns([2, 2, 1])
     c1.slider("Global fold ratio (fraction of channels removed in every group)", 0.0, 0.95,
-              value=float(plan.default_ratio), step=0.05, key=P + "default_ratio",
+              **_ui.wv(P + "default_ratio", value=float(plan.default_ratio)), step=0.05, key=P + "default_ratio",
               on_change=_set("default_ratio", P + "default_ratio"))
     repairs = list(REPAIR_LABELS)
-    c2.selectbox("Repair method", repairs, index=repairs.index(plan.repair), key=P + "repair",
+    c2.selectbox("Repair method", repairs, **_ui.wv(P + "repair", index=repairs.index(plan.repair)), key=P + "repair",
                  format_func=lambda r: {"none": "Fold-Naive (no repair)", "r": "Fold-R (reset BN with real data)",
                                         "ar": "Fold-AR (data-free approximate repair)",
                                         "dir": "Fold-DIR (reset BN with Deep-Inversion data)"}[r],
                  on_change=_set("repair", P + "repair", str))
-    c3.number_input("Seed", min_value=0, max_value=2**31 - 1, value=int(plan.seed), step=1, key=P + "seed",
+    c3.number_input("Seed", min_value=0, max_value=2**31 - 1, **_ui.wv(P + "seed", value=int(plan.seed)), step=1,
+                    key=P + "seed",
                     on_change=_set("seed", P + "seed", int))
     rs = dict(plan.repair_settings)
     if plan.repair == "r":
@@ -55,7 +57,8 @@ with st.container(border=True):
         def _samples():
             _ui.update_plan(repair_settings={**ss["plan"].get("repair_settings", {}), "samples": int(ss[P + "samples"])})
         st.number_input("Real samples used to reset BatchNorm statistics", min_value=8, max_value=100000,
-                        value=int(rs.get("samples", data.repair_samples)), step=64, key=P + "samples",
+                        **_ui.wv(P + "samples", value=int(rs.get("samples", data.repair_samples))), step=64,
+                        key=P + "samples",
                         on_change=_samples)
     elif plan.repair == "dir":
         from foldviz.repair import dir_defaults
@@ -67,13 +70,15 @@ with st.container(border=True):
             def cb():
                 _ui.update_plan(repair_settings={**ss["plan"].get("repair_settings", {}), field: cast(ss[widget])})
             return cb
-        c1.number_input("Deep-Inversion iterations", 1, 100000, int(rs.get("iterations", dd["iterations"])),
+        c1.number_input("Deep-Inversion iterations", 1, 100000,
+                        **_ui.wv(P + "dir_it", value=int(rs.get("iterations", dd["iterations"]))),
                         step=50, key=P + "dir_it", on_change=_dir("iterations", P + "dir_it", int))
-        c2.number_input("Synthetic batch size", 2, 4096, int(rs.get("batch_size", dd["batch_size"])), step=32,
+        c2.number_input("Synthetic batch size", 2, 4096,
+                        **_ui.wv(P + "dir_bs", value=int(rs.get("batch_size", dd["batch_size"]))), step=32,
                         key=P + "dir_bs", on_change=_dir("batch_size", P + "dir_bs", int))
         if not _ui.teaching():
-            c3.number_input("Learning rate", 1e-4, 10.0, float(rs.get("lr", dd["lr"])), step=0.05, format="%.4f",
-                            key=P + "dir_lr", on_change=_dir("lr", P + "dir_lr", float))
+            c3.number_input("Learning rate", 1e-4, 10.0, **_ui.wv(P + "dir_lr", value=float(rs.get("lr", dd["lr"]))),
+                            step=0.05, format="%.4f", key=P + "dir_lr", on_change=_dir("lr", P + "dir_lr", float))
         st.caption("Fold-DIR synthesises inputs whose BatchNorm statistics match the original model, then resets "
                    "the folded model's statistics on them: no real data, but slower.")
     if not _ui.teaching():
@@ -86,13 +91,16 @@ with st.container(border=True):
                 return cb
             algos = ["kmeans", "sklearn", "ward"]
             c1, c2, c3 = st.columns(3)
-            c1.selectbox("Algorithm", algos, index=algos.index(cl.get("algorithm", "kmeans")), key=P + "algo",
+            c1.selectbox("Algorithm", algos, **_ui.wv(P + "algo", index=algos.index(cl.get("algorithm", "kmeans"))),
+                         key=P + "algo",
                          on_change=_cl("algorithm", P + "algo", str),
                          format_func=lambda a: {"kmeans": "k-means (torch, k-means++)", "sklearn": "k-means (scikit-learn)",
                                                 "ward": "Ward agglomerative"}[a])
-            c2.number_input("Restarts (n_init)", 1, 100, int(cl.get("n_init", 4)), key=P + "ninit",
+            c2.number_input("Restarts (n_init)", 1, 100, **_ui.wv(P + "ninit", value=int(cl.get("n_init", 4))),
+                            key=P + "ninit",
                             on_change=_cl("n_init", P + "ninit", int))
-            c3.number_input("Max iterations", 1, 10000, int(cl.get("max_iter", 100)), key=P + "maxit",
+            c3.number_input("Max iterations", 1, 10000, **_ui.wv(P + "maxit", value=int(cl.get("max_iter", 100))),
+                            key=P + "maxit",
                             on_change=_cl("max_iter", P + "maxit", int))
 
 plan = _ui.current_plan(wb)
@@ -120,7 +128,8 @@ with st.container(border=True):
     c1, c2, c3 = st.columns([2, 2, 1])
     gid = c1.selectbox("Group", foldable, key="fp_group")
     has = gid in plan.ratios
-    c2.slider(f"Ratio for {gid}", 0.0, 0.95, value=float(plan.ratios.get(gid, plan.default_ratio)), step=0.05,
+    c2.slider(f"Ratio for {gid}", 0.0, 0.95, **_ui.wv(P + f"ratio_{gid}", value=float(plan.ratios.get(gid, plan.default_ratio))),
+              step=0.05,
               key=P + f"ratio_{gid}", on_change=lambda g=gid: _ui.update_plan(
                   ratios={**ss["plan"].get("ratios", {}), g: float(ss[P + f"ratio_{g}"])}))
 
@@ -129,7 +138,7 @@ with st.container(border=True):
         if ss[P + f"skip_{g}"]:
             skip.append(g)
         _ui.update_plan(skip=skip)
-    c3.toggle("Skip", value=gid in plan.skip, key=P + f"skip_{gid}", on_change=_skip,
+    c3.toggle("Skip", **_ui.wv(P + f"skip_{gid}", value=gid in plan.skip), key=P + f"skip_{gid}", on_change=_skip,
               help="A skipped group keeps all of its channels.")
     if has and st.button(f"Reset {gid} to the global ratio", key="fp_reset_one"):
         _ui.replace_plan({**ss["plan"], "ratios": {g: r for g, r in plan.ratios.items() if g != gid}})

@@ -46,8 +46,16 @@ g = wb.group(gid)
 seed = int((ss.get("plan") or {}).get("seed", 0))
 
 c1, c2 = st.columns([3, 2])
-step = c1.radio("Step", list(range(len(STEPS))), index=int(ss["learn_step"]), format_func=lambda i: STEPS[i],
-                horizontal=True, key="learn_step_radio")
+
+
+def _go(delta: int) -> None:
+    """Next/Back: move the step and the radio together (callbacks run before the widgets exist)."""
+    ss["learn_step"] = min(len(STEPS) - 1, max(0, int(ss["learn_step"]) + delta))
+    ss["learn_step_radio"] = ss["learn_step"]
+
+
+step = c1.radio("Step", list(range(len(STEPS))), **_ui.wv("learn_step_radio", index=int(ss["learn_step"])),
+                format_func=lambda i: STEPS[i], horizontal=True, key="learn_step_radio")
 ss["learn_step"] = int(step)
 ratio = c2.slider("Fold ratio for this walkthrough", 0.1, 0.9, 0.5, step=0.1, key="learn_ratio",
                   help="Fraction of the layer's channels that folding removes.")
@@ -219,11 +227,7 @@ elif step == 6:
         _ui.report_failure(exc, "Comparing repairs")
 
 c1, _, c3 = st.columns([1, 4, 1])
-if step > 0 and c1.button("← Back", key="learn_back"):
-    ss["learn_step"] = step - 1
-    del ss["learn_step_radio"]
-    st.rerun()
-if step < len(STEPS) - 1 and c3.button("Next →", key="learn_next", type="primary"):
-    ss["learn_step"] = step + 1
-    del ss["learn_step_radio"]
-    st.rerun()
+if step > 0:
+    c1.button("← Back", key="learn_back", on_click=_go, args=(-1,))
+if step < len(STEPS) - 1:
+    c3.button("Next →", key="learn_next", type="primary", on_click=_go, args=(1,))

@@ -68,12 +68,18 @@ def test_similarity_heatmap_orders_and_draws_boundaries():
     lab = labels[order]
     same = lab[:, None] == lab[None, :]
     assert z[same].mean() > z[~same].mean() + 0.3
-    # 4 clusters -> 3 boundaries, each drawn horizontally and vertically
-    assert len(spec["layout"]["shapes"]) == 6
+    # 4 clusters of 6 -> 4 outlined diagonal blocks
+    assert len(spec["layout"]["shapes"]) == 4
+    assert {(sh["x0"], sh["x1"]) for sh in spec["layout"]["shapes"]} == {(-0.5, 5.5), (5.5, 11.5), (11.5, 17.5),
+                                                                            (17.5, 23.5)}
     title, x, y = _titles(spec)
     assert "layer1.0.conv1" in title and "cluster" in x and "cluster" in y
     assert spec["layout"]["meta"]["figure"] == "similarity_heatmap"
-    assert spec["data"][0]["zmin"] == -1 and spec["data"][0]["zmax"] == 1
+    assert spec["data"][0]["zmin"] == -spec["data"][0]["zmax"]
+    full = _spec(F.similarity_heatmap(sim, labels, zrange="full"))
+    assert full["data"][0]["zmin"] == -1 and full["data"][0]["zmax"] == 1
+    singletons = _spec(F.similarity_heatmap(sim, np.arange(24)))
+    assert not singletons["layout"].get("shapes")  # no block for single-channel clusters
 
 
 def test_similarity_heatmap_thins_wide_layers_and_validates():
@@ -242,7 +248,8 @@ def test_before_after_bars_units():
     assert len(spec["data"]) == 5
     assert spec["data"][0]["y"] == [2.0, 1.0]
     assert spec["data"][4]["y"] == pytest.approx([95.0, 90.0])
-    assert spec["layout"]["yaxis"]["title"]["text"] == "parameters (millions)"
+    assert spec["layout"]["yaxis"]["title"]["text"] == "millions"
+    assert spec["layout"]["annotations"][0]["text"] == "Parameters"
     assert spec["layout"]["xaxis"]["title"]["text"] == "-50.0%"
 
 

@@ -1,0 +1,235 @@
+"""Browser test: `streamlit run app.py` driven in headless Chromium with Playwright.
+
+Visits every page through the sidebar navigation, checks a hover label on the embedding
+scatter, runs a fold, walks the Learn page, and asserts that no exception or error box is shown.
+Screenshots go to ``test-artifacts/browser/`` (set ``FOLDVIZ_SCREENSHOTS=assets/screenshots`` to
+refresh the README images, which are then shrunk to a small palette PNG).
+
+Needs Debian's Chromium at /usr/bin/chromium (CI installs it via .ci/run); never `playwright install`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("FOLDVIZ_CHROMIUM", "/usr/bin/chromium")
+SHOTS = Path(os.environ.get("FOLDVIZ_SCREENSHOTS") or ROOT / "test-artifacts" / "browser")
+README_SHOTS = SHOTS.resolve() == (ROOT / "assets" / "screenshots").resolve()
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--disable-dev-shm-usage"]
+RUN_TIMEOUT_MS = 240_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    log = (ROOT / "test-artifacts")
+    log.mkdir(exist_ok=True)
+    out = open(log / "streamlit-server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"streamlit exited with {proc.returncode}; see test-artifacts/streamlit-server.log")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().decode().strip() == "ok":
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("streamlit did not become healthy within 90 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        out.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it with `apt-get install -y chromium` "
+                    "(CI does this in .ci/run) or set FOLDVIZ_CHROMIUM")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        yield b
+        b.close()
+
+
+def wait_for_run(page, timeout: int = RUN_TIMEOUT_MS) -> None:
+    """Wait until the app is connected and the script run (started by the last action) is finished."""
+    page.wait_for_timeout(400)
+    page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']", timeout=timeout)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout)
+    page.wait_for_timeout(300)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout)
+
+
+def assert_no_errors(page, where: str) -> None:
+    exc = page.get_by_test_id("stException")
+    assert exc.count() == 0, f"{where}: exception box: {exc.first.inner_text()[:500]}"
+    err = page.get_by_test_id("stAlertContentError")
+    assert err.count() == 0, f"{where}: error box: {err.first.inner_text()[:500]}"
+
+
+def wait_for_charts(page, n: int) -> None:
+    """At least ``n`` plotly charts exist and each has drawn its SVG (charts render when scrolled into view)."""
+    page.wait_for_function("n => document.querySelectorAll(\"[data-testid='stPlotlyChart']\").length >= n",
+                           arg=n, timeout=60_000)
+    charts = page.get_by_test_id("stPlotlyChart")
+    for i in range(charts.count()):
+        c = charts.nth(i)
+        c.scroll_into_view_if_needed()
+        c.locator(".main-svg").first.wait_for(state="attached", timeout=60_000)
+    page.get_by_test_id("stMain").evaluate("el => el.scrollTo(0, 0)") if page.get_by_test_id("stMain").count() else None
+    page.evaluate("window.scrollTo(0, 0)")
+
+
+def shot(page, name: str, *, clip_to=None) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    if README_SHOTS:  # keep the committed images small: 1100 px wide, 128-colour palette
+        from PIL import Image
+
+        im = Image.open(path).convert("RGB")
+        w, h = im.size
+        im = im.resize((1100, int(h * 1100 / w)), Image.LANCZOS)
+        im.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
+def goto_page(page, title: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    wait_for_run(page)
+    page.wait_for_selector(f"h1:has-text('{title.split(' (')[0]}')", timeout=RUN_TIMEOUT_MS)
+
+
+def scroll_to(page, text: str) -> None:
+    page.get_by_text(text, exact=True).first.scroll_into_view_if_needed()
+    page.wait_for_timeout(400)
+
+
+def test_browser_walkthrough(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(RUN_TIMEOUT_MS)
+    page.goto(server)
+    page.wait_for_selector("[data-testid='stAppViewContainer']")
+    wait_for_run(page)
+    page.wait_for_selector("h1:has-text('Model & data')")
+    page.wait_for_selector("[data-testid='stMetricValue']:has-text('%')")  # baseline accuracy
+    assert_no_errors(page, "Model & data")
+    assert page.get_by_test_id("stSidebarNav").get_by_text("Learn", exact=True).is_visible()
+    shot(page, "1-model-data")
+
+    # Layer explorer: charts render, the scatter's hover names a channel and its cluster
+    goto_page(page, "Layer explorer")
+    wait_for_charts(page, 5)
+    assert_no_errors(page, "Layer explorer")
+    shot(page, "2a-layer-overview")
+    scroll_to(page, "One group in detail")
+    emb = page.get_by_test_id("stPlotlyChart").nth(2)
+    emb.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    point = emb.locator(".scatterlayer .points path").first
+    point.hover(force=True)
+    page.wait_for_selector(".hoverlayer .hovertext", timeout=10_000)
+    hover = page.locator(".hoverlayer .hovertext").first.text_content() or ""
+    assert "channel" in hover and "cluster" in hover, hover
+    shot(page, "2b-layer-detail")
+
+    # Fold plan: change the global ratio with the keyboard, preview updates
+    goto_page(page, "Fold plan")
+    wait_for_charts(page, 1)
+    slider = page.get_by_test_id("stSlider").first.get_by_role("slider")
+    slider.focus()
+    slider.press("ArrowRight")
+    slider.press("ArrowRight")
+    wait_for_run(page)
+    page.wait_for_selector("[data-testid='stSidebar'] :text('ratio 40%')")
+    assert_no_errors(page, "Fold plan")
+    # a suggested plan replaces the widgets' values in the browser too (no stale slider state)
+    page.get_by_role("button", name="Suggest a plan").click()
+    wait_for_run(page)
+    page.wait_for_selector("text=Suggested plan for 50% parameter sparsity")
+    side = page.get_by_test_id("stSidebar").inner_text()
+    assert "ratio 0%" in side and "0 override(s)" not in side, side
+    slider = page.get_by_test_id("stSlider").first.get_by_role("slider")
+    slider.focus()
+    slider.press("ArrowRight")
+    wait_for_run(page)
+    page.wait_for_selector("[data-testid='stSidebar'] :text('ratio 5%')")
+    assert "0 override(s)" not in page.get_by_test_id("stSidebar").inner_text()
+    assert_no_errors(page, "Fold plan after suggestion")
+    wait_for_charts(page, 1)
+    shot(page, "3-fold-plan")
+
+    # Fold & results: run the plan
+    goto_page(page, "Fold & results")
+    page.get_by_role("button", name="Run fold").click()
+    page.wait_for_selector("[data-testid='stMetricLabel']:has-text('Accuracy')", timeout=RUN_TIMEOUT_MS)
+    wait_for_run(page)
+    wait_for_charts(page, 3)
+    assert_no_errors(page, "Fold & results")
+    assert page.get_by_text("Why repair matters").count() == 1
+    shot(page, "4a-fold-results")
+    scroll_to(page, "Why repair matters: activation variance per layer")
+    shot(page, "4b-variance")
+
+    # Sweep (small: two ratios, default methods)
+    scroll_to(page, "Sweep: accuracy vs. parameter sparsity")
+    page.get_by_role("button", name="Run sweep").click()
+    page.wait_for_selector("text=Sweep done", timeout=RUN_TIMEOUT_MS)
+    wait_for_run(page)
+    wait_for_charts(page, 4)
+    assert_no_errors(page, "Sweep")
+    page.get_by_test_id("stPlotlyChart").last.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    shot(page, "4c-sweep")
+
+    # Learn: walk every step
+    goto_page(page, "Learn")
+    wait_for_charts(page, 1)
+    for step in range(6):
+        page.get_by_role("button", name="Next →").click()
+        wait_for_run(page)
+        assert_no_errors(page, f"Learn step {step + 2}")
+        if step == 1:
+            wait_for_charts(page, 2)
+            shot(page, "5a-learn-clusters")
+    wait_for_charts(page, 1)
+    page.wait_for_selector("text=Unfolded accuracy")
+    shot(page, "5b-learn-repair")
+
+    # back to the plan: the change survived every page switch
+    goto_page(page, "Fold plan")
+    assert page.locator("[data-testid='stSidebar'] :text('ratio 5%')").count() == 1
+    assert "0.05" in page.get_by_test_id("stSlider").first.inner_text()
+    assert_no_errors(page, "Fold plan (again)")
+    page.close()
