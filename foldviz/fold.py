@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch_pruning.dependency.group import Group
 
 from .clustering import ar_scale, group_features_tensor, k_for_ratio, kmeans
 from .groups import _BN, _CONV, GroupGraph, build_dependency_graph, find_groups, root_handler
@@ -74,16 +75,22 @@ def _out_size(m: nn.Module) -> int:
 
 @torch.no_grad()
 def _combine(t: torch.Tensor, axis: int, src: torch.Tensor, dst: torch.Tensor, mean: bool) -> None:
-    """In place: slot dst[j] of ``t`` along ``axis`` becomes the sum (or mean) of the slots src that map to it."""
+    """In place: slot dst[j] of ``t`` along ``axis`` becomes the sum (or mean) of the slots src that map to it.
+
+    Only slots receiving more than one source change, so singleton clusters cost nothing.
+    """
+    uniq, inverse, counts = dst.unique(return_inverse=True, return_counts=True)
+    busy = counts[inverse] > 1
+    if not bool(busy.any()):
+        return
+    src, inverse = src[busy], inverse[busy]
     tm = t.data.movedim(axis, 0)
     vals = tm.index_select(0, src).double()
-    acc = torch.zeros((tm.shape[0],) + tm.shape[1:], dtype=torch.float64, device=t.device).index_add_(0, dst, vals)
+    acc = torch.zeros((len(uniq),) + tm.shape[1:], dtype=torch.float64, device=t.device).index_add_(0, inverse, vals)
     if mean:
-        cnt = torch.zeros(tm.shape[0], dtype=torch.float64, device=t.device).index_add_(
-            0, dst, torch.ones(len(src), dtype=torch.float64, device=t.device))
-        acc = acc / cnt.clamp_min(1).view((-1,) + (1,) * (acc.dim() - 1))
-    uniq = dst.unique()
-    tm[uniq] = acc[uniq].to(t.dtype)
+        acc = acc / counts.to(acc.dtype).view((-1,) + (1,) * (acc.dim() - 1))
+    hit = counts > 1
+    tm[uniq[hit]] = acc[hit].to(t.dtype)
 
 
 def _merge_member(mod: nn.Module, side: str, src, dst) -> None:
@@ -140,8 +147,15 @@ class _Folder:
             if side == "out" and self.names[mod] in self.maps:
                 dropped = {i for r in drop for i in by_root[r]}
                 updates.append((self.names[mod], _out_size(mod), dropped, assign))
-        if drop:
-            self.dg.get_pruning_group(root, fn, drop).prune(record_history=False)
+        if drop:  # the shrinking group is the full group restricted to the dropped channels
+            drop_set = set(drop)
+            shrink = Group()
+            shrink._DG = self.dg
+            for item in group:
+                idxs = [i for i, r in zip(item.idxs, item.root_idxs) if r in drop_set]
+                if idxs:
+                    shrink.add_dep(item.dep, idxs)
+            shrink.prune(record_history=False)
         for name, size, dropped, assign in updates:
             kept = [j for j in range(size) if j not in dropped]
             rank = {j: p for p, j in enumerate(kept)}
