@@ -122,7 +122,7 @@ def order_by_cluster(labels: Sequence[int] | np.ndarray) -> np.ndarray:
 
 def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | None = None, *,
                        order: Sequence[int] | np.ndarray | None = None, group: str = "",
-                       max_channels: int = 384, zrange: str = "auto", title: str | None = None) -> go.Figure:
+                       max_channels: int = 256, zrange: str = "auto", title: str | None = None) -> go.Figure:
     """Cosine similarity between the channels of one group, ordered by cluster.
 
     ``sim`` is (n, n); ``labels`` (n,) cluster ids; ``order`` overrides the permutation
@@ -151,14 +151,12 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
         lim = float(min(1.0, max(0.1, math.ceil(np.nanmax(off) * 10) / 10))) if off.size else 1.0
     ticks = np.arange(m)
     heat = go.Heatmap(
-        z=s, x=ticks, y=ticks, zmin=-lim, zmax=lim, colorscale="RdBu_r", zmid=0.0,
+        z=s.astype(np.float32), x=ticks, y=ticks, zmin=-lim, zmax=lim, colorscale="RdBu_r", zmid=0.0,
         colorbar=dict(title=dict(text="cosine<br>similarity")),
         name="cosine similarity",
-        customdata=np.stack([np.broadcast_to(shown[None, :], (m, m)), np.broadcast_to(shown[:, None], (m, m)),
-                             np.broadcast_to(lab_shown[None, :], (m, m)), np.broadcast_to(lab_shown[:, None], (m, m))],
-                            axis=-1),
-        hovertemplate="channel %{customdata[1]} (cluster %{customdata[3]}) vs "
-                      "channel %{customdata[0]} (cluster %{customdata[2]})<br>cos = %{z:.3f}<extra></extra>",
+        customdata=np.stack([np.broadcast_to(shown[None, :], (m, m)), np.broadcast_to(shown[:, None], (m, m))],
+                            axis=-1).astype(np.int32),
+        hovertemplate="channel %{customdata[1]} vs channel %{customdata[0]}<br>cos = %{z:.3f}<extra></extra>",
     )
     fig = go.Figure(heat)
     # outline every multi-member cluster block on the diagonal
@@ -317,21 +315,28 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
             ch_map[y0:y0 + h, x0:x0 + w] = ch
             cl_map[y0:y0 + h, x0:x0 + w] = c
             shown += 1
-    custom = np.stack([ch_map, cl_map], axis=-1)
-    hover = "channel %{customdata[0]} · cluster %{customdata[1]}"
-    if rgb:
-        trace = go.Image(z=np.nan_to_num(canvas, nan=1.0) * 255.0, customdata=custom,
-                         hovertemplate=hover + "<extra></extra>", name="filters")
-    else:
-        lim = float(np.nanmax(np.abs(canvas))) if np.isfinite(canvas).any() else 1.0
-        signed = mode in ("kernel", "fan-in")
-        trace = go.Heatmap(
-            z=canvas, customdata=custom, zmin=-lim if signed else 0.0, zmax=lim,
-            colorscale="RdBu_r" if signed else "Viridis", name="filters",
-            colorbar=dict(title=dict(text="weight" if signed else "‖w‖")),
-            hovertemplate=hover + "<br>value %{z:.3f}<extra></extra>", hoverongaps=False,
-        )
-    fig = go.Figure(trace)
+    custom = np.stack([ch_map, cl_map], axis=-1).astype(np.int32)
+    xs = first * (w + gap) if centroids else 0        # first column of the member tiles
+    parts = [("members", slice(xs, W), "channel %{customdata[0]} · cluster %{customdata[1]}")]
+    if centroids:
+        parts.insert(0, ("merged", slice(0, w), "merged filter of cluster %{customdata[1]}"))
+    fig = go.Figure()
+    signed = mode in ("kernel", "fan-in")
+    lim = float(np.nanmax(np.abs(canvas))) if (not rgb and np.isfinite(canvas).any()) else 1.0
+    for name, cols_, hover in parts:
+        if rgb:
+            fig.add_trace(go.Image(z=np.nan_to_num(canvas[:, cols_], nan=1.0) * 255.0, customdata=custom[:, cols_],
+                                   x0=cols_.start, dx=1, y0=0, dy=1, name=name,
+                                   hovertemplate=hover + "<extra></extra>"))
+        else:
+            fig.add_trace(go.Heatmap(
+                z=canvas[:, cols_].astype(np.float32), customdata=custom[:, cols_], x0=cols_.start, dx=1, y0=0, dy=1,
+                coloraxis="coloraxis", name=name, hoverongaps=False,
+                hovertemplate=hover + "<br>value %{z:.3f}<extra></extra>"))
+    if not rgb:
+        fig.update_layout(coloraxis=dict(colorscale="RdBu_r" if signed else "Viridis",
+                                         cmin=-lim if signed else 0.0, cmax=lim,
+                                         colorbar=dict(title=dict(text="weight" if signed else "‖w‖"))))
     fig.update_yaxes(autorange="reversed", showticklabels=True, scaleanchor="x", constrain="domain",
                      tickmode="array", tickvals=[r * (h + gap) + (h - 1) / 2 for r in range(len(order))],
                      ticktext=[f"cluster {int(c)} ({int(counts[ids == c][0])})" for c in order],
@@ -574,7 +579,11 @@ def variance_ratio_plot(series: Mapping[str, Sequence[Mapping]], *, log_y: bool 
                                  hoverinfo="skip"))
     fig.update_xaxes(type="category", tickangle=-45, categoryorder="array", categoryarray=layers)
     if log_y:
-        fig.update_yaxes(type="log")
+        vals = [float(r["ratio"]) for rows in series.values() for r in rows if float(r["ratio"]) > 0] + [1.0]
+        lo, hi = min(vals), max(vals)
+        ticks = [m * 10.0 ** e for e in range(int(math.floor(math.log10(lo))), int(math.ceil(math.log10(hi))) + 1)
+                 for m in (1, 2, 5) if lo / 2.5 <= m * 10.0 ** e <= hi * 2.5]
+        fig.update_yaxes(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
     fig.add_annotation(text="explosion ↑", xref="paper", yref="paper", x=1.0, y=1.0, showarrow=False,
                        xanchor="right", yanchor="top", font=dict(size=11, color="#888"))
     fig.add_annotation(text="collapse ↓", xref="paper", yref="paper", x=1.0, y=0.0, showarrow=False,

@@ -83,13 +83,10 @@ else:
     st.caption(f"Accuracy before: {_ui.fmt_pct(b.get('accuracy'))} → after: {_ui.fmt_pct(a.get('accuracy'))} · "
                f"parameter sparsity {_ui.fmt_pct(r['param_sparsity'])} · "
                + " · ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items()))
-    left, right = st.columns(2)
-    with left:
-        _ui.chart(F.before_after_bars(b, a, metrics=[k for k in ("accuracy", "params", "flops", "size_bytes", "latency_ms")
-                                                     if b.get(k) is not None and a.get(k) is not None]),
-                  key="fr_before_after")
-    with right:
-        _ui.chart(F.channels_per_group([g for g in r["groups"] if g.get("foldable", True)]), key="fr_channels")
+    _ui.chart(F.before_after_bars(b, a, metrics=[k for k in ("accuracy", "params", "flops", "size_bytes", "latency_ms")
+                                                 if b.get(k) is not None and a.get(k) is not None]),
+              key="fr_before_after")
+    _ui.chart(F.channels_per_group([g for g in r["groups"] if g.get("foldable", True)]), key="fr_channels")
 
     comp = ss.get("compare")
     if comp and comp["plan"] == ss.get("outcome_plan"):

@@ -146,20 +146,24 @@ def test_filter_grid_rows_per_cluster_and_merged_column():
     w = rng.normal(size=(10, 1, 3, 3))
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
     spec = _spec(F.filter_grid(w, labels, module="conv1", max_per_cluster=8))
-    tr = spec["data"][0]
-    assert tr["type"] == "heatmap"
-    z = np.array(tr["z"], dtype=float)
-    # 4 clusters of 3 rows + gaps; merged tile + gap + 4 members
-    assert z.shape == (4 * 4 - 1, 6 * 4 - 1)
+    merged, members = spec["data"]
+    assert merged["type"] == members["type"] == "heatmap"
+    assert (merged["name"], members["name"]) == ("merged", "members")
+    zm = np.array(merged["z"], dtype=float)
+    z = np.array(members["z"], dtype=float)
+    # 4 clusters of 3 rows + gaps; merged tile (3 wide) at x=0, members from x=8 (tile + gap + separator)
+    assert zm.shape == (4 * 4 - 1, 3) and merged["x0"] == 0
+    assert z.shape == (4 * 4 - 1, 4 * 4 - 1) and members["x0"] == 8
+    assert np.allclose(zm[0:3], w[:4, 0].mean(0))          # merged filter of cluster 0 = mean of members
+    assert np.allclose(z[0:3, 0:3], w[0, 0]) and np.allclose(z[0:3, 4:7], w[1, 0])
+    assert np.isnan(z[4:7, 12:15]).all()                     # cluster 1 has only 3 members
     assert spec["layout"]["meta"]["shown"] == 10
     ticks = spec["layout"]["yaxis"]["ticktext"]
     assert ticks[0] == "cluster 0 (4)" and len(ticks) == 4
-    # merged tile of cluster 0 (first column) = mean of its members; members start at column 2
-    assert np.allclose(z[0:3, 0:3], w[:4, 0].mean(0))
-    assert np.allclose(z[0:3, 8:11], w[0, 0])
-    assert np.isnan(z[0:3, 4:7]).all()
-    assert "channel %{customdata[0]} · cluster %{customdata[1]}" in tr["hovertemplate"]
+    assert "channel %{customdata[0]} · cluster %{customdata[1]}" in members["hovertemplate"]
+    assert "merged filter of cluster" in merged["hovertemplate"]
     assert "conv1" in spec["layout"]["title"]["text"]
+    assert spec["layout"]["coloraxis"]["cmin"] == -spec["layout"]["coloraxis"]["cmax"]
 
 
 def test_filter_grid_rgb_uses_image_trace():
@@ -215,6 +219,7 @@ def test_variance_ratio_plot_traces_and_ideal_line():
     ideal = spec["data"][-1]
     assert ideal["y"] == [1.0, 1.0] and ideal["line"]["dash"] == "dash"
     assert spec["layout"]["yaxis"]["type"] == "log"
+    assert spec["layout"]["yaxis"]["ticktext"][:3] == ["0.1", "0.2", "0.5"] and "1" in spec["layout"]["yaxis"]["ticktext"]
     assert spec["data"][0]["x"] == ["bn1", "layer1.0.bn1"]
     _, x, y = _titles(spec)
     assert "layer" in x and "Var" in y
