@@ -370,3 +370,49 @@ def test_learn_walkthrough_all_steps():
     assert at.session_state["learn_step"] == 6
     at.button(key="learn_back").click().run()
     assert at.session_state["learn_step"] == 5
+
+
+def test_upload_checkpoint_and_torchvision_model_data_free():
+    at = new_app()
+    # a weights-only checkpoint for a demo architecture
+    weights = (Path(__file__).resolve().parent.parent / "assets" / "models" / "digits-vgg.safetensors").read_bytes()
+    at.radio(key="md_kind").set_value("Upload a checkpoint").run()
+    at.selectbox(key="md_up_arch").set_value("demo:digits-vgg").run()
+    at.file_uploader(key="md_upload").set_value(("my-vgg.safetensors", weights, "application/octet-stream")).run()
+    at.button(key="md_load_up").click().run()
+    assert_clean(at)
+    src = at.session_state["model_source"]
+    assert src["spec"] == "demo:digits-vgg" and src["weights_name"] == "my-vgg.safetensors"
+    assert pct(metric(at, "Baseline accuracy")) > 50
+    assert "my-vgg.safetensors" in " ".join(c.value for c in at.sidebar.caption)
+
+    # a torchvision architecture (random init) without data: data-free pages still work
+    at.radio(key="md_kind").set_value("torchvision architecture").run()
+    at.selectbox(key="md_arch").set_value("resnet18").run()
+    at.number_input(key="md_ncls").set_value(10).run()
+    at.checkbox(key="md_stem").check().run()
+    at.button(key="md_load_tv").click().run()
+    assert_clean(at)
+    assert at.session_state["model_source"]["spec"] == "torchvision:resnet18"
+    assert at.session_state["data_source"]["spec"] is None
+    assert metric(at, "Baseline accuracy") == "—"
+    assert any("Random initialisation" in i.value for i in at.info)
+    goto(at, "layer_explorer")
+    assert chart(at, "similarity_heatmap") and chart(at, "filter_grid")["layout"]["meta"]["mode"] == "rgb"
+    goto(at, "fold_results")
+    at.button(key="fr_run").click().run()
+    assert_clean(at)
+    assert metric(at, "Accuracy") == "—"
+    assert at.session_state["outcome"].report["after"]["params"] < at.session_state["outcome"].report["before"]["params"]
+    assert any("pick evaluation data" in w.value for w in at.warning)  # the sweep needs data
+    goto(at, "learn_folding")  # Learn falls back to the bundled demo
+    assert any("demo:digits-resnet" in i.value for i in at.info)
+
+
+def test_umap_embedding_in_explorer():
+    at = new_app()
+    goto(at, "layer_explorer")
+    at.radio(key="le_embed").set_value("UMAP").run()
+    assert_clean(at)
+    emb = chart(at, "embedding_scatter")
+    assert emb["layout"]["meta"]["method"] == "UMAP" and emb["layout"]["xaxis"]["title"]["text"] == "UMAP 1 (a.u.)"
