@@ -9,12 +9,15 @@ Needs Debian's Chromium at /usr/bin/chromium (CI installs it via .ci/run); never
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -189,6 +192,11 @@ def test_browser_walkthrough(server, browser):
     assert_no_errors(page, "Fold plan after suggestion")
     wait_for_charts(page, 1)
     shot(page, "3-fold-plan")
+    # the exported plan is the engine's JSON and matches what the page shows
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download plan (JSON)").click()
+    exported = json.loads(Path(dl.value.path()).read_text())
+    assert exported["foldviz_plan"] == 1 and exported["default_ratio"] == 0.05 and len(exported["ratios"]) > 1
 
     # Fold & results: run the plan
     goto_page(page, "Fold & results")
@@ -199,6 +207,17 @@ def test_browser_walkthrough(server, browser):
     assert_no_errors(page, "Fold & results")
     assert page.get_by_text("Why repair matters").count() == 1
     shot(page, "4a-fold-results")
+    # take the folded model home: the zip holds a safetensors model that foldviz loads again
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Folded model (.zip: safetensors + card + plan)").click()
+    with zipfile.ZipFile(dl.value.path()) as z, tempfile.TemporaryDirectory() as tmp:
+        names = z.namelist()
+        assert any(n.endswith("model.safetensors") for n in names), names
+        z.extractall(tmp)
+        from foldviz.io import load_folded
+
+        folded = load_folded(Path(tmp) / "folded")
+        assert sum(p.numel() for p in folded.model.parameters()) < 696_042
     scroll_to(page, "Why repair matters: activation variance per layer")
     shot(page, "4b-variance")
 
