@@ -740,9 +740,10 @@ class Workbench:
         return [dict(r) for r in variance_ratios(self.model, result.model, inputs, result.channel_maps)]
 
     def variance_comparison(self, plan, methods: Sequence[str], data: DataSource | None,
-                            progress: Progress = None, n: int = 128) -> dict:
+                            progress: Progress = None, n: int = 128, known: dict | None = None) -> dict:
         """{method: {"rows": variance rows, "accuracy": float|None, "error": str|None}} for the plan
-        folded with each repair method (same clustering, same seed)."""
+        folded with each repair method (same clustering, same seed). ``known`` maps a method to a FoldResult
+        already computed for exactly this plan (e.g. the run the user just did), which is reused."""
         from .plans import FoldPlan
 
         inputs = self.sample_batch(data, n=n, seed=plan.seed)
@@ -752,7 +753,7 @@ class Workbench:
             d["repair"] = m
             p = FoldPlan.from_dict(d)
             try:
-                res = self._fold_result(p, data, progress)
+                res = (known or {}).get(m) or self._fold_result(p, data, progress)
                 acc = self.evaluate(res.model, data)["accuracy"] if data is not None and data.spec else None
                 out[m] = {"rows": self.variance_ratios(res, inputs), "accuracy": acc, "error": None}
             except WorkbenchError as exc:

@@ -166,11 +166,12 @@ def cached_job(name: str, key: tuple, fn: Callable[[], object], max_items: int =
     return copy.deepcopy(value)
 
 
-def variance_comparison(key: tuple, dkey: tuple, plan_json: str, methods: tuple, _progress=None) -> dict:
+def variance_comparison(key: tuple, dkey: tuple, plan_json: str, methods: tuple, _progress=None,
+                        _known: dict | None = None) -> dict:
     def run():
         wb = _wb(key)
         return wb.variance_comparison(wb.plan_from(json.loads(plan_json)), list(methods), DataSource(*dkey),
-                                      progress=_progress)
+                                      progress=_progress, known=_known)
     return cached_job("variance", (key, dkey, plan_json, tuple(methods)), run)
 
 

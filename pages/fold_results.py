@@ -46,7 +46,8 @@ if run:
             if methods:
                 status.write("Comparing repair methods: " + ", ".join(REPAIR_LABELS[m] for m in methods))
                 comp = _ui.variance_comparison(key, dkey, pj, tuple(methods),
-                                               _progress=_ui.progress_reporter(status))
+                                               _progress=_ui.progress_reporter(status),
+                                               _known={plan.repair: outcome.result})
                 ss["compare"] = {"plan": pj, "methods": list(methods), "data": comp}
             status.update(label=f"Folded in {outcome.report['seconds']['wall']:.1f} s", state="complete",
                           expanded=False)
