@@ -78,10 +78,13 @@ def test_sweep_writes_csv(tmp_path):
     assert float(rows[2]["param_sparsity"]) > float(rows[1]["param_sparsity"]) > 0.3
 
 
-def test_module_entry_point_help():
+def test_module_entry_point_help(capsys):
+    out = subprocess.run([sys.executable, "-m", "foldviz", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and all(s in out.stdout for s in ("inspect", "plan", "fold", "sweep", "train"))
     for sub in ("inspect", "plan", "fold", "sweep", "train"):
-        out = subprocess.run([sys.executable, "-m", "foldviz", sub, "--help"], capture_output=True, text=True)
-        assert out.returncode == 0 and "usage" in out.stdout
+        with pytest.raises(SystemExit) as exc:
+            main([sub, "--help"])
+        assert exc.value.code == 0 and "usage" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("ratio", ["1.0", "-0.1"])
