@@ -10,6 +10,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 PORT        ?= 8501
 PYTEST_ARGS ?=
+TESTS       ?= tests
 PYTEST_TIMEOUT ?= 600
 VPY         := $(VENV)/bin/python
 STAMP       := $(VENV)/.foldviz-requirements.sha256
@@ -52,7 +53,7 @@ app: venv
 	"$(VPY)" -m streamlit run app.py --server.headless true --server.port $(PORT)
 
 test: venv
-	@"$(VPY)" -m pytest -q --timeout=$(PYTEST_TIMEOUT) tests $(PYTEST_ARGS); rc=$$?; \
+	@"$(VPY)" -m pytest -q --timeout=$(PYTEST_TIMEOUT) $(TESTS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (exit code 5) — treating this as a failure"; fi; \
 	exit $$rc
 

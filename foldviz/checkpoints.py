@@ -40,7 +40,7 @@ __all__ = [
 #: Largest checkpoint file read from a path (CLI, library).
 MAX_CHECKPOINT_BYTES = 2 * 1024**3
 #: Largest checkpoint accepted as an upload (the app's file uploader should use this limit).
-MAX_UPLOAD_BYTES = 500 * 1024**2
+MAX_UPLOAD_BYTES = 1024**3
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

@@ -109,10 +109,11 @@ def default_data_for(spec: str) -> DataSource:
 
 def save_upload(data: bytes, filename: str, directory: str | Path | None = None) -> str:
     """Write uploaded checkpoint bytes to a content-addressed temp file and return its path."""
-    from .checkpoints import MAX_CHECKPOINT_BYTES
+    from .checkpoints import MAX_UPLOAD_BYTES
 
-    if len(data) > MAX_CHECKPOINT_BYTES:
-        raise WorkbenchError(f"{filename} is {len(data) / 1e6:.0f} MB; the limit is {MAX_CHECKPOINT_BYTES / 1e6:.0f} MB")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise WorkbenchError(f"{filename} is {len(data) / 1e6:.0f} MB; uploads are limited to "
+                             f"{MAX_UPLOAD_BYTES / 1e6:.0f} MB (use the command line with --weights for larger files)")
     suffix = Path(filename).suffix.lower()
     if suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         raise WorkbenchError(f"{filename}: upload a .safetensors file or a weights-only state dict (.pt/.pth/.bin)")

@@ -140,3 +140,15 @@ def test_sweep_rows_and_csv(wb):
     assert sweep_csv(rows).splitlines()[0] == "method,ratio,seed,param_sparsity,accuracy,loss"
     with pytest.raises(WorkbenchError):
         wb.sweep([0.3], ["none"], DataSource(None))
+
+
+def test_upload_is_bounded_and_keeps_nothing(tmp_path, monkeypatch):
+    import foldviz.checkpoints as C
+    from foldviz.session import WorkbenchError, save_upload
+
+    monkeypatch.setattr(C, "MAX_UPLOAD_BYTES", 1000)
+    with pytest.raises(WorkbenchError, match="uploads are limited to"):
+        save_upload(b"x" * 1001, "big.safetensors", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(WorkbenchError, match="upload a .safetensors file"):
+        save_upload(b"x" * 10, "model.pkl", tmp_path)
