@@ -97,21 +97,29 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def _kmeanspp(gram: np.ndarray, diag: np.ndarray, k: int, rng: np.random.Generator, eps: float) -> np.ndarray:
-    """k-means++ seeding on a Gram matrix; returns the indices of the k seed points."""
+    """Greedy k-means++ seeding on a Gram matrix; returns the indices of the k seed points.
+
+    Each step samples 2 + log(k) candidates with probability proportional to the squared distance to the nearest
+    seed and keeps the one that lowers the total potential most (the scheme scikit-learn uses); plain k-means++
+    leaves noticeably worse local minima on weight features.
+    """
     n = len(diag)
+    trials = 2 + int(np.log(k))
     centers = [int(rng.integers(n))]
     d2 = np.maximum(diag - 2 * gram[centers[0]] + diag[centers[0]], 0)
     d2[d2 < eps] = 0
     for _ in range(1, k):
         total = d2.sum()
         if total <= 0:  # every remaining point coincides with a chosen seed
-            nxt = int(np.setdiff1d(np.arange(n), centers)[0])
-        else:
-            nxt = int(rng.choice(n, p=d2 / total))
-        centers.append(nxt)
-        new = np.maximum(diag - 2 * gram[nxt] + diag[nxt], 0)
-        new[new < eps] = 0
-        np.minimum(d2, new, out=d2)
+            centers.append(int(np.setdiff1d(np.arange(n), centers)[0]))
+            continue
+        cand = np.minimum(np.searchsorted(np.cumsum(d2), rng.random(trials) * total, side="right"), n - 1)
+        dc = np.maximum(diag[None, :] - 2 * gram[cand] + diag[cand][:, None], 0)
+        dc[dc < eps] = 0
+        np.minimum(dc, d2[None, :], out=dc)
+        best = int(np.argmin(dc.sum(axis=1)))
+        centers.append(int(cand[best]))
+        d2 = dc[best]
     return np.asarray(centers)
 
 
