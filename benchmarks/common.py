@@ -29,6 +29,8 @@ if str(BENCH_DIR) not in sys.path:
 
 import torch  # noqa: E402
 
+from foldviz.utils import json_default  # noqa: E402
+
 
 # ------------------------------------------------------------------------------------------------ config
 @dataclass
@@ -220,20 +222,8 @@ class Table:
 
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=_json_default))
+    path.write_text(json.dumps(obj, indent=2, default=json_default))
 
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
     return str(o)
 
 

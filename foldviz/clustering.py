@@ -215,13 +215,6 @@ def _sklearn_cluster(x: np.ndarray, k: int, seed: int, n_init: int, max_iter: in
     return ClusterResult(canon, cents.numpy(), inertia, k)
 
 
-def inertia(features, labels: np.ndarray) -> float:
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    lab = torch.as_tensor(labels)
-    k = int(lab.max()) + 1
-    return float(((x - _centroids(x, lab, k)[lab]) ** 2).sum())
-
-
 def cluster_order(labels: np.ndarray) -> np.ndarray:
     """Permutation that lists channels cluster by cluster (largest clusters first), for heatmaps."""
     labels = np.asarray(labels)
@@ -283,5 +276,5 @@ def suggest_ratio(score: float, target: float) -> float:
 
 __all__ = [
     "ClusterResult", "k_for_ratio", "group_features", "group_features_tensor", "cosine_similarity", "kmeans",
-    "cluster_order", "inertia_curve", "redundancy", "ar_scale", "inertia", "robust_scale", "ALGORITHMS",
+    "cluster_order", "inertia_curve", "redundancy", "ar_scale", "robust_scale", "ALGORITHMS",
 ]

@@ -22,7 +22,7 @@ from torch import nn
 from torch_pruning.dependency.group import Group
 
 from .clustering import ar_scale, group_features_tensor, k_for_ratio, kmeans
-from .groups import _BN, _CONV, GroupGraph, build_dependency_graph, find_groups, root_handler
+from .groups import _BN, _CONV, build_dependency_graph, find_groups, root_handler
 from .plans import FoldPlan, PlanError
 from .repair import absorb_fused_biases, deep_inversion, dir_defaults, fuse_batchnorms, reset_bn_stats
 from .utils import resolve_device
@@ -306,7 +306,3 @@ def fold(model: nn.Module, plan: FoldPlan | float = 0.5, *, example_input: torch
     return run(model, _as_plan(plan, repair), method="fold", example_input=example_input, repair_data=repair_data,
                progress=progress, device=device, num_classes=num_classes)
 
-
-def plan_groups(model: nn.Module, example_input: torch.Tensor) -> GroupGraph:
-    """Convenience alias of ``find_groups`` for callers that only have a model."""
-    return find_groups(model, example_input)

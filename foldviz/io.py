@@ -14,7 +14,7 @@ from torch import nn
 
 from .groups import _BN, _CONV
 from .models import LoadedModel, ModelLoadError, build_architecture
-from .utils import state_dict_hash
+from .utils import json_default, state_dict_hash
 
 FORMAT = "foldviz-folded-model"
 FORMAT_VERSION = 1
@@ -53,10 +53,10 @@ def save_folded(result, loaded: LoadedModel, out_dir, *, report: dict | None = N
         "groups": [{k: v for k, v in g.items() if k in ("id", "channels_before", "channels_after", "ratio")}
                    for g in result.groups],
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=float) + "\n")
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
     result.plan.save(out / PLAN_FILE)
     if report is not None:
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     return out
 
 
@@ -98,11 +98,4 @@ def load_folded(path) -> LoadedModel:
                 groups=meta.get("groups"))
     note = f"Folded model ({meta.get('label', meta.get('method'))}) from {meta['base_spec']}."
     return LoadedModel(model.float().cpu().eval(), str(path), card, tuple(meta["input_shape"]), note)
-
-
-def load_plan_of(path):
-    from .plans import FoldPlan
-
-    return FoldPlan.load(Path(path) / PLAN_FILE)
-
 

@@ -152,11 +152,6 @@ class FoldPlan:
             if r > 0 and not by_id[gid].foldable and gid not in self.skip:
                 raise PlanError(f"ratios.{gid}: group is not foldable ({by_id[gid].reason})")
 
-    def with_ratio(self, group_id: str, ratio: float) -> "FoldPlan":
-        d = self.to_dict()
-        d["ratios"] = {**d["ratios"], group_id: float(ratio)}
-        return FoldPlan.from_dict(d)
-
 
 def validate_plan_dict(data) -> None:
     if not isinstance(data, dict):
@@ -170,6 +165,3 @@ def validate_plan_dict(data) -> None:
             where = where if where != "(top level)" else "plan"
         raise PlanError(f"invalid plan field {where}: {err.message}")
 
-
-def uniform_plan(ratio: float, repair: str = "ar", **kwargs) -> FoldPlan:
-    return FoldPlan(default_ratio=float(ratio), repair=repair, **kwargs)

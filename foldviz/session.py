@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from .utils import json_default
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -926,7 +927,7 @@ class Workbench:
                 save_file({k: v.contiguous() for k, v in outcome.model.state_dict().items()},
                           str(out / "model.safetensors"))
                 (out / "plan.json").write_text(outcome.result.plan.to_json())
-            (out / "report.json").write_text(json.dumps(outcome.report, indent=2, default=_json_default))
+            (out / "report.json").write_text(json.dumps(outcome.report, indent=2, default=json_default))
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
                 for p in sorted(out.rglob("*")):
                     if p.is_file():
@@ -958,17 +959,8 @@ def sweep_csv(rows: Sequence[dict]) -> str:
 
 
 def report_json(report: dict) -> str:
-    return json.dumps(report, indent=2, default=_json_default)
+    return json.dumps(report, indent=2, default=json_default)
 
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def _size_bytes(model: nn.Module) -> int:

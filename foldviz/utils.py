@@ -26,6 +26,19 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def json_default(o):
+    """``json.dumps(default=...)`` for numpy scalars/arrays, tensors and paths found in reports."""
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if torch.is_tensor(o):
+        return o.tolist()
+    return str(o)
+
+
 def state_dict_hash(model_or_state: nn.Module | dict) -> str:
     """SHA-256 over the names, shapes and float32 bytes of a state dict (order-independent)."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
