@@ -126,7 +126,8 @@ def seeding_ab(cfg: Config, ratios_used: dict) -> Table:
 def run(cfg: Config) -> tuple[list[Table], dict]:
     from foldviz.data import evaluate, load_dataset, make_loader
     from foldviz.plans import FoldPlan
-    from foldviz.report import METHOD_LABELS, apply_method, repair_inputs
+    from foldviz.apply import apply_method, repair_inputs
+    from foldviz.methods import label
 
     if cfg.quick:
         models = ("digits-resnet", "digits-resnet-2x")
@@ -166,7 +167,7 @@ def run(cfg: Config) -> tuple[list[Table], dict]:
                             sd1, sd2 = res.model.state_dict(), again.model.state_dict()
                             checks[name] = max(float((sd1[k].float() - sd2[k].float()).abs().max()) for k in sd1)
                     ev = evaluate(res.model, loader)
-                    raw.append({"model": name, "method": method, "label": METHOD_LABELS[method], "target": target,
+                    raw.append({"model": name, "method": method, "label": label(method), "target": target,
                                 "ratio": ratio, "seed": seed, "sparsity": 1 - n_params(res.model) / n_params(loaded.model),
                                 "accuracy": ev.accuracy, "loss": ev.loss, "seconds": secs})
             cfg.say(f"accuracy: {name} seed {seed} done")
@@ -182,7 +183,7 @@ def run(cfg: Config) -> tuple[list[Table], dict]:
             trow[f"s{int(t * 100)}"] = f"r={u['ratio']:.3f} → {u['sparsity'] * 100:.1f}%"
         rows = [trow]
         for method in methods:
-            row = {"method": METHOD_LABELS[method]}
+            row = {"method": label(method)}
             for t in TARGETS:
                 vals = [r["accuracy"] for r in rows_m if r["method"] == method and r["target"] == t]
                 row[f"s{int(t * 100)}"] = _fmt_ms(vals)
@@ -206,7 +207,7 @@ def run(cfg: Config) -> tuple[list[Table], dict]:
         b2 = next(r["accuracy"] for r in raw if r["model"] == "digits-resnet-2x" and r["method"] == "original")
         wide, wide_rows = [], []
         for method in methods:
-            row = {"method": METHOD_LABELS[method]}
+            row = {"method": label(method)}
             for t in TARGETS:
                 a1 = summary.get(("digits-resnet", method, t), [])
                 a2 = summary.get(("digits-resnet-2x", method, t), [])

@@ -16,16 +16,16 @@ import numpy as np
 import torch
 
 from common import Config, Table, interleaved, load, median, n_params, now, timed, with_threads
+from foldviz.methods import label
 
 RATIOS = (0.3, 0.5)
-METHOD_LABELS = {"none": "Fold-Naive", "r": "Fold-R", "ar": "Fold-AR", "dir": "Fold-DIR"}
 STAGES = ("graph", "cluster", "merge", "dir", "repair", "total")
 
 
 def _repair_data(name: str, loaded, n: int = 512):
     """Real digits for the demos (as the app and sweep do); standard-normal inputs for untrained torchvision nets."""
     if name.startswith("digits"):
-        from foldviz.report import repair_inputs
+        from foldviz.apply import repair_inputs
 
         return repair_inputs(loaded, "digits", n, seed=0), f"{n} real digits"
     return loaded.example_input(n, seed=0), f"{n} N(0,1) inputs"
@@ -87,7 +87,7 @@ def fold_cost(cfg: Config) -> tuple[Table, dict]:
                     secs.append(s)
                     raw.append({"model": name, "ratio": ratio, "method": method, "rep": rep, **s})
                 row = {"model": name, "params": n_params(loaded.model), "ratio": ratio,
-                       "method": METHOD_LABELS[method], "inspect": inspect, "repeats": reps}
+                       "method": label(method), "inspect": inspect, "repeats": reps}
                 for st in STAGES:
                     vals = [s.get(st) for s in secs if s.get(st) is not None]
                     row[st] = median(vals) if vals else None
@@ -105,7 +105,7 @@ def fold_cost(cfg: Config) -> tuple[Table, dict]:
                     else:
                         row["note"] = f"DIR {default_iters} steps (defaults), 1 repeat"
                 rows.append(row)
-                cfg.say(f"  {name} r={ratio} {METHOD_LABELS[method]}: total {row['total']:.2f}s "
+                cfg.say(f"  {name} r={ratio} {label(method)}: total {row['total']:.2f}s "
                         f"(cluster {row['cluster']:.2f}s)")
                 if name == "resnet18-cifar" and ratio == 0.5 and method == "ar":
                     facts["r18_ar_05_total"] = row["total"]
@@ -287,7 +287,8 @@ def kmeans_quality(cfg: Config) -> tuple[Table, Table]:
     from sklearn.cluster import KMeans
 
     from candidates import kmeans_fast
-    from foldviz.clustering import group_features, k_for_ratio, kmeans
+    from foldviz.features import group_features
+    from foldviz.kmeans import k_for_ratio, kmeans
     from foldviz.groups import find_groups
 
     if cfg.quick:
@@ -307,7 +308,7 @@ def kmeans_quality(cfg: Config) -> tuple[Table, Table]:
             if name == "resnet18-cifar" and g.channels < 512:
                 continue
             for scale in scales:
-                f = group_features(L.model, graph, g.id, scale=scale).astype(np.float32)
+                f = group_features(L.model, graph.get(g.id), scale=scale).numpy()
                 for r in ratios:
                     k = k_for_ratio(len(f), r)
                     out = {}

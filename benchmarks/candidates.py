@@ -2,7 +2,7 @@
 
 The benchmarks measure them side by side with the library so the lead can decide whether to adopt them:
 
-1. ``kmeans_fast``: a replacement for ``foldviz.clustering.kmeans`` with the same Gram-matrix formulation and
+1. ``kmeans_fast``: a replacement for ``foldviz.kmeans.kmeans`` with the same Gram-matrix formulation and
    two changes:
 
 * **greedy k-means++ seeding**: at every step ``2 + floor(ln k)`` candidates are drawn with D^2 weighting and the
@@ -10,10 +10,10 @@ The benchmarks measure them side by side with the library so the lead can decide
 * **single-threaded NumPy Lloyd loop** in float64: the per-iteration work is O(n^2) small operations, which on a
   shared 2-core machine suffer badly from intra-op thread hand-offs in torch; NumPy runs them in one thread.
 
-The Gram matrix itself is still one matrix product (torch, all threads). Returns ``foldviz.clustering.ClusterResult``
+The Gram matrix itself is still one matrix product (torch, all threads). Returns ``foldviz.kmeans.ClusterResult``
 so results are directly comparable.
 
-2. ``robust_scale_fast``: ``foldviz.clustering.robust_scale`` (the Fold-AR feature scaling) computed with one
+2. ``robust_scale_fast``: ``foldviz.features.robust_scale`` (the Fold-AR feature scaling) computed with one
    ``np.partition`` instead of ``torch.median`` + ``torch.quantile`` (two full sorts); bit-identical output.
 
 ``patched()`` swaps both into the library for the duration of a ``with`` block (used for what-if timings).
@@ -25,7 +25,7 @@ import contextlib
 import numpy as np
 import torch
 
-from foldviz.clustering import ClusterResult, _canonical, _centroids
+from foldviz.kmeans import ClusterResult, _canonical, _centroids
 
 
 def _greedy_kmeanspp(gram: np.ndarray, diag: np.ndarray, k: int, rng: np.random.Generator, eps: float,
@@ -107,15 +107,15 @@ def kmeans_fast(features, k: int, *, seed: int = 0, n_init: int = 4, max_iter: i
         labels, err, _it = _lloyd_np(gram, diag, _greedy_kmeanspp(gram, diag, k, rng, eps, trials), max_iter)
         if best is None or err < best[1] - 1e-9 * max(1.0, abs(err)):
             best = (labels, err)
-    canon = _canonical(best[0], k)
+    canon = _canonical(best[0])
     cents = _centroids(x, torch.as_tensor(canon), k)
     return ClusterResult(canon, cents.numpy(), max(0.0, best[1]), k)
 
 
 def robust_scale_fast(x: torch.Tensor) -> torch.Tensor:
-    """Same result as ``foldviz.clustering.robust_scale`` (lower median, linearly interpolated quartiles)."""
+    """Same result as ``foldviz.features.robust_scale`` (lower median, linearly interpolated quartiles)."""
     if x.device.type != "cpu" or x.shape[0] < 2:
-        from foldviz.clustering import robust_scale
+        from foldviz.features import robust_scale
 
         return robust_scale(x)
     a = x.detach().numpy()
@@ -140,7 +140,7 @@ def robust_scale_fast(x: torch.Tensor) -> torch.Tensor:
 
 def _kmeans_adapter(features, k, *, seed=0, n_init=4, max_iter=100, algorithm="kmeans", device=None):
     if algorithm != "kmeans" or (device is not None and torch.device(device).type != "cpu"):
-        from foldviz.clustering import kmeans
+        from foldviz.kmeans import kmeans
 
         return kmeans(features, k, seed=seed, n_init=n_init, max_iter=max_iter, algorithm=algorithm, device=device)
     x = features.detach().cpu() if torch.is_tensor(features) else features
@@ -150,7 +150,7 @@ def _kmeans_adapter(features, k, *, seed=0, n_init=4, max_iter=100, algorithm="k
 @contextlib.contextmanager
 def patched(kmeans: bool = True, scale: bool = True):
     """Temporarily route the library's fold through the candidates (restored on exit)."""
-    import foldviz.clustering as C
+    import foldviz.features as C
     import foldviz.fold as Fo
 
     old_k, old_s = Fo.kmeans, C.robust_scale

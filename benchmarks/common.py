@@ -29,6 +29,7 @@ if str(BENCH_DIR) not in sys.path:
 
 import torch  # noqa: E402
 
+from foldviz.metrics import count_params  # noqa: E402
 from foldviz.utils import json_default  # noqa: E402
 
 
@@ -224,8 +225,6 @@ def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=json_default))
 
-    return str(o)
-
 
 # ------------------------------------------------------------------------------------------------ models
 TORCHVISION = {
@@ -247,4 +246,4 @@ def load(name: str):
 
 
 def n_params(model) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
+    return count_params(model)

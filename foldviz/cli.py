@@ -6,9 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+from .apply import DEFAULT_REPAIR_SAMPLES
 from .data import DataError
+from .methods import DEFAULT_REPAIR, METHODS, fold_keys
 from .models import ModelLoadError, load_model
-from .plans import REPAIRS, FoldPlan, PlanError
+from .plans import FoldPlan, PlanError
 from .utils import state_dict_hash
 
 
@@ -73,8 +75,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_fold(args) -> int:
-    from .io import save_folded
-    from .report import apply_method, fold_report, repair_inputs
+    from .apply import apply_method, repair_inputs
+    from .persist import save_folded
+    from .report import build_report
 
     loaded = _load(args)
     if args.plan:
@@ -85,11 +88,11 @@ def cmd_fold(args) -> int:
         if args.repair:
             plan = FoldPlan.from_dict({**plan.to_dict(), "repair": args.repair})
     else:
-        plan = FoldPlan(default_ratio=args.ratio, repair=args.repair or "ar", seed=args.seed, model=loaded.spec,
-                        weights_sha256=state_dict_hash(loaded.model))
+        plan = FoldPlan(default_ratio=args.ratio, repair=args.repair or DEFAULT_REPAIR, seed=args.seed,
+                        model=loaded.spec, weights_sha256=state_dict_hash(loaded.model))
     method = args.method if args.method != "fold" else plan.repair
-    if method in ("r", "l1+r", "l2+r") and not args.data:
-        raise PlanError("Fold-R / REPAIR needs real data: pass --data SPEC (e.g. --data digits)")
+    if METHODS[method].needs_data and not args.data:
+        raise PlanError(f"{METHODS[method].label} needs real data: pass --data SPEC (e.g. --data digits)")
 
     def progress(stage, done, total):
         if not args.quiet and (done == total or stage == "dir" and done % 50 == 0):
@@ -97,11 +100,11 @@ def cmd_fold(args) -> int:
 
     data = repair_inputs(loaded, args.data, args.repair_samples, seed=plan.seed)
     result = apply_method(loaded, plan, method, repair_data=data, progress=progress, device=args.device)
-    report = fold_report(loaded, result, data_spec=args.data, eval_limit=args.eval_limit, latency=not args.no_latency)
+    report = build_report(loaded, result, data_spec=args.data, eval_limit=args.eval_limit, latency=not args.no_latency)
     out = save_folded(result, loaded, args.out, report=report)
     line = (f"{result.label}: params {report['params_before']:,} -> {report['params_after']:,} "
             f"(sparsity {report['param_sparsity']:.1%}), FLOPs {report['flops_before']:,} -> {report['flops_after']:,}")
-    if "accuracy_after" in report:
+    if report["accuracy_after"] is not None:
         line += f", accuracy {report['accuracy_before']:.2%} -> {report['accuracy_after']:.2%}"
     print(line)
     print(f"wrote {out}/ (model.safetensors, plan.json, report.json, foldviz-model.json)")
@@ -122,8 +125,9 @@ def cmd_sweep(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .report import METHODS
     from .train import add_train_subparser
+
+    repair_help = ", ".join(f"{k} ({METHODS[k].label})" for k in fold_keys())
 
     parser = argparse.ArgumentParser(prog="python -m foldviz", description="Data-free model folding.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="write a uniform fold plan to edit")
     _model_args(p)
     p.add_argument("--ratio", type=_ratio, required=True, help="fraction of channels removed per group")
-    p.add_argument("--repair", choices=REPAIRS, default="ar")
+    p.add_argument("--repair", choices=fold_keys(), default=DEFAULT_REPAIR, help=repair_help)
     p.add_argument("--skip", nargs="*", help="group ids to leave untouched")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -147,11 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--ratio", type=_ratio, help="uniform fraction of channels removed per group")
     g.add_argument("--plan", help="fold plan JSON")
-    p.add_argument("--repair", choices=REPAIRS, help="none (Fold-Naive), r (Fold-R), ar (Fold-AR), dir (Fold-DIR)")
-    p.add_argument("--method", choices=["fold", *[m for m in METHODS if m.startswith("l")]], default="fold",
-                   help="fold, or a magnitude-pruning baseline at the same ratios")
+    p.add_argument("--repair", choices=fold_keys(), help=f"{repair_help}; default: the plan's, else {DEFAULT_REPAIR}")
+    p.add_argument("--method", choices=["fold", *[k for k, m in METHODS.items() if m.family != "fold"]],
+                   default="fold", help="fold, or a pruning baseline at the same ratios")
     p.add_argument("--data", help="evaluation/repair data: digits, cifar10:ROOT, ..., imagefolder:DIR")
-    p.add_argument("--repair-samples", type=int, default=512)
+    p.add_argument("--repair-samples", type=int, default=DEFAULT_REPAIR_SAMPLES,
+                   help="training inputs drawn for Fold-R / REPAIR")
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -163,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="accuracy vs. sparsity for several methods, as CSV")
     _model_args(p)
     p.add_argument("--ratios", type=_ratio, nargs="+", required=True)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=["none", "r", "ar", "l1", "l2"])
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["none", "r", "ar", "l1", "l2"])
     p.add_argument("--data", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--eval-limit", type=int)

@@ -20,36 +20,17 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .methods import METHODS, label
+
 # --------------------------------------------------------------------------------------
 # shared style
 # --------------------------------------------------------------------------------------
 
-METHOD_LABELS: dict[str, str] = {
-    "none": "Fold-Naive",
-    "naive": "Fold-Naive",
-    "r": "Fold-R",
-    "ar": "Fold-AR",
-    "dir": "Fold-DIR",
-    "l1": "L1 pruning",
-    "l2": "L2 pruning",
-    "l1+r": "L1 pruning + R",
-    "l2+r": "L2 pruning + R",
-}
+def _style(method: str) -> dict:
+    """Line colour and dash of a method, from the registry."""
+    m = METHODS.get(str(method))
+    return {"color": m.color if m else "#444444", "dash": m.dash if m else "solid"}
 
-METHOD_COLORS: dict[str, str] = {
-    "none": "#d62728",
-    "naive": "#d62728",
-    "r": "#1f77b4",
-    "ar": "#2ca02c",
-    "dir": "#9467bd",
-    "l1": "#7f7f7f",
-    "l2": "#bcbd22",
-    "l1+r": "#17becf",
-    "l2+r": "#8c564b",
-    "original": "#444444",
-}
-
-METHOD_DASH: dict[str, str] = {"l1": "dot", "l2": "dot", "l1+r": "dashdot", "l2+r": "dashdot"}
 
 # qualitative palette for clusters (repeats after 20)
 CLUSTER_COLORS: list[str] = [
@@ -63,8 +44,8 @@ _MARGIN = dict(l=60, r=20, t=60, b=55)
 
 
 def method_label(method: str) -> str:
-    """Human name of a method key ("ar" -> "Fold-AR"); unknown keys are returned unchanged."""
-    return METHOD_LABELS.get(str(method).lower(), str(method))
+    """Display name of a method key (the registry's label; unknown keys unchanged)."""
+    return label(method)
 
 
 def cluster_color(c: int) -> str:
@@ -571,7 +552,7 @@ def variance_ratio_plot(series: Mapping[str, Sequence[Mapping]], *, log_y: bool 
         ys = [d[lay] for lay in xs]
         fig.add_trace(go.Scatter(
             x=xs, y=ys, mode="lines+markers", name=method_label(method),
-            line=dict(color=METHOD_COLORS.get(method), dash=METHOD_DASH.get(method, "solid")),
+            line=_style(method),
             hovertemplate=f"{method_label(method)}<br>%{{x}}<br>Var ratio %{{y:.3g}}<extra></extra>"))
     if layers:
         fig.add_trace(go.Scatter(x=[layers[0], layers[-1]], y=[1.0, 1.0], mode="lines",
@@ -624,7 +605,7 @@ def sweep_plot(rows: Sequence[Mapping], *, methods: Sequence[str] | None = None,
             if np.any(p[:, 5] > 1) else None
         fig.add_trace(go.Scatter(
             x=100 * p[:, 0], y=100 * p[:, 1], mode="lines+markers", name=method_label(m), error_y=err,
-            line=dict(color=METHOD_COLORS.get(m), dash=METHOD_DASH.get(m, "solid")),
+            line=_style(m),
             customdata=np.stack([100 * p[:, 4], p[:, 5]], axis=1),
             hovertemplate=f"{method_label(m)}<br>sparsity %{{x:.1f}}%<br>accuracy %{{y:.1f}}%"
                           "<br>per-group ratio %{customdata[0]:.0f}% · %{customdata[1]} seed(s)<extra></extra>"))

@@ -4,7 +4,6 @@ Units: FLOPs count 2 per multiply-add (torch's FlopCounterMode convention); MACs
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
@@ -44,23 +43,34 @@ def model_size_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, example_input: torch.Tensor, *, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock milliseconds of one forward pass on ``example_input`` (model's device)."""
-    model.eval()
-    dev = next(model.parameters()).device
+def latency_pair(a: nn.Module, b: nn.Module, example_input: torch.Tensor, *, rounds: int = 15,
+                 warmup: int = 2) -> dict:
+    """Wall-clock milliseconds per forward pass of two models, measured in alternation (a, b, a, b, ...) so that
+    a busy machine slows both alike. Returns medians and interquartile ranges: compare the ratio, and treat a
+    difference inside the spread as noise."""
+    dev = next(a.parameters()).device
     x = example_input.to(dev)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        model(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(statistics.median(times))
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for m in (a, b):
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    for _ in range(rounds):
+        for key, m in (("a", a), ("b", b)):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            m(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times[key].append((time.perf_counter() - t) * 1e3)
+    out = {}
+    for key, ts in times.items():
+        q1, med, q3 = np.percentile(ts, [25, 50, 75])
+        out[key] = {"median_ms": float(med), "iqr_ms": float(q3 - q1)}
+    out["ratio"] = out["b"]["median_ms"] / max(out["a"]["median_ms"], 1e-9)
+    out["batch"] = int(x.shape[0])
+    return out
 
 
 def _measured_layers(model: nn.Module) -> list[str]:
@@ -142,24 +152,20 @@ def variance_ratios(original: nn.Module, folded: nn.Module, inputs: torch.Tensor
     return rows
 
 
-def summary(model: nn.Module, example_input: torch.Tensor, *, latency: bool = True, latency_batch: int = 1) -> dict:
-    """Parameters, FLOPs (batch 1), safetensors size and CPU latency of ``model``."""
-    x1 = example_input[:1]
-    d = {"params": count_params(model), "flops": count_flops(model, x1), "size_bytes": model_size_bytes(model)}
-    if latency:
-        xb = example_input[:1].expand(latency_batch, *example_input.shape[1:]).contiguous()
-        d["latency_ms"] = latency_ms(model, xb)
-    return d
+def summary(model: nn.Module, example_input: torch.Tensor) -> dict:
+    """Parameters, FLOPs (batch 1) and safetensors size of ``model``."""
+    return {"params": count_params(model), "flops": count_flops(model, example_input[:1]),
+            "size_bytes": model_size_bytes(model)}
 
 
-def compare(original: nn.Module, folded: nn.Module, example_input: torch.Tensor, *, latency: bool = True) -> dict:
+def compare(original: nn.Module, folded: nn.Module, example_input: torch.Tensor, *, latency: bool = True,
+            latency_batch: int = 8) -> dict:
     """Side-by-side summary of the original and folded model, with the ratios users ask about."""
-    before, after = summary(original, example_input, latency=latency), summary(folded, example_input, latency=latency)
+    before, after = summary(original, example_input), summary(folded, example_input)
     out = {"before": before, "after": after, "param_sparsity": 1 - after["params"] / before["params"],
            "flops_ratio": after["flops"] / before["flops"] if before["flops"] else None,
            "size_ratio": after["size_bytes"] / before["size_bytes"]}
     if latency:
-        out["latency_ratio"] = after["latency_ms"] / before["latency_ms"]
+        xb = example_input[:1].expand(latency_batch, *example_input.shape[1:]).contiguous()
+        out["latency"] = latency_pair(original, folded, xb)
     return out
-
-

@@ -11,10 +11,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import jsonschema
+import torch
+from torch import nn
+
+from .kmeans import ALGORITHMS, DEFAULT_CLUSTERING, k_for_ratio
+from .methods import DEFAULT_REPAIR, fold_keys, label
+from .metrics import count_flops, count_params
 
 PLAN_VERSION = 1
-REPAIRS = ("none", "r", "ar", "dir")
-REPAIR_NAMES = {"none": "Fold-Naive", "r": "Fold-R", "ar": "Fold-AR", "dir": "Fold-DIR"}
+REPAIRS = fold_keys()
 MAX_PLAN_BYTES = 5 * 1024 * 1024
 
 _RATIO = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
@@ -50,7 +55,7 @@ SCHEMA = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "algorithm": {"enum": ["kmeans", "sklearn", "ward"]},
+                "algorithm": {"enum": list(ALGORITHMS)},
                 "n_init": {"type": "integer", "minimum": 1, "maximum": 100},
                 "max_iter": {"type": "integer", "minimum": 1, "maximum": 10000},
             },
@@ -68,11 +73,11 @@ class PlanError(ValueError):
 @dataclass
 class FoldPlan:
     default_ratio: float = 0.5
-    repair: str = "ar"
+    repair: str = DEFAULT_REPAIR
     ratios: dict[str, float] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     repair_settings: dict = field(default_factory=dict)
-    clustering: dict = field(default_factory=lambda: {"algorithm": "kmeans", "n_init": 4, "max_iter": 100})
+    clustering: dict = field(default_factory=lambda: dict(DEFAULT_CLUSTERING))
     seed: int = 0
     model: str | None = None
     weights_sha256: str | None = None
@@ -89,7 +94,11 @@ class FoldPlan:
 
     @property
     def repair_name(self) -> str:
-        return REPAIR_NAMES[self.repair]
+        return label(self.repair)
+
+    def with_changes(self, **changes) -> "FoldPlan":
+        """A validated copy with some fields replaced."""
+        return FoldPlan.from_dict({**self.to_dict(), **changes})
 
     # -- (de)serialisation -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -165,3 +174,113 @@ def validate_plan_dict(data) -> None:
             where = where if where != "(top level)" else "plan"
         raise PlanError(f"invalid plan field {where}: {err.message}")
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# analytic preview and suggestion (no folding)
+# ----------------------------------------------------------------------------------------------------------------
+class CostModel:
+    """Exact parameter counts and conv/linear FLOPs of ``model`` after a plan, computed without folding.
+
+    One forward pass records each conv/linear layer's FLOPs; a plan then scales every parameter tensor and
+    every layer's FLOPs by the fractions of its output and input channels that survive.
+    """
+
+    def __init__(self, model: nn.Module, graph, example_input: torch.Tensor):
+        self.model, self.graph = model, graph
+        self.modules = dict(model.named_modules())
+        self.params = count_params(model)
+        self.flops = count_flops(model, example_input[:1])
+        self.layer_flops: dict[str, int] = {}
+        hooks = []
+        for name, mod in self.modules.items():
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                def hook(m, _i, out, name=name):  # 2 FLOPs per MAC: outputs x (in/groups x kernel) per output
+                    self.layer_flops[name] = self.layer_flops.get(name, 0) + 2 * (out.numel() // out.shape[0]) * m.weight[0].numel()
+                hooks.append(mod.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                model(example_input[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _keep(self, plan: FoldPlan) -> tuple[dict, dict, list[dict]]:
+        """Fraction of each module's output / input channels that survives ``plan``, and one row per group."""
+        out_keep: dict[str, float] = {}
+        in_parts: dict[str, list[tuple[int, float]]] = {}
+        rows = []
+        for g in self.graph.groups:
+            r = plan.ratio_for(g.id) if g.foldable else 0.0
+            k = k_for_ratio(g.channels, r) if g.foldable else g.channels
+            rows.append({"id": g.id, "channels_before": g.channels, "channels_after": k, "ratio": r,
+                         "skip": g.id in plan.skip, "foldable": bool(g.foldable), "override": g.id in plan.ratios})
+            for mem in g.members:
+                if mem.module not in self.modules:
+                    continue
+                if mem.side == "out":
+                    out_keep[mem.module] = k / g.channels
+                else:
+                    in_parts.setdefault(mem.module, []).append((len(mem.idxs), k / g.channels))
+        in_keep = {}
+        for name, parts in in_parts.items():
+            w = getattr(self.modules[name], "weight", None)
+            if w is None or w.dim() < 2:
+                continue
+            total = w.shape[1] * getattr(self.modules[name], "groups", 1)
+            covered = sum(n for n, _ in parts)
+            in_keep[name] = (sum(n * f for n, f in parts) + max(0, total - covered)) / max(1, total)
+        return out_keep, in_keep, rows
+
+    def estimate(self, plan: FoldPlan) -> dict:
+        """Channels per group, parameters and FLOPs after folding with ``plan`` (exact for conv/linear/BN)."""
+        out_keep, in_keep, rows = self._keep(plan)
+        params = 0.0
+        for name, mod in self.modules.items():
+            grouped = getattr(mod, "groups", 1) > 1   # depthwise: the input side shrinks with the output
+            for pname, p in mod.named_parameters(recurse=False):
+                f = out_keep.get(name, 1.0)
+                if pname == "weight" and p.dim() >= 2 and not grouped:
+                    f *= in_keep.get(name, 1.0)
+                params += p.numel() * f
+        scaled = sum(v * out_keep.get(n, 1.0) * (1.0 if getattr(self.modules[n], "groups", 1) > 1 else in_keep.get(n, 1.0))
+                     for n, v in self.layer_flops.items())
+        flops_after = int(round(self.flops - sum(self.layer_flops.values()) + scaled))
+        return {"params_before": self.params, "params_after": int(round(params)), "flops_before": self.flops,
+                "flops_after": flops_after, "param_sparsity": 1.0 - params / max(1, self.params), "groups": rows}
+
+
+def suggest_ratio(score: float, level: float, max_ratio: float = 0.9) -> float:
+    """A group's ratio proportional to its redundancy ``score`` (0..1) around ``level``."""
+    return float(min(max_ratio, max(0.0, level * (0.5 + score))))
+
+
+def suggest(cost: CostModel, scores: dict[str, float], target_sparsity: float, base: FoldPlan, *,
+            max_ratio: float = 0.9) -> FoldPlan:
+    """A plan whose per-group ratios follow redundancy ``scores`` and whose parameter sparsity is the target.
+
+    Keeps everything else of ``base`` (repair, seed, clustering, skipped groups); per-group ratios are replaced
+    and the default ratio becomes the mean suggested ratio. A bisection on the common level finds the target.
+    """
+    target = float(target_sparsity)
+    if not 0.0 < target < 1.0:
+        raise PlanError(f"target sparsity must be between 0 and 1, got {target}")
+    scores = {gid: sc for gid, sc in scores.items() if gid not in base.skip}
+    if not scores:
+        raise PlanError("no foldable group is left to suggest ratios for (all are skipped)")
+
+    def plan_at(level: float) -> FoldPlan:
+        ratios = {gid: round(suggest_ratio(sc, level, max_ratio), 3) for gid, sc in scores.items()}
+        mean = round(sum(ratios.values()) / len(ratios), 3)
+        return base.with_changes(ratios=ratios, default_ratio=min(mean, 0.99))
+
+    lo, hi = 0.0, 2.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost.estimate(plan_at(mid))["param_sparsity"] < target else (lo, mid)
+    plan = plan_at(hi)
+    got = cost.estimate(plan)["param_sparsity"]
+    if got < target - 0.02:
+        raise PlanError(f"cannot reach {100 * target:.0f}% parameter sparsity by folding alone (at most "
+                        f"{100 * got:.0f}% with every group at {100 * max_ratio:.0f}%)")
+    return plan

@@ -1,23 +1,83 @@
-"""Structured magnitude pruning baselines (L1 / L2), on the same channel groups and ratios as folding.
+"""Structured pruning baselines on the same channel groups and ratios as folding.
 
-Channels are ranked by the Ln norm of their fan-in rows (summed over every conv/linear producer of the group)
-and the lowest are removed physically, so folding and pruning are compared at equal parameter counts. With
-``repair="r"`` the BatchNorm statistics are then recomputed on data (the paper's "SP + REPAIR").
+Channels are ranked by a pluggable :class:`Importance` and the lowest are removed physically, so folding and
+pruning are compared at equal parameter counts. With ``repair="r"`` the BatchNorm statistics are then
+recomputed on data (the paper's "SP + REPAIR").
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from .fold import FoldResult, Progress, _as_plan, run
-from .plans import FoldPlan  # noqa: F401  (type of ``plan``)
+from .fold import as_plan
+from .groups import _CONV, ChannelGroup
+from .plans import FoldPlan
+from .repair import RepairContext
+from .surgery import Decision, FoldResult, compress
+from .utils import Progress
 
 
-def prune(model: nn.Module, plan: FoldPlan | float = 0.5, *, norm: int = 1, example_input: torch.Tensor,
-          repair: str | None = None, repair_data: torch.Tensor | None = None, progress: Progress = None,
-          device=None) -> FoldResult:
-    """Magnitude-prune a copy of ``model``: ``norm`` 1 or 2, ``repair`` "none" or "r"."""
-    if norm not in (1, 2):
-        raise ValueError(f"norm must be 1 or 2, got {norm}")
-    return run(model, _as_plan(plan, repair), method=f"l{norm}", example_input=example_input, repair_data=repair_data,
-               progress=progress, device=device)
+class Importance:
+    """Scores the channels of a group; the ``k`` highest are kept. Subclass and register to add one."""
+
+    key = "?"
+
+    def __call__(self, model: nn.Module, group: ChannelGroup, seed: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MagnitudeImportance(Importance):
+    """Ln norm of each channel's fan-in rows, summed over the group's conv/linear producers."""
+
+    def __init__(self, p: int):
+        self.p, self.key = p, f"l{p}"
+
+    def __call__(self, model, group, seed):
+        modules = dict(model.named_modules())
+        imp = torch.zeros(group.channels, dtype=torch.float64)
+        for mem in group.members:
+            m = modules.get(mem.module)
+            if mem.side != "out" or not isinstance(m, (nn.Linear,) + _CONV):
+                continue
+            rows = m.weight.detach().double().cpu().index_select(0, torch.as_tensor(mem.idxs)).flatten(1)
+            norms = rows.abs().sum(1) if self.p == 1 else rows.pow(2).sum(1).sqrt()
+            imp.index_add_(0, torch.as_tensor(mem.root_idxs), norms)
+        return imp
+
+
+class RandomImportance(Importance):
+    """Uniformly random scores (seeded): the floor any informed criterion must beat."""
+
+    key = "random"
+
+    def __call__(self, model, group, seed):
+        rng = np.random.default_rng([seed, group.channels])
+        return torch.as_tensor(rng.random(group.channels))
+
+
+IMPORTANCES: dict[str, Importance] = {i.key: i for i in (MagnitudeImportance(1), MagnitudeImportance(2),
+                                                         RandomImportance())}
+
+
+def prune(model: nn.Module, plan: FoldPlan | float = 0.5, *, importance: str | Importance = "l1",
+          example_input: torch.Tensor, repair: str = "none", repair_data: torch.Tensor | None = None,
+          progress: Progress = None, device=None, method: str | None = None, norm: int | None = None) -> FoldResult:
+    """Prune a copy of ``model`` with ``plan``'s ratios: ``importance`` "l1", "l2", "random" or an
+    :class:`Importance`; ``repair`` "none" or "r". ``method`` is the registry key recorded in the result.
+    ``norm`` (1 or 2) is the deprecated spelling of ``importance="l1"/"l2"``."""
+    if norm is not None:
+        if norm not in (1, 2):
+            raise ValueError(f"norm must be 1 or 2, got {norm}")
+        importance = f"l{norm}"
+    imp = IMPORTANCES[importance] if isinstance(importance, str) else importance
+    if repair not in ("none", "r"):
+        raise ValueError(f"repair: pruning baselines support 'none' or 'r', not {repair!r}")
+
+    def select(ctx: RepairContext, group: ChannelGroup, k: int) -> Decision:
+        scores = imp(ctx.work, group, ctx.plan.seed)
+        return Decision(keep=sorted(torch.argsort(scores, descending=True, stable=True)[:k].tolist()))
+
+    key = method or imp.key + ("+r" if repair == "r" else "")
+    return compress(model, as_plan(plan, repair), select, method=key, repair=repair, example_input=example_input,
+                    repair_data=repair_data, progress=progress, device=device)

@@ -1,4 +1,9 @@
-"""Repairing activation statistics after a fold.
+"""Repairing activation statistics after a fold: the repair registry and the operations it uses.
+
+Each repair is a :class:`Repair` with three hooks that :func:`foldviz.surgery.compress` calls: ``prepare`` (before
+clustering: fuse BatchNorms, synthesise inputs), ``bn_scales`` (per group, while merging: variance corrections of
+the merged channels' BatchNorms) and ``finish`` (after every merge: re-estimate statistics). ``REPAIRS`` maps the
+plan's ``repair`` key to its behaviour; labels and descriptions live in :mod:`foldviz.methods`.
 
 - ``fuse_batchnorms``: fold each BatchNorm's running statistics into the conv/linear that feeds it, so that the
   producer emits standardised channels (the basis of Fold-AR). The function is unchanged.
@@ -8,15 +13,16 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .groups import _BN, _CONV
-
-Progress = Callable[[str, int, int], None] | None
+from .utils import Progress
 
 
 def _bn_producers(dg, model: nn.Module) -> dict[nn.Module, nn.Module]:
@@ -187,3 +193,116 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
             p.requires_grad_(r)
         model.train(was_training)
     return x.detach()
+
+
+def ar_scale(rows: torch.Tensor, labels: np.ndarray, k: int) -> torch.Tensor:
+    """Fold-AR variance correction per cluster: s_c = N_c / ||sum of unit-normalised member rows||.
+
+    Equals sqrt(N_c / (1 + (N_c - 1) E[c])) with E[c] the mean pairwise cosine of the members (folding-spec §5.3):
+    1 for identical members, sqrt(N_c) for orthogonal ones. ``rows`` is (n, d), ordered by group channel.
+    """
+    u = rows.reshape(rows.shape[0], -1).double()
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    lab = torch.as_tensor(labels)
+    sums = torch.zeros(k, u.shape[1], dtype=u.dtype).index_add_(0, lab, u)
+    sizes = torch.bincount(lab, minlength=k).double()
+    norms = sums.norm(dim=1)
+    return torch.where(norms > 1e-12, sizes / norms.clamp_min(1e-12), sizes.sqrt()).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the registry
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class RepairContext:
+    """What a repair's hooks may read and keep during one compression."""
+
+    original: nn.Module            # the input model (never modified)
+    work: nn.Module                # the working copy being folded
+    dg: object                     # its Torch-Pruning dependency graph
+    example_input: torch.Tensor
+    plan: object                   # foldviz.plans.FoldPlan
+    device: torch.device
+    repair_data: torch.Tensor | None = None
+    num_classes: int | None = None
+    progress: Progress = None
+    fused: dict[str, str] = field(default_factory=dict)    # BN name -> producer it was fused into
+    biased: set[str] = field(default_factory=set)          # producers that had a bias before fusion
+    synthetic: torch.Tensor | None = None                  # Fold-DIR's synthesised batch
+    samples: int = 0                                       # inputs used to re-estimate statistics
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Repair:
+    """No repair (Fold-Naive): merge only. Subclasses override the hooks they need."""
+
+    key = "none"
+    needs_data = False        # needs real inputs (``repair_data``)
+    feature_space = "raw"     # features the fold clusters in (foldviz.features.FEATURE_SPACES)
+
+    def prepare(self, ctx: RepairContext) -> None:
+        """Before clustering, on the unmerged working copy."""
+
+    def bn_scales(self, ctx: RepairContext, group, labels: np.ndarray, k: int) -> dict[str, torch.Tensor]:
+        """Per merged group: {BatchNorm name: (k,) factor for gamma of each cluster}."""
+        return {}
+
+    def finish(self, ctx: RepairContext) -> None:
+        """After every group is merged and shrunk."""
+
+
+class BNReset(Repair):
+    """Fold-R: recompute every BatchNorm's statistics on real inputs."""
+
+    key, needs_data = "r", True
+
+    def finish(self, ctx):
+        data = ctx.repair_data
+        if data is None:
+            raise ValueError("Fold-R (and REPAIR for pruning) needs repair data: pass a batch of real inputs")
+        samples = ctx.plan.repair_settings.get("samples")
+        data = data[:samples] if samples and torch.is_tensor(data) else data
+        ctx.samples = reset_bn_stats(ctx.work, data, batch_size=ctx.plan.repair_settings.get("batch_size", 256),
+                                     progress=ctx.progress)
+
+
+class DeepInversionRepair(BNReset):
+    """Fold-DIR: recompute BatchNorm statistics on inputs synthesised from the unfolded model."""
+
+    key, needs_data = "dir", False
+
+    def prepare(self, ctx):
+        settings = {**dir_defaults(tuple(ctx.example_input.shape[1:])), **ctx.plan.repair_settings}
+        settings.pop("samples", None)
+        # the working copy is still identical to the input model here
+        ctx.synthetic = deep_inversion(ctx.work, tuple(ctx.example_input.shape[1:]), num_classes=ctx.num_classes,
+                                       seed=ctx.plan.seed, device=ctx.device, progress=ctx.progress, **settings)
+        ctx.repair_data = ctx.synthetic
+
+
+class FoldAR(Repair):
+    """Fold-AR: fuse BatchNorms into their producers, cluster robust-scaled fused features, and rescale each
+    merged channel's gamma by the AR factor of its cluster (variance of a mean of correlated unit-variance
+    channels)."""
+
+    key, feature_space = "ar", "fused"
+
+    def prepare(self, ctx):
+        ctx.fused, ctx.biased = fuse_batchnorms(ctx.work, ctx.dg)
+
+    def bn_scales(self, ctx, group, labels, k):
+        modules = dict(ctx.work.named_modules())
+        scales = {}
+        for mem in group.members:
+            if mem.side == "out" and mem.module in ctx.fused:
+                prod = modules[ctx.fused[mem.module]]
+                order = np.argsort(np.asarray(mem.root_idxs), kind="stable")
+                idx = torch.as_tensor(np.asarray(mem.idxs)[order], device=prod.weight.device)
+                scales[mem.module] = ar_scale(prod.weight.detach().index_select(0, idx).cpu(), labels, k)
+        return scales
+
+    def finish(self, ctx):
+        absorb_fused_biases(ctx.work, ctx.fused, ctx.biased)
+
+
+REPAIRS: dict[str, Repair] = {r.key: r for r in (Repair(), BNReset(), FoldAR(), DeepInversionRepair())}

@@ -1,76 +1,90 @@
-"""One call that folds (or prunes) a loaded model and measures everything a user asks about."""
+"""The one fold report: what the CLI writes as ``report.json``, the app shows and downloads, benchmarks read.
+
+Every report has every key of :data:`REPORT_KEYS` (``None`` where a measurement was not asked for or is not
+possible, e.g. accuracy without data), so reports from different entry points compare key by key.
+"""
 from __future__ import annotations
 
+import csv
+import io
+import json
 import time
-from typing import Callable
 
 import torch
 
 from .data import evaluate, load_dataset, make_loader, sample_inputs
-from .fold import FoldResult, fold
+from .methods import METHODS
 from .metrics import compare, variance_ratios
-from .models import LoadedModel
-from .plans import FoldPlan
-from .prune import prune
+from .surgery import FoldResult
+from .utils import Progress, json_default, state_dict_hash
+from .zoo import LoadedModel
 
-METHODS = ("none", "r", "ar", "dir", "l1", "l2", "l1+r", "l2+r")
-METHOD_LABELS = {"none": "Fold-Naive", "r": "Fold-R", "ar": "Fold-AR", "dir": "Fold-DIR", "l1": "L1 pruning",
-                 "l2": "L2 pruning", "l1+r": "L1 pruning + REPAIR", "l2+r": "L2 pruning + REPAIR"}
-
-
-def needs_data(method: str) -> bool:
-    return method in ("r", "l1+r", "l2+r")
-
-
-def repair_inputs(loaded: LoadedModel, data_spec: str | None, n: int = 512, seed: int = 0) -> torch.Tensor | None:
-    """Real inputs for Fold-R / REPAIR: a fixed sample of the training split (None without data)."""
-    if not data_spec:
-        return None
-    return sample_inputs(data_spec, "train", n, card=loaded.card, seed=seed)
+REPORT_VERSION = 1
+VARIANCE_SAMPLES = 128
+REPORT_KEYS = (
+    "report_version", "model", "weights_sha256", "method", "label", "family", "plan", "data", "eval_samples",
+    "params_before", "params_after", "param_sparsity", "flops_before", "flops_after", "flops_unit",
+    "size_bytes_before", "size_bytes_after", "latency", "accuracy_before", "accuracy_after", "loss_before",
+    "loss_after", "variance_inputs", "variance_ratio", "groups", "seconds", "repair_samples",
+)
+GROUP_COLUMNS = ("id", "channels_before", "channels_after", "ratio", "inertia", "n_iter", "foldable", "reason")
 
 
-def apply_method(loaded: LoadedModel, plan: FoldPlan, method: str, *, repair_data=None, progress=None,
-                 device=None) -> FoldResult:
-    """Run ``method`` (a repair for folding, or a pruning baseline) with the ratios of ``plan``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    x = loaded.example_input(1)
-    if method.startswith("l"):
-        norm = int(method[1])
-        return prune(loaded.model, plan, norm=norm, example_input=x, repair="r" if method.endswith("+r") else "none",
-                     repair_data=repair_data, progress=progress, device=device)
-    return fold(loaded.model, plan, example_input=x, repair=method, repair_data=repair_data, progress=progress,
-                device=device, num_classes=loaded.num_classes)
-
-
-def fold_report(loaded: LoadedModel, result: FoldResult, *, data_spec: str | None = None,
-                eval_limit: int | None = None, variance_samples: int = 256, latency: bool = True,
-                progress: Callable | None = None) -> dict:
-    """JSON-ready report: params/FLOPs/size/latency before and after, accuracy, variance ratios, groups."""
-    t = time.perf_counter()
-    x = loaded.example_input(1)
-    cmp = compare(loaded.model, result.model, x, latency=latency)
-    report = {
-        "model": loaded.spec, "method": result.method, "label": result.label, "plan": result.plan.to_dict(),
-        "params_before": cmp["before"]["params"], "params_after": cmp["after"]["params"],
-        "param_sparsity": cmp["param_sparsity"],
-        "flops_before": cmp["before"]["flops"], "flops_after": cmp["after"]["flops"], "flops_unit": "FLOPs (2 per MAC), batch 1",
-        "size_bytes_before": cmp["before"]["size_bytes"], "size_bytes_after": cmp["after"]["size_bytes"],
-        "groups": result.groups, "seconds": dict(result.seconds),
-    }
-    if latency:
-        report.update(latency_ms_before=cmp["before"]["latency_ms"], latency_ms_after=cmp["after"]["latency_ms"])
+def variance_inputs(loaded: LoadedModel, data_spec: str | None, n: int = VARIANCE_SAMPLES) -> tuple[torch.Tensor, str]:
+    """Inputs on which activation variances are compared, and a sentence saying what they are."""
     if data_spec:
-        loader = make_loader(load_dataset(data_spec, "test", card=loaded.card), limit=eval_limit)
-        before = evaluate(loaded.model, loader, progress=(lambda d, n: progress("eval", d, 2 * n)) if progress else None)
-        after = evaluate(result.model, loader, progress=(lambda d, n: progress("eval", n + d, 2 * n)) if progress else None)
-        report.update(accuracy_before=before.accuracy, accuracy_after=after.accuracy, loss_before=before.loss,
-                      loss_after=after.loss, eval_samples=after.n, data=data_spec)
-        inputs = sample_inputs(data_spec, "test", variance_samples, card=loaded.card, seed=1)
-        report["variance_inputs"] = f"{len(inputs)} test samples of {data_spec}"
-    else:
-        inputs = loaded.example_input(variance_samples, seed=1)
-        report["variance_inputs"] = f"{variance_samples} standard-normal inputs (no data given)"
+        x = sample_inputs(data_spec, "test", n, card=loaded.card, seed=1)
+        return x, f"{len(x)} test samples of {data_spec}"
+    return loaded.example_input(n, seed=1), f"{n} standard-normal inputs (no data given)"
+
+
+def evaluate_on(model, loaded: LoadedModel, data_spec: str, eval_limit: int | None, progress=None) -> dict:
+    """Accuracy, loss and sample count of ``model`` on the test split of ``data_spec``."""
+    loader = make_loader(load_dataset(data_spec, "test", card=loaded.card), limit=eval_limit)
+    ev = evaluate(model, loader, progress=progress)
+    return {"accuracy": ev.accuracy, "loss": ev.loss, "samples": ev.n}
+
+
+def build_report(loaded: LoadedModel, result: FoldResult, *, data_spec: str | None = None,
+                 eval_limit: int | None = None, variance_samples: int = VARIANCE_SAMPLES, latency: bool = True,
+                 baseline: dict | None = None, progress: Progress = None) -> dict:
+    """The report of one fold. ``baseline`` (an :func:`evaluate_on` result for the original model on the same
+    data) saves re-evaluating it; ``latency=False`` skips the timing."""
+    t = time.perf_counter()
+    cmp = compare(loaded.model, result.model, loaded.example_input(1), latency=latency)
+    m = METHODS[result.method]
+    report = dict.fromkeys(REPORT_KEYS)
+    report.update({
+        "report_version": REPORT_VERSION, "model": loaded.spec, "weights_sha256": state_dict_hash(loaded.model),
+        "method": m.key, "label": m.label, "family": m.family, "plan": result.plan.to_dict(), "data": data_spec,
+        "params_before": cmp["before"]["params"], "params_after": cmp["after"]["params"],
+        "param_sparsity": cmp["param_sparsity"], "flops_before": cmp["before"]["flops"],
+        "flops_after": cmp["after"]["flops"], "flops_unit": "FLOPs (2 per MAC), batch 1",
+        "size_bytes_before": cmp["before"]["size_bytes"], "size_bytes_after": cmp["after"]["size_bytes"],
+        "latency": cmp.get("latency"), "groups": [{c: g.get(c) for c in GROUP_COLUMNS} for g in result.groups],
+        "seconds": dict(result.seconds), "repair_samples": result.repair_samples,
+    })
+    if data_spec:
+        cb = (lambda d, n: progress("evaluate", d, n)) if progress else None
+        before = baseline or evaluate_on(loaded.model, loaded, data_spec, eval_limit)
+        after = evaluate_on(result.model, loaded, data_spec, eval_limit, progress=cb)
+        report.update(accuracy_before=before["accuracy"], accuracy_after=after["accuracy"],
+                      loss_before=before["loss"], loss_after=after["loss"], eval_samples=after["samples"])
+    inputs, report["variance_inputs"] = variance_inputs(loaded, data_spec, variance_samples)
     report["variance_ratio"] = variance_ratios(loaded.model, result.model, inputs, result.channel_maps)
     report["seconds"]["report"] = time.perf_counter() - t
     return report
+
+
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=2, default=json_default, allow_nan=False) + "\n"
+
+
+def report_csv(report: dict) -> str:
+    """Per-group CSV of a report."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=GROUP_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for g in report["groups"]:
+        w.writerow({c: ("" if g.get(c) is None else g.get(c)) for c in GROUP_COLUMNS})
+    return buf.getvalue()

@@ -9,14 +9,16 @@ from typing import Callable
 from .data import evaluate, load_dataset, make_loader
 from .metrics import count_params
 from .models import LoadedModel
+from .kmeans import DEFAULT_CLUSTERING
 from .plans import FoldPlan
-from .report import METHOD_LABELS, METHODS, apply_method, needs_data, repair_inputs
+from .apply import DEFAULT_REPAIR_SAMPLES, apply_method, repair_inputs
+from .methods import METHODS
 
 FIELDS = ["method", "label", "ratio", "seed", "param_sparsity", "params", "accuracy", "loss", "seconds"]
 
 
 def sweep(loaded: LoadedModel, ratios, methods, data_spec: str, *, seeds=(0,), eval_limit: int | None = None,
-          repair_samples: int = 512, clustering: dict | None = None, repair_settings: dict | None = None,
+          repair_samples: int = DEFAULT_REPAIR_SAMPLES, clustering: dict | None = None, repair_settings: dict | None = None,
           progress: Callable[[int, int, dict | None], None] | None = None) -> list[dict]:
     """Fold/prune ``loaded`` at every ratio with every method and seed; evaluate each on ``data_spec``'s test split.
 
@@ -33,18 +35,17 @@ def sweep(loaded: LoadedModel, ratios, methods, data_spec: str, *, seeds=(0,), e
     total = len(ratios) * len(methods) * len(seeds)
     done = 0
     for seed in seeds:
-        data = repair_inputs(loaded, data_spec, repair_samples, seed=seed) if any(map(needs_data, methods)) else None
+        data = repair_inputs(loaded, data_spec, repair_samples, seed=seed) if any(METHODS[m].needs_data for m in methods) else None
         for method in methods:
             for r in ratios:
                 plan = FoldPlan(default_ratio=float(r), repair="none", seed=int(seed),
-                                clustering=clustering or {"algorithm": "kmeans", "n_init": 4, "max_iter": 100},
-                                repair_settings=repair_settings or {})
+                                clustering=clustering or dict(DEFAULT_CLUSTERING), repair_settings=repair_settings or {})
                 t = time.perf_counter()
                 res = apply_method(loaded, plan, method, repair_data=data)
                 seconds = time.perf_counter() - t
                 ev = evaluate(res.model, loader)
                 n = count_params(res.model)
-                row = {"method": method, "label": METHOD_LABELS[method], "ratio": float(r), "seed": int(seed),
+                row = {"method": method, "label": METHODS[method].label, "ratio": float(r), "seed": int(seed),
                        "param_sparsity": 1 - n / n0, "params": n, "accuracy": ev.accuracy, "loss": ev.loss,
                        "seconds": seconds}
                 rows.append(row)

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from .checkpoints import save_safetensors
 from .data import DIGITS_SPLIT, digits_arrays, digits_normalization, evaluate, load_dataset, make_loader
-from .models import MODELS_DIR, build_architecture, count_params
+from .metrics import count_params
+from .models import MODELS_DIR
+from .zoo import build_architecture
 from .utils import set_seed, state_dict_hash
 
 __all__ = ["PRESETS", "DEFAULT_RECIPE", "train_preset", "add_train_subparser", "run_train", "main"]

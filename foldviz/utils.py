@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+# progress(stage, done, total): every long-running call reports through this one signature
+Progress = Callable[[str, int, int], None] | None
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -22,9 +22,9 @@ from typing import Callable
 import plotly.graph_objects as go
 import streamlit as st
 
+from foldviz.methods import label as method_label
 from foldviz.session import (
     DEFAULT_MODEL,
-    REPAIR_LABELS,
     DataSource,
     ModelSource,
     Workbench,
@@ -34,6 +34,24 @@ from foldviz.session import (
 )
 
 PLAN_WIDGET_PREFIX = "planw_"
+# plan-page widgets and the plan field each one edits: (field, sub-field or None). Per-group widgets are
+# "ratio_<group id>" (ratios[gid]) and "skip_<group id>" (gid in skip). Pages build keys with pkey().
+PLAN_WIDGETS = {"default_ratio": ("default_ratio", None), "repair": ("repair", None), "seed": ("seed", None),
+                "samples": ("repair_settings", "samples"), "dir_it": ("repair_settings", "iterations"),
+                "dir_bs": ("repair_settings", "batch_size"), "dir_lr": ("repair_settings", "lr"),
+                "algo": ("clustering", "algorithm"), "ninit": ("clustering", "n_init"),
+                "maxit": ("clustering", "max_iter")}
+
+
+def pkey(name: str, group: str | None = None) -> str:
+    """Session-state key of a plan-page widget: a PLAN_WIDGETS name, or "ratio"/"skip" with a group id."""
+    if group is not None:
+        if name not in ("ratio", "skip"):
+            raise KeyError(name)
+        return f"{PLAN_WIDGET_PREFIX}{name}_{group}"
+    if name not in PLAN_WIDGETS:
+        raise KeyError(name)
+    return PLAN_WIDGET_PREFIX + name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,24 +131,35 @@ def workbench_or_stop() -> Workbench:
     return wb
 
 
+def page(title: str, caption: str) -> tuple[Workbench, tuple, object]:
+    """Start a page that works on the session's model: title, caption, then (workbench, cache key, plan)."""
+    st.title(title)
+    st.caption(caption)
+    wb = workbench_or_stop()
+    return wb, wkey(wb), current_plan(wb)
+
+
 def wkey(wb: Workbench) -> tuple:
     """Cache key of the current model: source + weights hash."""
     return (*source_key(wb.source), wb.weights_sha256)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def overview_rows(key: tuple, target: float) -> list[dict]:
-    return _wb(key).overview_rows(target)
+def overview_rows(key: tuple, level: float) -> list[dict]:
+    return _wb(key).overview_rows(level)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def group_detail(key: tuple, group_id: str, ratio: float, seed: int, method: str) -> dict:
-    return _wb(key).group_detail(group_id, ratio, seed=seed, embed_method=method)
+def group_detail(key: tuple, group_id: str, ratio: float, plan_json: str, embed_method: str) -> dict:
+    """The fold's clusters for ``group_id`` under the plan (at ``ratio``) and everything drawn around them."""
+    wb = _wb(key)
+    return wb.group_detail(group_id, wb.plan_from(json.loads(plan_json)), ratio, embed_method=embed_method)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def inertia_curve(key: tuple, group_id: str, seed: int) -> list:
-    return _wb(key).inertia_curve(group_id, seed=seed)
+def inertia_curve(key: tuple, group_id: str, plan_json: str) -> list:
+    wb = _wb(key)
+    return wb.inertia_curve(group_id, wb.plan_from(json.loads(plan_json)))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -182,20 +211,14 @@ def sweep(key: tuple, dkey: tuple, ratios: tuple, methods: tuple, seeds: tuple, 
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def cluster_variance(key: tuple, group_id: str, ratio: float, seed: int, dkey: tuple) -> list[dict]:
+def learn_bundle(key: tuple, group_id: str, ratio: float, plan_json: str, dkey: tuple) -> dict:
+    """Numbers for the Learn page's walkthrough of one group, on the fold's own clusters."""
     wb = _wb(key)
-    labels = wb.cluster(group_id, ratio, seed=seed).labels
-    return wb.cluster_variance(group_id, labels, wb.sample_batch(DataSource(*dkey), n=256, seed=seed))
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def learn_bundle(key: tuple, group_id: str, ratio: float, seed: int, dkey: tuple) -> dict:
-    """Numbers for the Learn page's walkthrough of one group."""
-    wb = _wb(key)
-    labels = wb.cluster(group_id, ratio, seed=seed).labels
-    inputs = wb.sample_batch(DataSource(*dkey), n=256, seed=seed)
+    plan = wb.plan_from(json.loads(plan_json))
+    labels = wb.cluster(group_id, plan, ratio).labels
+    inputs = wb.sample_batch(DataSource(*dkey), n=256)
     return {"consumer": wb.consumer_columns(group_id, labels),
-            "merge_error": wb.merge_error(group_id, labels, inputs, seed=seed),
+            "merge_error": wb.merge_error(group_id, labels, inputs, seed=plan.seed),
             "cluster_variance": wb.cluster_variance(group_id, labels, inputs)}
 
 
@@ -222,7 +245,7 @@ def set_model(src: ModelSource, data: DataSource | None = None) -> None:
 def ensure_plan(wb: Workbench) -> None:
     p = st.session_state.get("plan")
     if p is None or p.get("model") != wb.spec:
-        st.session_state["plan"] = wb.default_plan(0.3, "ar").to_dict()
+        st.session_state["plan"] = wb.default_plan(0.3).to_dict()
 
 
 def current_plan(wb: Workbench):
@@ -231,7 +254,7 @@ def current_plan(wb: Workbench):
         return wb.plan_from(st.session_state["plan"])
     except WorkbenchError as exc:
         st.error(f"The current plan is not valid for this model ({exc}); starting from a default plan.")
-        st.session_state["plan"] = wb.default_plan(0.3, "ar").to_dict()
+        st.session_state["plan"] = wb.default_plan(0.3).to_dict()
         return wb.plan_from(st.session_state["plan"])
 
 
@@ -256,15 +279,9 @@ def reset_plan_widgets() -> None:
 def _plan_widget_value(key: str, plan: dict):
     """The value the plan-page widget ``key`` must show for ``plan`` (KeyError: no such value)."""
     name = key[len(PLAN_WIDGET_PREFIX):]
-    rs, cl = plan.get("repair_settings", {}), plan.get("clustering", {})
-    direct = {"default_ratio": plan["default_ratio"], "repair": plan["repair"], "seed": plan["seed"]}
-    if name in direct:
-        return direct[name]
-    settings = {"samples": ("samples", rs), "dir_it": ("iterations", rs), "dir_bs": ("batch_size", rs),
-                "dir_lr": ("lr", rs), "algo": ("algorithm", cl), "ninit": ("n_init", cl), "maxit": ("max_iter", cl)}
-    if name in settings:
-        field, src = settings[name]
-        return src[field]
+    if name in PLAN_WIDGETS:
+        field, sub = PLAN_WIDGETS[name]
+        return plan[field] if sub is None else plan.get(field, {})[sub]
     if name.startswith("ratio_"):
         gid = name[len("ratio_"):]
         return float(plan.get("ratios", {}).get(gid, plan["default_ratio"]))
@@ -345,14 +362,14 @@ def sidebar(wb: Workbench | None) -> None:
         p = ss.get("plan")
         if p:
             st.markdown("**Plan**")
-            st.caption(f"{REPAIR_LABELS.get(p['repair'], p['repair'])} · ratio {100 * p['default_ratio']:.0f}% · "
+            st.caption(f"{method_label(p['repair'])} · ratio {100 * p['default_ratio']:.0f}% · "
                        f"{len(p.get('ratios', {}))} override(s) · {len(p.get('skip', []))} skipped · seed {p['seed']}")
         out = ss.get("outcome")
         if out is not None:
             r = out.report
-            acc_b, acc_a = r["before"].get("accuracy"), r["after"].get("accuracy")
+            acc_b, acc_a = r["accuracy_before"], r["accuracy_after"]
             st.markdown("**Last fold**")
-            st.caption(f"{r['method']}: params {fmt_count(r['before']['params'])} → {fmt_count(r['after']['params'])}"
+            st.caption(f"{r['label']}: params {fmt_count(r['params_before'])} → {fmt_count(r['params_after'])}"
                        + (f" · accuracy {fmt_pct(acc_b)} → {fmt_pct(acc_a)}" if acc_a is not None else ""))
 
 

@@ -2,24 +2,22 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
 import pandas as pd
 import streamlit as st
 
 from foldviz import figures as F
-from foldviz.session import REPAIR_LABELS, WorkbenchError, fmt_count
+from foldviz.kmeans import ALGORITHMS, DEFAULT_CLUSTERING
+from foldviz.methods import METHODS, fold_keys
+from foldviz.repair import dir_defaults
+from foldviz.session import WorkbenchError, fmt_count
 from pages import _ui
 
-P = _ui.PLAN_WIDGET_PREFIX
+K = _ui.pkey
 
-st.title("Fold plan")
-st.caption("Decide how much of each channel group to fold and how to repair the statistics afterwards. "
-           "The plan is kept while you visit other pages, and can be exported as JSON and imported again.")
-
-wb = _ui.workbench_or_stop()
-key = _ui.wkey(wb)
-plan = _ui.current_plan(wb)
+wb, key, plan = _ui.page("Fold plan", "Decide how much of each channel group to fold and how to repair the statistics "
+                         "afterwards. The plan is kept while you visit other pages, and can be exported as JSON "
+                         "and imported again.")
 _ui.sync_plan_widgets()
 ss = st.session_state
 groups = wb.graph.groups
@@ -38,31 +36,28 @@ with st.container(border=True):
     st.subheader("Global settings")
     c1, c2, c3 = st.columns([2, 2, 1])
     c1.slider("Global fold ratio (fraction of channels removed in every group)", 0.0, 0.95,
-              **_ui.wv(P + "default_ratio", value=float(plan.default_ratio)), step=0.05, key=P + "default_ratio",
-              on_change=_set("default_ratio", P + "default_ratio"))
-    repairs = list(REPAIR_LABELS)
-    c2.selectbox("Repair method", repairs, **_ui.wv(P + "repair", index=repairs.index(plan.repair)), key=P + "repair",
-                 format_func=lambda r: {"none": "Fold-Naive (no repair)", "r": "Fold-R (reset BN with real data)",
-                                        "ar": "Fold-AR (data-free approximate repair)",
-                                        "dir": "Fold-DIR (reset BN with Deep-Inversion data)"}[r],
-                 on_change=_set("repair", P + "repair", str))
-    c3.number_input("Seed", min_value=0, max_value=2**31 - 1, **_ui.wv(P + "seed", value=int(plan.seed)), step=1,
-                    key=P + "seed",
-                    on_change=_set("seed", P + "seed", int))
+              **_ui.wv(K("default_ratio"), value=float(plan.default_ratio)), step=0.05, key=K("default_ratio"),
+              on_change=_set("default_ratio", K("default_ratio")))
+    repairs = list(fold_keys())
+    c2.selectbox("Repair method", repairs, **_ui.wv(K("repair"), index=repairs.index(plan.repair)), key=K("repair"),
+                 format_func=lambda r: METHODS[r].label + ("" if METHODS[r].needs_data else " (data-free)"),
+                 help="\n".join(f"- **{METHODS[r].label}**: {METHODS[r].description}" for r in repairs),
+                 on_change=_set("repair", K("repair"), str))
+    c3.number_input("Seed", min_value=0, max_value=2**31 - 1, **_ui.wv(K("seed"), value=int(plan.seed)), step=1,
+                    key=K("seed"),
+                    on_change=_set("seed", K("seed"), int))
     rs = dict(plan.repair_settings)
     if plan.repair == "r":
         if not data.spec:
             st.warning("Fold-R needs real data: pick a dataset on the Model & data page, or choose Fold-AR / Fold-DIR.")
 
         def _samples():
-            _ui.update_plan(repair_settings={**ss["plan"].get("repair_settings", {}), "samples": int(ss[P + "samples"])})
+            _ui.update_plan(repair_settings={**ss["plan"].get("repair_settings", {}), "samples": int(ss[K("samples")])})
         st.number_input("Real samples used to reset BatchNorm statistics", min_value=8, max_value=100000,
-                        **_ui.wv(P + "samples", value=int(rs.get("samples", data.repair_samples))), step=64,
-                        key=P + "samples",
+                        **_ui.wv(K("samples"), value=int(rs.get("samples", data.repair_samples))), step=64,
+                        key=K("samples"),
                         on_change=_samples)
     elif plan.repair == "dir":
-        from foldviz.repair import dir_defaults
-
         dd = dir_defaults(tuple(wb.loaded.input_shape))
         c1, c2, c3 = st.columns(3)
 
@@ -71,37 +66,37 @@ with st.container(border=True):
                 _ui.update_plan(repair_settings={**ss["plan"].get("repair_settings", {}), field: cast(ss[widget])})
             return cb
         c1.number_input("Deep-Inversion iterations", 1, 100000,
-                        **_ui.wv(P + "dir_it", value=int(rs.get("iterations", dd["iterations"]))),
-                        step=50, key=P + "dir_it", on_change=_dir("iterations", P + "dir_it", int))
+                        **_ui.wv(K("dir_it"), value=int(rs.get("iterations", dd["iterations"]))),
+                        step=50, key=K("dir_it"), on_change=_dir("iterations", K("dir_it"), int))
         c2.number_input("Synthetic batch size", 2, 4096,
-                        **_ui.wv(P + "dir_bs", value=int(rs.get("batch_size", dd["batch_size"]))), step=32,
-                        key=P + "dir_bs", on_change=_dir("batch_size", P + "dir_bs", int))
+                        **_ui.wv(K("dir_bs"), value=int(rs.get("batch_size", dd["batch_size"]))), step=32,
+                        key=K("dir_bs"), on_change=_dir("batch_size", K("dir_bs"), int))
         if not _ui.teaching():
-            c3.number_input("Learning rate", 1e-4, 10.0, **_ui.wv(P + "dir_lr", value=float(rs.get("lr", dd["lr"]))),
-                            step=0.05, format="%.4f", key=P + "dir_lr", on_change=_dir("lr", P + "dir_lr", float))
+            c3.number_input("Learning rate", 1e-4, 10.0, **_ui.wv(K("dir_lr"), value=float(rs.get("lr", dd["lr"]))),
+                            step=0.05, format="%.4f", key=K("dir_lr"), on_change=_dir("lr", K("dir_lr"), float))
         st.caption("Fold-DIR synthesises inputs whose BatchNorm statistics match the original model, then resets "
                    "the folded model's statistics on them: no real data, but slower.")
     if not _ui.teaching():
         with st.expander("Clustering settings"):
-            cl = dict(plan.clustering)
+            cl = {**DEFAULT_CLUSTERING, **plan.clustering}
 
             def _cl(field, widget, cast):
                 def cb():
                     _ui.update_plan(clustering={**ss["plan"].get("clustering", {}), field: cast(ss[widget])})
                 return cb
-            algos = ["kmeans", "sklearn", "ward"]
+            algos = list(ALGORITHMS)
             c1, c2, c3 = st.columns(3)
-            c1.selectbox("Algorithm", algos, **_ui.wv(P + "algo", index=algos.index(cl.get("algorithm", "kmeans"))),
-                         key=P + "algo",
-                         on_change=_cl("algorithm", P + "algo", str),
+            c1.selectbox("Algorithm", algos, **_ui.wv(K("algo"), index=algos.index(cl["algorithm"])),
+                         key=K("algo"),
+                         on_change=_cl("algorithm", K("algo"), str),
                          format_func=lambda a: {"kmeans": "k-means (torch, k-means++)", "sklearn": "k-means (scikit-learn)",
                                                 "ward": "Ward agglomerative"}[a])
-            c2.number_input("Restarts (n_init)", 1, 100, **_ui.wv(P + "ninit", value=int(cl.get("n_init", 4))),
-                            key=P + "ninit",
-                            on_change=_cl("n_init", P + "ninit", int))
-            c3.number_input("Max iterations", 1, 10000, **_ui.wv(P + "maxit", value=int(cl.get("max_iter", 100))),
-                            key=P + "maxit",
-                            on_change=_cl("max_iter", P + "maxit", int))
+            c2.number_input("Restarts (n_init)", 1, 100, **_ui.wv(K("ninit"), value=int(cl["n_init"])),
+                            key=K("ninit"),
+                            on_change=_cl("n_init", K("ninit"), int))
+            c3.number_input("Max iterations", 1, 10000, **_ui.wv(K("maxit"), value=int(cl["max_iter"])),
+                            key=K("maxit"),
+                            on_change=_cl("max_iter", K("maxit"), int))
 
 plan = _ui.current_plan(wb)
 
@@ -113,11 +108,12 @@ with st.container(border=True):
     if c2.button("Suggest a plan", key="fp_suggest", type="secondary"):
         try:
             with st.spinner("Allocating ratios by measured redundancy…"):
-                sug = wb.suggest(target / 100.0, repair=plan.repair, seed=plan.seed)
-            d = sug.to_dict()
-            d["repair_settings"], d["clustering"] = plan.repair_settings, plan.clustering
-            _ui.replace_plan(d)
-            _ui.flash("success", f"Suggested plan for {target}% parameter sparsity: more redundant groups fold more.")
+                sug = wb.suggest(target / 100.0, plan)
+            _ui.replace_plan(sug.to_dict())
+            kept = f" {len(plan.skip)} skipped group(s) stay skipped." if plan.skip else ""
+            replaced = f" It replaced your {len(plan.ratios)} per-group override(s)." if plan.ratios else ""
+            _ui.flash("success", f"Suggested plan for {target}% parameter sparsity: more redundant groups fold "
+                                 f"more.{kept}{replaced}")
             st.rerun()
         except Exception as exc:  # noqa: BLE001
             _ui.report_failure(exc, "Suggesting a plan")
@@ -128,29 +124,29 @@ with st.container(border=True):
     c1, c2, c3 = st.columns([2, 2, 1])
     gid = c1.selectbox("Group", foldable, key="fp_group")
     has = gid in plan.ratios
-    c2.slider(f"Ratio for {gid}", 0.0, 0.95, **_ui.wv(P + f"ratio_{gid}", value=float(plan.ratios.get(gid, plan.default_ratio))),
+    c2.slider(f"Ratio for {gid}", 0.0, 0.95, **_ui.wv(K("ratio", gid), value=float(plan.ratios.get(gid, plan.default_ratio))),
               step=0.05,
-              key=P + f"ratio_{gid}", on_change=lambda g=gid: _ui.update_plan(
-                  ratios={**ss["plan"].get("ratios", {}), g: float(ss[P + f"ratio_{g}"])}))
+              key=K("ratio", gid), on_change=lambda g=gid: _ui.update_plan(
+                  ratios={**ss["plan"].get("ratios", {}), g: float(ss[K("ratio", g)])}))
 
     def _skip(g=gid):
         skip = [s for s in ss["plan"].get("skip", []) if s != g]
-        if ss[P + f"skip_{g}"]:
+        if ss[K("skip", g)]:
             skip.append(g)
         _ui.update_plan(skip=skip)
-    c3.toggle("Skip", **_ui.wv(P + f"skip_{gid}", value=gid in plan.skip), key=P + f"skip_{gid}", on_change=_skip,
+    c3.toggle("Skip", **_ui.wv(K("skip", gid), value=gid in plan.skip), key=K("skip", gid), on_change=_skip,
               help="A skipped group keeps all of its channels.")
     if has and st.button(f"Reset {gid} to the global ratio", key="fp_reset_one"):
         _ui.replace_plan({**ss["plan"], "ratios": {g: r for g, r in plan.ratios.items() if g != gid}})
         st.rerun()
 
-    rows = wb.plan_rows(plan)
+    rows = wb.preview(plan)["groups"]
     table = pd.DataFrame([{"group": r["id"], "channels": r["channels_before"],
                            "ratio": r["ratio"] if not r["skip"] else plan.ratios.get(r["id"], plan.default_ratio),
                            "skip": r["skip"], "override": r["override"], "channels after": r["channels_after"]}
                           for r in rows if r["foldable"]])
     edited = st.data_editor(
-        table, hide_index=True, width="stretch", key=P + "table_" + hashlib.md5(_ui.plan_json(ss["plan"]).encode()).hexdigest()[:10],
+        table, hide_index=True, width="stretch", key="fp_table_" + hashlib.md5(_ui.plan_json(ss["plan"]).encode()).hexdigest()[:10],
         disabled=["group", "channels", "override", "channels after"],
         column_config={"ratio": st.column_config.NumberColumn("ratio", min_value=0.0, max_value=0.95, step=0.05,
                                                               format="%.2f"),
@@ -218,8 +214,7 @@ with st.container(border=True):
                 _ui.replace_plan(d)
                 for w in warnings:
                     _ui.flash("warning", f"Imported, but {w}.")
-                _ui.flash("success", f"Plan imported: {REPAIR_LABELS[new.repair]}, global ratio "
+                _ui.flash("success", f"Plan imported: {METHODS[new.repair].label}, global ratio "
                                      f"{100 * new.default_ratio:.0f}%, {len(new.ratios)} override(s), "
                                      f"{len(new.skip)} skipped, seed {new.seed}.")
                 st.rerun()
-_ = json

@@ -8,48 +8,47 @@ import pandas as pd
 import streamlit as st
 
 from foldviz import figures as F
-from foldviz.session import REPAIR_LABELS, fmt_count, report_csv, report_json, sweep_csv
+from foldviz.methods import METHODS, fold_keys
+from foldviz.methods import label as method_label
+from foldviz.report import report_csv, report_json
+from foldviz.session import fmt_count
+from foldviz.sweep import to_csv as sweep_csv
 from pages import _ui
 
-st.title("Fold & results")
-st.caption("Run the plan on a copy of the model, compare before and after, and see what each repair method does "
-           "to the activation statistics.")
-
-wb = _ui.workbench_or_stop()
-key = _ui.wkey(wb)
-plan = _ui.current_plan(wb)
+wb, key, plan = _ui.page("Fold & results", "Run the plan on a copy of the model, compare before and after, and see "
+                         "what each repair method does to the activation statistics.")
 data = _ui.data_source()
 ss = st.session_state
 pj = _ui.plan_json(plan.to_dict())
 dkey = _ui.data_key(data)
 
-st.info(f"**Plan:** {REPAIR_LABELS[plan.repair]} · global ratio {100 * plan.default_ratio:.0f}% · "
+st.info(f"**Plan:** {method_label(plan.repair)} · global ratio {100 * plan.default_ratio:.0f}% · "
         f"{len(plan.ratios)} override(s) · {len(plan.skip)} skipped · seed {plan.seed} · data: {data.label}")
 
-available = ["none", "ar", "dir"] + (["r"] if data.spec else [])
+available = [m for m in fold_keys() if data.spec or not METHODS[m].needs_data]
 default_methods = [m for m in ("none", "r", "ar") if m in available]
 if plan.repair not in default_methods and plan.repair in available:
     default_methods.append(plan.repair)
 c1, c2 = st.columns([3, 1])
 methods = c1.multiselect("Repair methods to overlay in the variance plot", available, default=default_methods,
-                         format_func=lambda m: REPAIR_LABELS[m], key="fr_methods",
+                         format_func=method_label, key="fr_methods",
                          help="The plan is folded once per method (same clusters, same seed). Fold-DIR is slower.")
 run = c2.button("Run fold", type="primary", key="fr_run", width="stretch")
 
 if run:
     with st.status("Folding…", expanded=True) as status:
         try:
-            status.write(f"Folding with {REPAIR_LABELS[plan.repair]}")
+            status.write(f"Folding with {method_label(plan.repair)}")
             outcome = wb.fold(plan, data, progress=_ui.progress_reporter(status))
             ss["outcome"] = outcome
             ss["outcome_plan"] = pj
             if methods:
-                status.write("Comparing repair methods: " + ", ".join(REPAIR_LABELS[m] for m in methods))
+                status.write("Comparing repair methods: " + ", ".join(method_label(m) for m in methods))
                 comp = _ui.variance_comparison(key, dkey, pj, tuple(methods),
                                                _progress=_ui.progress_reporter(status),
                                                _known={plan.repair: outcome.result})
                 ss["compare"] = {"plan": pj, "methods": list(methods), "data": comp}
-            status.update(label=f"Folded in {outcome.report['seconds']['wall']:.1f} s", state="complete",
+            status.update(label=f"Folded in {outcome.report['seconds']['total']:.1f} s", state="complete",
                           expanded=False)
         except Exception as exc:  # noqa: BLE001
             status.update(label="Folding failed", state="error", expanded=False)
@@ -62,8 +61,8 @@ else:
     r = outcome.report
     if ss.get("outcome_plan") != pj:
         st.warning("These results come from an earlier version of the plan; press **Run fold** to update them.")
-    b, a = r["before"], r["after"]
-    st.subheader(f"Result — {r['method']}")
+    b, a = ({k: r[f"{k}_{side}"] for k in ("accuracy", "params", "flops", "size_bytes")} for side in ("before", "after"))
+    st.subheader(f"Result — {r['label']}")
     m = st.columns(5)
     if a.get("accuracy") is not None:
         m[0].metric("Accuracy", _ui.fmt_pct(a["accuracy"]), delta=f"{100 * (a['accuracy'] - b['accuracy']):+.1f} pts",
@@ -77,14 +76,19 @@ else:
                     delta_color="inverse", help=f"before: {fmt_count(b['flops'])}")
     m[3].metric("Size", f"{a['size_bytes'] / 1e6:.2f} MB", delta=f"{100 * (a['size_bytes'] / b['size_bytes'] - 1):.1f}%",
                 delta_color="inverse", help=f"before: {b['size_bytes'] / 1e6:.2f} MB")
-    if a.get("latency_ms"):
-        m[4].metric("Latency (batch 8, CPU)", f"{a['latency_ms']:.2f} ms",
-                    delta=f"{100 * (a['latency_ms'] / b['latency_ms'] - 1):.1f}%", delta_color="inverse",
-                    help=f"before: {b['latency_ms']:.2f} ms")
+    lat = r["latency"]
+    if lat:
+        spread = max(lat["a"]["iqr_ms"] / lat["a"]["median_ms"], lat["b"]["iqr_ms"] / lat["b"]["median_ms"])
+        m[4].metric(f"Latency (batch {lat['batch']}, this machine)", f"{lat['b']['median_ms']:.2f} ms",
+                    delta=f"{100 * (lat['ratio'] - 1):+.0f}%" if abs(lat["ratio"] - 1) > spread else "within noise",
+                    delta_color="inverse" if abs(lat["ratio"] - 1) > spread else "off",
+                    help=f"before {lat['a']['median_ms']:.2f} ± {lat['a']['iqr_ms']:.2f} ms, after "
+                         f"{lat['b']['median_ms']:.2f} ± {lat['b']['iqr_ms']:.2f} ms (median ± IQR of alternating "
+                         "runs); a change smaller than the spread is noise.")
     st.caption(f"Accuracy before: {_ui.fmt_pct(b.get('accuracy'))} → after: {_ui.fmt_pct(a.get('accuracy'))} · "
                f"parameter sparsity {_ui.fmt_pct(r['param_sparsity'])} · "
                + " · ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items()))
-    _ui.chart(F.before_after_bars(b, a, metrics=[k for k in ("accuracy", "params", "flops", "size_bytes", "latency_ms")
+    _ui.chart(F.before_after_bars(b, a, metrics=[k for k in ("accuracy", "params", "flops", "size_bytes")
                                                  if b.get(k) is not None and a.get(k) is not None]),
               key="fr_before_after")
     _ui.chart(F.channels_per_group([g for g in r["groups"] if g.get("foldable", True)]), key="fr_channels")
@@ -99,7 +103,7 @@ else:
                    "averages them, which shrinks the variance (below 1 = collapse); the error compounds layer after "
                    "layer. Fold-R and Fold-DIR re-estimate BatchNorm statistics; Fold-AR rescales each merged "
                    "channel from the weights alone.")
-        rows = [{"method": REPAIR_LABELS[m_], "accuracy": _ui.fmt_pct(v["accuracy"]),
+        rows = [{"method": method_label(m_), "accuracy": _ui.fmt_pct(v["accuracy"]),
                  "mean variance ratio": (f"{sum(x['ratio'] for x in v['rows']) / len(v['rows']):.3f}" if v["rows"] else "—"),
                  "note": v["error"] or ""} for m_, v in comp["data"].items()]
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="fr_compare_table")
@@ -141,7 +145,7 @@ st.caption("The paper's main figure: fold (or prune) the whole model at several 
 if not data.spec:
     st.warning("A sweep measures accuracy: pick evaluation data on the Model & data page.")
 else:
-    sweep_methods = ["none", "r", "ar", "dir", "l1", "l2", "l1+r", "l2+r"]
+    sweep_methods = list(METHODS)
     c1, c2, c3 = st.columns([3, 3, 1])
     sm = c1.multiselect("Methods", sweep_methods, default=["none", "ar", "l1"], key="fr_sweep_methods",
                         format_func=F.method_label)

@@ -6,16 +6,12 @@ import pandas as pd
 import streamlit as st
 
 from foldviz import figures as F
-from foldviz.clustering import k_for_ratio
+from foldviz.methods import label as method_label
 from pages import _ui
 
-st.title("Layer explorer")
-st.caption("Overview first: how similar are the channels of each group? Then one group in detail: "
-           "its similarity matrix, its k-means clusters and the filters each cluster merges.")
-
-wb = _ui.workbench_or_stop()
-key = _ui.wkey(wb)
-plan = _ui.current_plan(wb)
+wb, key, plan = _ui.page("Layer explorer", "Overview first: how similar are the channels of each group? Then one "
+                         "group in detail: its similarity matrix, the fold's clusters and the filters each cluster "
+                         "merges.")
 ids = wb.foldable_ids()
 if not ids:
     st.warning("This model has no foldable channel groups (see the reasons on the Model & data page).")
@@ -59,11 +55,10 @@ def _detail() -> None:
                       help="k = round(channels × (1 − ratio)) clusters; each cluster becomes one channel.")
     method = c3.radio("Embedding", ["PCA", "UMAP"], horizontal=False, key="le_embed",
                       help="PCA is instant; UMAP shows neighbourhoods better (first use compiles, ~20 s).")
-    k = k_for_ratio(g.channels, ratio)
 
     try:
         with st.spinner("Clustering…" if method == "PCA" else "Clustering and running UMAP…"):
-            d = _ui.group_detail(key, gid, float(ratio), int(plan.seed), method.lower())
+            d = _ui.group_detail(key, gid, float(ratio), _ui.plan_json(plan.to_dict()), method.lower())
     except Exception as exc:  # noqa: BLE001
         _ui.report_failure(exc, f"Analysing {gid}")
         return
@@ -75,7 +70,9 @@ def _detail() -> None:
     m[3].metric("Redundancy score", f"{d['score']:.2f}")
     m[4].metric("k-means inertia", f"{d['inertia']:.3g}", help="sum of squared distances to the cluster centres")
     st.caption(f"Producers: {', '.join(d['producers'])} · consumers: {', '.join(d['consumers']) or '—'} · "
-               f"feature vector per channel: {d['features_dim']} numbers (fan-in rows, biases, BatchNorm γ/β, fan-out columns).")
+               f"feature vector per channel: {d['features_dim']} numbers (fan-in rows, biases, BatchNorm γ/β, fan-out columns"
+               + (", BatchNorm-fused and robust-scaled" if d["feature_space"] == "fused" else "")
+               + f"). These are the clusters {method_label(plan.repair)} merges when you run the fold.")
     if abs(ratio - plan_ratio) > 1e-9:
         if st.button(f"Use {100 * ratio:.0f}% for {gid} in the plan", key="le_apply"):
             p = dict(st.session_state["plan"])
@@ -95,7 +92,7 @@ def _detail() -> None:
 
     if d["weight"] is not None:
         _ui.chart(F.filter_grid(d["weight"], d["labels"], group=gid, module=d["weight_module"]), key="le_filters")
-        st.caption("Each row is one cluster (largest first); the rightmost tile is the cluster mean — "
+        st.caption("Each row is one cluster (largest first); the leftmost tile is the cluster mean — "
                    "the single filter that replaces the whole row after folding.")
 
     left, right = st.columns(2)
@@ -103,7 +100,7 @@ def _detail() -> None:
         _ui.chart(F.cluster_size_histogram(d["labels"], group=gid), key="le_sizes")
     with right:
         try:
-            pts = _ui.inertia_curve(key, gid, int(plan.seed))
+            pts = _ui.inertia_curve(key, gid, _ui.plan_json(plan.to_dict()))
             _ui.chart(F.inertia_curve(pts, current_ratio=ratio, title=f"k-means inertia vs. fold ratio — {gid}"),
                       key="le_inertia")
         except Exception as exc:  # noqa: BLE001
@@ -111,7 +108,7 @@ def _detail() -> None:
 
     with st.expander("Nearest neighbours of one channel"):
         ch = st.number_input("Channel", min_value=0, max_value=g.channels - 1, value=0, step=1, key="le_channel")
-        nb = wb.neighbours(gid, int(ch), k=min(8, g.channels - 1))
+        nb = wb.neighbours(gid, int(ch), plan, k=min(8, g.channels - 1))
         labels = np.asarray(d["labels"])
         st.dataframe(pd.DataFrame([{"channel": n["channel"], "cosine": round(n["cosine"], 4),
                                     "same cluster": bool(labels[n["channel"]] == labels[int(ch)])} for n in nb]),

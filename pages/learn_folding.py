@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from foldviz import figures as F
+from foldviz.kmeans import k_for_ratio
 from foldviz.session import DEFAULT_MODEL, ModelSource, default_data_for
 from pages import _ui
 
@@ -59,10 +60,24 @@ step = c1.radio("Step", list(range(len(STEPS))), **_ui.wv("learn_step_radio", in
 ss["learn_step"] = int(step)
 ratio = c2.slider("Fold ratio for this walkthrough", 0.1, 0.9, 0.5, step=0.1, key="learn_ratio",
                   help="Fraction of the layer's channels that folding removes.")
-k = max(1, int(round(g.channels * (1 - ratio))))
+k = k_for_ratio(g.channels, ratio)
+# the walkthrough folds with Fold-Naive: its clusters are the ones shown on every step
+learn_plan = wb.default_plan(float(ratio), "none", seed)
+pj = _ui.plan_json(learn_plan.to_dict())
+
+
+
+def _bundle(what: str) -> dict:
+    """The walkthrough's numbers for this group (consumer columns, merge error, cluster variance)."""
+    try:
+        return _ui.learn_bundle(key, gid, float(ratio), pj, dkey)
+    except Exception as exc:  # noqa: BLE001
+        _ui.report_failure(exc, what)
+        st.stop()
+
 
 try:
-    d = _ui.group_detail(key, gid, float(ratio), seed, "pca")
+    d = _ui.group_detail(key, gid, float(ratio), pj, "pca")
 except Exception as exc:  # noqa: BLE001
     _ui.report_failure(exc, "Clustering")
     st.stop()
@@ -120,11 +135,7 @@ elif step == 3:
                 f"channel unchanged, the largest cluster merges **{int(sizes.max())}** channels.")
 
 elif step == 4:
-    try:
-        b = _ui.learn_bundle(key, gid, float(ratio), seed, dkey)
-    except Exception as exc:  # noqa: BLE001
-        _ui.report_failure(exc, "Next-layer analysis")
-        st.stop()
+    b = _bundle("Next-layer analysis")
     cons = b["consumer"]
     st.markdown(
         "The next layer read each original channel with its own column of weights. After the merge it reads the "
@@ -161,11 +172,7 @@ elif step == 4:
                        "channels is what keeps this small.")
 
 elif step == 5:
-    try:
-        b = _ui.learn_bundle(key, gid, float(ratio), seed, dkey)
-    except Exception as exc:  # noqa: BLE001
-        _ui.report_failure(exc, "Variance analysis")
-        st.stop()
+    b = _bundle("Variance analysis")
     st.markdown(
         "Averaging channels that are similar but not identical also averages away part of their *variation*. "
         "For N unit-variance channels with pairwise correlation ρ:")
@@ -181,8 +188,7 @@ elif step == 5:
                     "**variance collapse**.")
     try:
         with st.spinner("Folding the whole demo without repair…"):
-            plan = wb.default_plan(float(ratio), "none", seed)
-            comp = _ui.variance_comparison(key, dkey, _ui.plan_json(plan.to_dict()), ("none",))
+            comp = _ui.variance_comparison(key, dkey, pj, ("none",))
         _ui.chart(F.variance_ratio_plot({"none": comp["none"]["rows"]}), key="learn_var_naive")
         acc = comp["none"]["accuracy"]
         if acc is not None:
@@ -208,8 +214,7 @@ elif step == 6:
         methods.append("dir")
     try:
         with st.status("Folding the demo with each repair method…", expanded=False) as status:
-            plan = wb.default_plan(float(ratio), "none", seed)
-            comp = _ui.variance_comparison(key, dkey, _ui.plan_json(plan.to_dict()), tuple(methods),
+            comp = _ui.variance_comparison(key, dkey, pj, tuple(methods),
                                            _progress=_ui.progress_reporter(status))
             status.update(label="Repair methods compared", state="complete")
         _ui.chart(F.variance_ratio_plot({m: v["rows"] for m, v in comp.items() if v["rows"]}), key="learn_var_all")

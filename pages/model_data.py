@@ -4,6 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from foldviz.checkpoints import MAX_UPLOAD_BYTES, SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 from foldviz.session import DataSource, ModelSource, WorkbenchError, default_data_for, fmt_count, save_upload
 from pages import _ui
 
@@ -75,8 +76,6 @@ with st.container(border=True):
             _try_load(ModelSource(f"torchvision:{arch}", num_classes=int(ncls), cifar_stem=bool(stem)),
                       DataSource(None))
     else:
-        from foldviz.checkpoints import MAX_CHECKPOINT_BYTES
-
         archs = demos + [f"torchvision:{a}" for a in _torchvision_archs()]
         c1, c2 = st.columns([2, 1])
         target = c1.selectbox("Architecture of the checkpoint", archs, key="md_up_arch",
@@ -84,8 +83,9 @@ with st.container(border=True):
         stem = c2.checkbox("CIFAR stem (32×32)", value=False, key="md_up_stem",
                            disabled=not target.startswith("torchvision:"))
         up = st.file_uploader(
-            f"Checkpoint (.safetensors, or a weights-only state dict .pt/.pth/.bin; at most "
-            f"{MAX_CHECKPOINT_BYTES / 1e6:.0f} MB)", type=["safetensors", "pt", "pth", "bin"], key="md_upload")
+            f"Checkpoint (.safetensors, or a weights-only state dict {'/'.join(TORCH_SUFFIXES)}; at most "
+            f"{MAX_UPLOAD_BYTES // 2**20} MiB)", type=[x.lstrip(".") for x in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES],
+            key="md_upload")
         st.caption("Pickled full models are refused: only tensors are read (safetensors or torch.load(weights_only=True)).")
         if up is not None and st.button("Load checkpoint", type="primary", key="md_load_up"):
             try:

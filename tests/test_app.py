@@ -143,8 +143,9 @@ def test_every_page_works_on_every_demo(spec):
     goto(at, "fold_results")
     at.button(key="fr_run").click().run()
     assert_clean(at)
-    assert at.session_state["outcome"] is not None
-    assert pct(metric(at, "Accuracy")) >= 0
+    rep = at.session_state["outcome"].report
+    assert rep["model"] == spec and rep["params_after"] < rep["params_before"]
+    assert pct(metric(at, "Accuracy")) == pytest.approx(100 * rep["accuracy_after"], abs=0.06)
     chart(at, "variance_ratio_plot")
 
     goto(at, "learn_folding")
@@ -240,11 +241,13 @@ def test_export_and_import_plan():
 def test_suggest_plan_allocates_by_redundancy():
     at = new_app()
     goto(at, "fold_plan")
+    at.toggle(key="planw_skip_conv1").set_value(True).run()
     at.slider(key="fp_target").set_value(40).run()
     at.button(key="fp_suggest").click().run()
     assert_clean(at)
     p = plan(at)
     assert p["ratios"], "suggestion should set per-group ratios"
+    assert p["skip"] == ["conv1"] and "conv1" not in p["ratios"] and p["default_ratio"] > 0
     assert len(set(round(v, 3) for v in p["ratios"].values())) > 1
     assert any("Suggested plan" in s.value for s in at.success)
 
@@ -260,10 +263,10 @@ def test_run_fold_shows_results_and_repairs():
     out = at.session_state["outcome"]
     rep = out.report
     assert rep["plan"]["default_ratio"] == 0.5
-    assert rep["after"]["params"] < rep["before"]["params"]
+    assert rep["params_after"] < rep["params_before"]
     assert 0.5 < rep["param_sparsity"] < 0.9
     shown = pct(metric(at, "Accuracy"))
-    assert shown == pytest.approx(100 * rep["after"]["accuracy"], abs=0.06)
+    assert shown == pytest.approx(100 * rep["accuracy_after"], abs=0.06)
     assert any(f"{100 * rep['before']['accuracy']:.1f}%" in c.value for c in at.caption)
     ba = chart(at, "before_after_bars")
     assert ba["layout"]["meta"]["metrics"][:2] == ["accuracy", "params"]
@@ -337,7 +340,7 @@ def test_failures_keep_model_plan_and_results():
     at.button(key="fr_run").click().run()
     assert_clean(at)
     first = at.session_state["outcome"]
-    assert first is not None and first.report["after"].get("accuracy") is None
+    assert first is not None and first.report["accuracy_after"] is None
     goto(at, "fold_plan")
     at.selectbox(key="planw_repair").set_value("r").run()
     goto(at, "fold_results")
@@ -403,7 +406,7 @@ def test_upload_checkpoint_and_torchvision_model_data_free():
     at.button(key="fr_run").click().run()
     assert_clean(at)
     assert metric(at, "Accuracy") == "—"
-    assert at.session_state["outcome"].report["after"]["params"] < at.session_state["outcome"].report["before"]["params"]
+    assert at.session_state["outcome"].report["params_after"] < at.session_state["outcome"].report["params_before"]
     assert any("pick evaluation data" in w.value for w in at.warning)  # the sweep needs data
     goto(at, "learn_folding")  # Learn falls back to the bundled demo
     assert any("demo:digits-resnet" in i.value for i in at.info)

@@ -214,7 +214,7 @@ def test_browser_walkthrough(server, browser):
         names = z.namelist()
         assert any(n.endswith("model.safetensors") for n in names), names
         z.extractall(tmp)
-        from foldviz.io import load_folded
+        from foldviz.persist import load_folded
 
         folded = load_folded(Path(tmp) / "folded")
         assert sum(p.numel() for p in folded.model.parameters()) < 696_042

@@ -92,3 +92,21 @@ def test_ratio_out_of_range_rejected(ratio, capsys):
     with pytest.raises(SystemExit):
         main(["plan", "demo:digits-mlp", "--ratio", ratio, "--out", "x.json"])
     assert "ratio must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_cli_and_workbench_reports_agree(tmp_path):
+    """One report schema: the CLI's report.json and the app's report have the same keys and the same numbers."""
+    from foldviz.report import REPORT_KEYS
+    from foldviz.session import DataSource, ModelSource, Workbench
+
+    out = tmp_path / "f"
+    assert run("fold", "demo:digits-mlp", "--ratio", 0.3, "--repair", "ar", "--data", "digits", "--eval-limit", 150,
+               "--no-latency", "--quiet", "--out", out) == 0
+    cli = json.loads((out / "report.json").read_text())
+    wb = Workbench.load(ModelSource("demo:digits-mlp"))
+    app = json.loads(json.dumps(wb.fold(wb.default_plan(0.3, "ar"), DataSource("digits", limit=150),
+                                        latency=False).report))
+    assert set(cli) == set(app) == set(REPORT_KEYS)
+    for key in REPORT_KEYS:
+        if key != "seconds":
+            assert cli[key] == app[key], key

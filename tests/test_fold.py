@@ -1,4 +1,6 @@
 """Folding invariants: identity at ratio 0, exact recovery of duplicated networks, real shrinking."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -101,11 +103,59 @@ def test_unknown_group_id_is_an_error():
         fold(random_demo("mlp"), FoldPlan(default_ratio=0.5, ratios={"nope": 0.2}), example_input=X8[:1])
 
 
-def test_fold_is_deterministic_for_a_seed():
+def test_fold_is_deterministic_for_a_seed_and_a_saved_plan():
     m = random_demo("vgg")
-    a = fold(m, FoldPlan(default_ratio=0.5, repair="ar", seed=3), example_input=X8[:1])
-    b = fold(m, FoldPlan(default_ratio=0.5, repair="ar", seed=3), example_input=X8[:1])
+    plan = FoldPlan(default_ratio=0.5, repair="ar", seed=3, ratios={"classifier.0": 0.3})
+    a = fold(m, plan, example_input=X8[:1])
+    b = fold(m, FoldPlan.from_json(plan.to_json()), example_input=X8[:1])
     assert state_dict_hash(a.model) == state_dict_hash(b.model)
+    c = fold(m, plan.with_changes(seed=4), example_input=X8[:1])
+    assert state_dict_hash(c.model) != state_dict_hash(a.model)
+
+
+@pytest.mark.parametrize("name", ["resnet", "vgg", "mlp"])
+def test_identity_merge_through_surgery_changes_nothing(name):
+    """k = n with the identity assignment, applied to every group by the merge code itself."""
+    from foldviz.surgery import GroupSurgery, merge_decision, trace
+
+    m = random_demo(name)
+    work = copy.deepcopy(m)
+    dg, graph = trace(work, X8[:1])
+    surgery = GroupSurgery(work, dg)
+    for g in graph.foldable:
+        surgery.apply(g.id, g.channels, merge_decision(np.arange(g.channels), g.channels))
+    assert torch.allclose(work(X8), m(X8), atol=1e-6)
+    assert count_params(work) == count_params(m)
+    assert all(np.array_equal(cmap, np.arange(len(cmap))) for cmap in surgery.maps.values())
+
+
+def test_one_default_repair_for_every_entry_point():
+    from foldviz.cli import build_parser
+    from foldviz.methods import DEFAULT_REPAIR
+    from foldviz.session import Workbench
+
+    assert fold(random_demo("mlp"), 0.3, example_input=X8[:1]).plan.repair == DEFAULT_REPAIR
+    assert FoldPlan().repair == DEFAULT_REPAIR
+    args = build_parser().parse_args(["plan", "demo:digits-mlp", "--ratio", "0.3", "--out", "x.json"])
+    assert args.repair == DEFAULT_REPAIR
+    from foldviz.models import load_model
+    assert Workbench(load_model("demo:digits-mlp")).default_plan().repair == DEFAULT_REPAIR
+
+
+def test_kmeans_clusters_are_never_empty_on_dead_channels():
+    """A trained model with many dead (all-zero) channels folds with every repair (issue #12's crash)."""
+    m = random_demo("mlp")
+    with torch.no_grad():
+        m.fc1.weight[:300] = 0
+        m.fc1.bias[:300] = 0
+    for repair in ("none", "ar", "dir"):
+        for ratio in (0.3, 0.5):
+            plan = FoldPlan(default_ratio=ratio, repair=repair, repair_settings={"iterations": 2, "batch_size": 8}
+                            if repair == "dir" else {})
+            res = fold(m, plan, example_input=X8[:1])
+            assert res.model.fc1.out_features == round(512 * (1 - ratio))
+            assert len(np.unique(res.labels["fc1"])) == res.model.fc1.out_features
+            assert torch.isfinite(res.model(X8)).all()
 
 
 def test_channel_maps_follow_the_clusters():

@@ -177,7 +177,7 @@ def test_file_as_spec_points_to_weights(tmp_path):
 
 
 def test_directory_spec_dispatches_to_load_folded(tmp_path, monkeypatch):
-    import foldviz.io as fio
+    import foldviz.persist as fio
 
     seen = {}
 

@@ -4,7 +4,7 @@ import pytest
 from foldviz.data import evaluate, load_dataset, make_loader
 from foldviz.models import load_model
 from foldviz.plans import FoldPlan
-from foldviz.report import apply_method, repair_inputs
+from foldviz.apply import apply_method, repair_inputs
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ import json
 import pytest
 import torch
 
-from foldviz.fold import fold
 from foldviz.groups import find_groups
 from foldviz.plans import FoldPlan, PlanError
-from foldviz.utils import state_dict_hash
 from engine_models import random_demo
 
 
@@ -19,13 +17,6 @@ def test_round_trip_is_identical(tmp_path):
     again = FoldPlan.load(path)
     assert again == plan and again.to_json() == plan.to_json()
     assert again.ratio_for("fc1") == 0.25 and again.ratio_for("fc3") == 0.0 and again.ratio_for("x") == 0.4
-
-
-def test_applying_a_plan_twice_gives_identical_weights():
-    m = random_demo("vgg")
-    x = torch.randn(1, 1, 8, 8)
-    plan = FoldPlan.from_json(FoldPlan(default_ratio=0.5, repair="ar", ratios={"classifier.0": 0.3}).to_json())
-    assert state_dict_hash(fold(m, plan, example_input=x).model) == state_dict_hash(fold(m, plan, example_input=x).model)
 
 
 @pytest.mark.parametrize("patch, field", [

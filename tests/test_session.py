@@ -14,10 +14,10 @@ from foldviz.session import (
     ModelSource,
     Workbench,
     WorkbenchError,
-    report_csv,
     save_upload,
-    sweep_csv,
 )
+from foldviz.report import report_csv
+from foldviz.sweep import to_csv
 
 
 @pytest.fixture(scope="module")
@@ -46,36 +46,62 @@ def test_load_errors_are_user_messages():
 
 
 def test_group_detail_is_consistent(wb):
-    d = wb.group_detail("conv1", 0.5, seed=0)
-    assert d["k"] == 16 and d["labels"].shape == (32,) and d["sizes"].sum() == 32
+    plan = wb.default_plan(0.5, "none")
+    d = wb.group_detail("conv1", plan)
+    assert d["k"] == 16 and d["labels"].shape == (32,) and d["sizes"].sum() == 32 and (d["sizes"] > 0).all()
     assert sorted(d["order"].tolist()) == list(range(32))
     assert d["similarity"].shape == (32, 32) and np.allclose(np.diag(d["similarity"]), 1, atol=1e-5)
     assert d["coords"].shape == (32, 2) and d["weight_module"] == "conv1" and d["weight"].shape == (32, 1, 3, 3)
-    again = wb.group_detail("conv1", 0.5, seed=0)
-    assert np.array_equal(d["labels"], again["labels"])  # seeded
-    nb = wb.neighbours("conv1", 3, k=4)
+    assert np.array_equal(d["labels"], wb.group_detail("conv1", plan)["labels"])  # seeded
+    nb = wb.neighbours("conv1", 3, plan, k=4)
     assert len(nb) == 4 and nb[0]["cosine"] >= nb[-1]["cosine"] and all(n["channel"] != 3 for n in nb)
 
 
-def test_estimate_matches_a_real_fold(wb):
+@pytest.mark.parametrize("repair", ["none", "ar", "dir", "r"])
+def test_explorer_shows_the_clusters_the_fold_merges(wb, repair):
+    """What the Layer explorer (group_detail) and the Learn page (cluster) show is what fold() merges."""
+    from foldviz.fold import fold
+
+    plan = wb.default_plan(0.3, repair, seed=1)
+    if repair == "dir":  # Deep Inversion only changes statistics after the merge: keep it cheap
+        plan = plan.with_changes(repair_settings={"iterations": 2, "batch_size": 8})
+    res = fold(wb.model, plan, example_input=wb.example_input(2),
+               repair_data=wb.repair_inputs(DATA) if repair == "r" else None)
+    assert set(res.labels) == set(wb.foldable_ids())
+    for gid, labels in res.labels.items():
+        assert np.array_equal(wb.group_detail(gid, plan)["labels"], labels), gid
+        assert np.array_equal(wb.cluster(gid, plan).labels, labels), gid
+
+
+def test_feature_space_follows_the_repair(wb):
+    raw = wb.features("layer1.0.conv1", "none")
+    fused = wb.features("layer1.0.conv1", "ar")
+    assert raw.shape[0] == fused.shape[0] == 32 and fused.shape[1] == raw.shape[1] + 1  # + the fused bias
+    assert wb.group_detail("layer1.0.conv1", wb.default_plan(0.3, "ar"))["feature_space"] == "fused"
+
+
+def test_preview_matches_a_real_fold(wb):
     from foldviz import fold as F
-    from foldviz.metrics import count_flops
+    from foldviz.metrics import count_flops, count_params
 
     ids = wb.foldable_ids()
     plan = wb.plan_from({**wb.default_plan(0.4, "none").to_dict(), "ratios": {ids[0]: 0.7}, "skip": [ids[-1]]})
-    est = wb.estimate(plan)
+    est = wb.preview(plan)
     res = F.fold(wb.model, plan, example_input=wb.example_input(2))
-    assert est["params_after"] == sum(p.numel() for p in res.model.parameters())
+    assert est["params_after"] == count_params(res.model)
     assert est["flops_after"] == count_flops(res.model, wb.example_input(1))
     after = {g["id"]: g["channels_after"] for g in res.groups}
     assert {r["id"]: r["channels_after"] for r in est["groups"]} == after
 
 
-def test_suggest_reaches_target_and_follows_redundancy(wb):
-    plan = wb.suggest(0.4, repair="ar", seed=3)
-    est = wb.estimate(plan)
-    assert est["param_sparsity"] == pytest.approx(0.4, abs=0.02)
+def test_suggest_reaches_target_keeps_skips_and_follows_redundancy(wb):
+    ids = wb.foldable_ids()
+    base = wb.default_plan(0.3, "ar", seed=3).with_changes(skip=[ids[2]], ratios={ids[0]: 0.8})
+    plan = wb.suggest(0.4, base)
+    assert wb.preview(plan)["param_sparsity"] == pytest.approx(0.4, abs=0.02)
     assert plan.repair == "ar" and plan.seed == 3 and plan.model == wb.spec
+    assert plan.skip == [ids[2]] and ids[2] not in plan.ratios      # skipped groups stay skipped
+    assert 0 < plan.default_ratio < 0.9                             # never the 0 the old suggestion left
     scores = {g: wb.redundancy(g)["score"] for g in plan.ratios}
     hi, lo = max(scores, key=scores.get), min(scores, key=scores.get)
     assert plan.ratios[hi] >= plan.ratios[lo]
@@ -95,17 +121,19 @@ def test_import_plan_checks_model(wb):
 def test_fold_report_and_exports(wb):
     plan = wb.default_plan(0.3, "ar")
     before = [p.clone() for p in wb.model.parameters()]
-    out = wb.fold(plan, DATA, measure_latency=False)
+    out = wb.fold(plan, DATA, latency=False)
     assert all(torch.equal(a, b) for a, b in zip(before, wb.model.parameters())), "base model must not change"
     r = out.report
-    assert r["after"]["params"] < r["before"]["params"] and 0 < r["param_sparsity"] < 1
-    assert 0 <= r["after"]["accuracy"] <= 1 and r["before"]["accuracy"] > 0.5
-    assert r["groups"][0]["id"] == "conv1"
-    csv = report_csv(r)
-    assert csv.splitlines()[0].startswith("id,channels_before,channels_after")
-    z = zipfile.ZipFile(io.BytesIO(wb.export_folded(out)))
-    names = z.namelist()
-    assert any(n.endswith("model.safetensors") for n in names) and any(n.endswith("report.json") for n in names)
+    assert r["params_after"] == sum(p.numel() for p in out.model.parameters()) < r["params_before"]
+    assert r["param_sparsity"] == pytest.approx(1 - r["params_after"] / r["params_before"])
+    assert r["accuracy_before"] == pytest.approx(wb.evaluate(None, DATA)["accuracy"]) and r["accuracy_before"] > 0.9
+    assert r["accuracy_after"] == pytest.approx(wb.evaluate(out.model, DATA)["accuracy"])
+    assert r["eval_samples"] == 200 and r["method"] == "ar" and r["label"] == "Fold-AR"
+    assert r["groups"][0]["id"] == "conv1" and r["variance_ratio"]
+    assert report_csv(r).splitlines()[0] == "id,channels_before,channels_after,ratio,inertia,n_iter,foldable,reason"
+    z = zipfile.ZipFile(io.BytesIO(wb.export_folded(out, {"sweep.csv": b"a,b\n"})))
+    names = set(z.namelist())
+    assert {"folded/model.safetensors", "folded/report.json", "folded/plan.json", "folded/sweep.csv"} <= names
 
 
 def test_variance_comparison_shows_collapse_and_repair(wb):
@@ -120,7 +148,7 @@ def test_variance_comparison_shows_collapse_and_repair(wb):
 
 
 def test_teaching_numbers(wb):
-    labels = wb.cluster("conv1", 0.5, seed=0).labels
+    labels = wb.cluster("conv1", wb.default_plan(0.5, "none")).labels
     inputs = wb.sample_batch(DATA, 64)
     cons = wb.consumer_columns("conv1", labels)
     assert cons["before"].shape[1] == 32 and cons["after"].shape[1] == 16
@@ -129,15 +157,16 @@ def test_teaching_numbers(wb):
     assert 0 <= err["error"] < err["random_error"]  # clustering similar channels beats random merging
     cv = wb.cluster_variance("conv1", labels, inputs)
     assert len(cv) == 16 and all(c["ratio"] == pytest.approx(1.0) for c in cv if c["size"] == 1)
-    assert all(c["ratio"] <= 1.0 + 1e-6 for c in cv)
+    assert all(c["ratio"] <= 1.0 + 1e-6 for c in cv)  # a mean never has more variance than its members' mean
 
 
 def test_sweep_rows_and_csv(wb):
     rows = wb.sweep([0.3], ["none", "l1"], DATA)
-    methods = {r["method"] for r in rows}
-    assert {"none", "l1"} <= methods
-    assert all(0 <= r["accuracy"] <= 1 for r in rows)
-    assert sweep_csv(rows).splitlines()[0] == "method,ratio,seed,param_sparsity,accuracy,loss"
+    assert [(r["method"], r["ratio"]) for r in rows] == [("original", 0.0), ("none", 0.3), ("l1", 0.3)]
+    original = rows[0]["accuracy"]
+    assert original == pytest.approx(wb.evaluate(None, DATA)["accuracy"])
+    assert rows[1]["param_sparsity"] == pytest.approx(rows[2]["param_sparsity"])  # same channel counts
+    assert to_csv(rows).splitlines()[0].startswith("method,label,ratio,seed,param_sparsity")
     with pytest.raises(WorkbenchError):
         wb.sweep([0.3], ["none"], DataSource(None))
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .groups import _BN, _CONV
-from .models import LoadedModel, ModelLoadError, build_architecture
+from .checkpoints import ModelLoadError
+from .zoo import LoadedModel, build_architecture
 from .utils import json_default, state_dict_hash
 
 FORMAT = "foldviz-folded-model"

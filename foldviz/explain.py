@@ -1,0 +1,148 @@
+"""What the Layer explorer and the Learn page compute to explain a fold, for one group and its clusters.
+
+Every function takes the base model, a :class:`~foldviz.groups.ChannelGroup` and cluster ``labels`` produced by
+:func:`foldviz.fold.cluster_group` (the clusters the fold merges), and returns plain numbers and arrays.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .groups import _BN, ChannelGroup
+
+
+def _member_order(group: ChannelGroup, module: str, side: str) -> np.ndarray | None:
+    """``module``'s own indices for the group's channels 0..n-1 (None when the mapping is not one-to-one)."""
+    mem = next((m for m in group.members if m.module == module and m.side == side), None)
+    if mem is None or len(mem.idxs) != group.channels:
+        return None
+    return np.asarray(mem.idxs)[np.argsort(np.asarray(mem.root_idxs), kind="stable")]
+
+
+def producer_weight(model: nn.Module, group: ChannelGroup) -> tuple[str, np.ndarray] | None:
+    """(module name, weight) of the producer whose filters are drawn: the group's first conv, else its first
+    linear producer; rows ordered by group channel."""
+    modules = dict(model.named_modules())
+    names = ([group.first_conv] if group.first_conv else []) + [
+        p for p in group.producers if isinstance(modules.get(p), (nn.Conv2d, nn.Linear))]
+    for name in names:
+        idx = _member_order(group, name, "out")
+        if idx is not None:
+            return name, modules[name].weight.detach().cpu().numpy()[idx]
+    return None
+
+
+def neighbours(sim: np.ndarray, channel: int, k: int = 5) -> list[dict]:
+    """The ``k`` channels most similar (cosine) to ``channel``."""
+    if not 0 <= channel < len(sim):
+        raise ValueError(f"channel {channel} does not exist in this group (0..{len(sim) - 1})")
+    row = sim[channel].copy()
+    row[channel] = -np.inf
+    return [{"channel": int(i), "cosine": float(sim[channel, i])} for i in np.argsort(-row)[:k]]
+
+
+@torch.no_grad()
+def activations(model: nn.Module, module_name: str, inputs: torch.Tensor) -> torch.Tensor:
+    """Output of ``module_name`` on ``inputs`` as (samples x positions, channels)."""
+    store = {}
+    h = model.get_submodule(module_name).register_forward_hook(lambda _m, _i, o: store.__setitem__("out", o.detach()))
+    try:
+        model(inputs)
+    finally:
+        h.remove()
+    a = store["out"]
+    if a.dim() == 4:
+        a = a.permute(0, 2, 3, 1)
+    return a.reshape(-1, a.shape[-1])
+
+
+def mean_pairwise_cos(x: np.ndarray) -> float:
+    """Mean cosine over ordered pairs i != j of the rows of ``x`` (1 for a single row)."""
+    if len(x) < 2:
+        return 1.0
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    s = xn @ xn.T
+    return float((s.sum() - np.trace(s)) / (len(x) * (len(x) - 1)))
+
+
+def cluster_variance(model: nn.Module, group: ChannelGroup, labels: np.ndarray, inputs: torch.Tensor,
+                     features: np.ndarray) -> list[dict]:
+    """Per cluster: Var(mean of the members' activations) / mean Var(member), at the group's normalised producer
+    output (its first BatchNorm, else its first conv/linear): the variance collapse a plain merge causes."""
+    modules = dict(model.named_modules())
+    where = next((p for p in group.producers if isinstance(modules.get(p), _BN)), None) or next(
+        p for p in group.producers if isinstance(modules.get(p), (nn.Conv2d, nn.Linear)))
+    a = activations(model, where, inputs).double()
+    idx = _member_order(group, where, "out")
+    if idx is not None:
+        a = a[:, torch.as_tensor(idx)]
+    var = a.var(0)
+    out = []
+    for c in range(int(labels.max()) + 1):
+        members = torch.as_tensor(np.flatnonzero(labels == c))
+        merged = a[:, members].mean(1).var()
+        out.append({"cluster": c, "size": int(len(members)),
+                    "ratio": float(merged / var[members].mean().clamp_min(1e-12)),
+                    "mean_cos": mean_pairwise_cos(features[members.numpy()])})
+    return out
+
+
+def _consumer(model: nn.Module, group: ChannelGroup):
+    """First conv/linear consumer whose input channels map one-to-one onto the group (or None)."""
+    modules = dict(model.named_modules())
+    for mem in group.members:
+        mod = modules.get(mem.module)
+        if mem.side == "in" and isinstance(mod, (nn.Conv2d, nn.Linear)) and getattr(mod, "groups", 1) == 1:
+            idx = _member_order(group, mem.module, "in")
+            if idx is not None:
+                return mem.module, mod, idx
+    return None
+
+
+def consumer_columns(model: nn.Module, group: ChannelGroup, labels: np.ndarray, max_rows: int = 24) -> dict | None:
+    """The next layer's weights seen from the group: (out, n) before and (out, k) after folding (columns of a
+    cluster summed). Conv kernels are summed over their spatial taps (the response to a constant patch)."""
+    found = _consumer(model, group)
+    if found is None:
+        return None
+    name, mod, idx = found
+    w = mod.weight.detach().double()
+    w = w.sum(dim=(2, 3)) if w.dim() == 4 else w
+    cols = w[:, torch.as_tensor(idx)].numpy()[:max_rows]
+    k = int(labels.max()) + 1
+    merged = np.stack([cols[:, labels == c].sum(1) for c in range(k)], axis=1)
+    return {"module": name, "before": cols, "after": merged, "rows": int(w.shape[0]),
+            "kernel": list(mod.weight.shape[2:]) if mod.weight.dim() == 4 else []}
+
+
+@torch.no_grad()
+def merge_error(model: nn.Module, group: ChannelGroup, labels: np.ndarray, inputs: torch.Tensor,
+                seed: int = 0) -> dict | None:
+    """Relative change of the next layer's output when each channel it reads is replaced by its cluster mean
+    (what the merged channel feeds it), for these clusters and for random clusters of the same sizes."""
+    found = _consumer(model, group)
+    if found is None:
+        return None
+    name, mod, idx = found
+    store = {}
+    h = mod.register_forward_pre_hook(lambda _m, a: store.__setitem__("x", a[0].detach()))
+    try:
+        model(inputs)
+    finally:
+        h.remove()
+    x, idx_t = store["x"], torch.as_tensor(idx)
+
+    def replaced(lab: np.ndarray) -> torch.Tensor:
+        xg, out = x[:, idx_t], x.clone()            # xg: (batch, n, ...)
+        k, lab_t = int(lab.max()) + 1, torch.as_tensor(lab)
+        sums = torch.zeros((xg.shape[0], k) + tuple(xg.shape[2:]), dtype=xg.dtype).index_add_(1, lab_t, xg)
+        means = sums / torch.bincount(lab_t, minlength=k).to(xg.dtype).view(1, k, *([1] * (xg.dim() - 2)))
+        out[:, idx_t] = means[:, lab_t]
+        return out
+
+    y = mod(x)
+    err = float((mod(replaced(labels)) - y).norm() / y.norm().clamp_min(1e-12))
+    shuffled = np.random.default_rng(seed).permutation(labels)
+    rerr = float((mod(replaced(shuffled)) - y).norm() / y.norm().clamp_min(1e-12))
+    return {"consumer": name, "error": err, "random_error": rerr}

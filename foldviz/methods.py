@@ -1,0 +1,73 @@
+"""The one registry of compression methods: key, label, family, repair, whether it needs data.
+
+Every part of foldviz that names a method reads it here: plans (the ``repair`` field takes the keys of the
+``fold`` family), the CLI's choices, the app's widgets and legends, figures, sweeps, reports and benchmarks.
+Running a method is :func:`foldviz.apply.apply_method`. This module imports nothing heavy, so anything may import it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAMILIES = ("fold", "prune")
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str                 # stable identifier used in plans, CLI flags, reports, CSVs
+    label: str               # what people read
+    family: str              # "fold" (cluster and merge) or "prune" (rank and remove)
+    repair: str              # key of foldviz.repair.REPAIRS run after the merge
+    needs_data: bool         # needs real inputs (repair data)
+    description: str
+    importance: str | None = None   # prune family: foldviz.prune.IMPORTANCES key
+    color: str = "#444444"
+    dash: str = "solid"
+
+
+METHODS: dict[str, Method] = {m.key: m for m in (
+    Method("none", "Fold-Naive", "fold", "none", False,
+           "cluster and merge; no statistics repair (variance collapses)", color="#d62728"),
+    Method("r", "Fold-R", "fold", "r", True,
+           "merge, then recompute every BatchNorm's statistics on real inputs (REPAIR)", color="#1f77b4"),
+    Method("ar", "Fold-AR", "fold", "ar", False,
+           "data-free: fuse BatchNorms, cluster fused features, rescale merged channels by the AR factor",
+           color="#2ca02c"),
+    Method("dir", "Fold-DIR", "fold", "dir", False,
+           "data-free: recompute BatchNorm statistics on inputs synthesised by Deep Inversion", color="#9467bd"),
+    Method("l1", "L1 pruning", "prune", "none", False, "remove the channels with the smallest L1 norm",
+           importance="l1", color="#7f7f7f", dash="dot"),
+    Method("l2", "L2 pruning", "prune", "none", False, "remove the channels with the smallest L2 norm",
+           importance="l2", color="#bcbd22", dash="dot"),
+    Method("l1+r", "L1 pruning + REPAIR", "prune", "r", True,
+           "L1 pruning, then recompute BatchNorm statistics on real inputs", importance="l1", color="#17becf",
+           dash="dashdot"),
+    Method("l2+r", "L2 pruning + REPAIR", "prune", "r", True,
+           "L2 pruning, then recompute BatchNorm statistics on real inputs", importance="l2", color="#8c564b",
+           dash="dashdot"),
+    Method("random", "Random pruning", "prune", "none", False, "remove randomly chosen channels (seeded)",
+           importance="random", color="#bbbbbb", dash="dash"),
+)}
+
+# the repair every entry point uses when none is named (library, CLI, app, plans)
+DEFAULT_REPAIR = "ar"
+
+
+def fold_keys() -> tuple[str, ...]:
+    """Keys of the fold family, i.e. the values a plan's ``repair`` field takes."""
+    return tuple(k for k, m in METHODS.items() if m.family == "fold")
+
+
+def get_method(key: str) -> Method:
+    try:
+        return METHODS[key]
+    except KeyError:
+        raise ValueError(f"unknown method {key!r}; choose from {', '.join(METHODS)}") from None
+
+
+def label(key: str) -> str:
+    """Display label of a method key (unknown keys are shown as they are)."""
+    m = METHODS.get(str(key))
+    return m.label if m else ("Original" if key == "original" else str(key))
+
+
+__all__ = ["FAMILIES", "Method", "METHODS", "DEFAULT_REPAIR", "fold_keys", "get_method", "label"]

@@ -1,0 +1,246 @@
+"""Surgery on channel groups, and the one compression loop that folding and pruning share.
+
+Merge rule (folding-spec §0): tensors indexed by the group on their output axis (conv/linear rows, biases,
+BatchNorm parameters) take the cluster *mean*; consumers' input columns take the cluster *sum*. A cluster of
+identical channels therefore collapses without changing the function. Merged values are written into one
+representative channel per cluster and Torch-Pruning then removes the others, which keeps module attributes
+(``out_channels``, ``num_features`` ...) correct. Pruning is the same operation with no merge.
+
+:func:`compress` runs a method end to end: trace, ask a *selector* what to keep in each group (``fold`` clusters,
+``prune`` ranks by importance), apply every decision, run the repair's hooks. All decisions are taken on the
+unmerged weights, so the result does not depend on group order.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch_pruning.dependency.group import Group
+
+from .groups import _BN, _CONV, ChannelGroup, GroupGraph, build_dependency_graph, find_groups, root_handler
+from .kmeans import k_for_ratio
+from .methods import METHODS
+from .plans import FoldPlan, PlanError
+from .repair import REPAIRS, RepairContext
+from .utils import Progress, resolve_device
+
+
+@dataclass
+class Decision:
+    """What to do with one group: ``keep`` channel indices survive; with ``rep_of`` (merge), channel r is merged
+    into ``rep_of[r]``; ``labels`` are the clusters (fold) shown to users; ``bn_scales`` rescale merged gammas."""
+
+    keep: list[int]
+    rep_of: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    inertia: float | None = None
+    n_iter: int | None = None
+    bn_scales: dict = field(default_factory=dict)
+
+
+@dataclass
+class FoldResult:
+    """A folded (or pruned) model and everything needed to explain it."""
+
+    model: nn.Module
+    plan: FoldPlan
+    method: str                                   # key in foldviz.methods.METHODS ("ar", "l1+r", ...)
+    groups: list[dict]                            # per group: id, channels_before/after, ratio, inertia, n_iter
+    labels: dict[str, np.ndarray]                 # group id -> cluster label of each original channel
+    channel_maps: dict[str, np.ndarray]           # module -> new index of each original output channel (-1 removed)
+    seconds: dict[str, float]
+    fused: dict[str, str] = field(default_factory=dict)   # BN -> producer it was fused into (fused feature space)
+    synthetic: torch.Tensor | None = None         # Fold-DIR: the synthesised repair batch
+    repair_samples: int = 0
+
+    @property
+    def label(self) -> str:
+        return METHODS[self.method].label
+
+
+def _out_size(m: nn.Module) -> int:
+    return m.num_features if isinstance(m, _BN) else m.weight.shape[0]
+
+
+@torch.no_grad()
+def _combine(t: torch.Tensor, axis: int, src: torch.Tensor, dst: torch.Tensor, mean: bool) -> None:
+    """In place: slot dst[j] of ``t`` along ``axis`` becomes the sum (or mean) of the slots src that map to it.
+
+    Only slots receiving more than one source change, so singleton clusters cost nothing, and only the busy
+    slots are copied (in float64) so memory stays proportional to what is merged.
+    """
+    uniq, inverse, counts = dst.unique(return_inverse=True, return_counts=True)
+    busy = counts[inverse] > 1
+    if not bool(busy.any()):
+        return
+    src, inverse = src[busy], inverse[busy]
+    tm = t.data.movedim(axis, 0)
+    acc = torch.zeros((len(uniq),) + tm.shape[1:], dtype=torch.float64, device=t.device)
+    acc.index_add_(0, inverse, tm.index_select(0, src).double())
+    if mean:
+        acc = acc / counts.to(acc.dtype).view((-1,) + (1,) * (acc.dim() - 1))
+    hit = counts > 1
+    tm[uniq[hit]] = acc[hit].to(t.dtype)
+
+
+def _merge_member(mod: nn.Module, side: str, src, dst) -> None:
+    s = torch.as_tensor(src, device=mod.weight.device)
+    d = torch.as_tensor(dst, device=mod.weight.device)
+    if side == "in":
+        _combine(mod.weight, 1, s, d, mean=False)
+        return
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(mod, name, None)
+        if t is not None:
+            _combine(t, 0, s, d, mean=True)
+
+
+class GroupSurgery:
+    """Applies per-group decisions to a working copy and keeps the channel maps up to date."""
+
+    def __init__(self, work: nn.Module, dg):
+        self.work, self.dg = work, dg
+        self.names = {m: n for n, m in work.named_modules() if n}
+        self.maps = {n: np.arange(_out_size(m)) for m, n in self.names.items()
+                     if isinstance(m, (nn.Linear,) + _CONV + _BN)}
+
+    def apply(self, gid: str, n: int, d: Decision) -> None:
+        """Merge (``d.rep_of`` given) or prune group ``gid`` down to ``d.keep``."""
+        root = self.work.get_submodule(gid)
+        group = self.dg.get_pruning_group(root, root_handler(self.dg, root), list(range(n)))
+        keep_set = set(d.keep)
+        drop = [r for r in range(n) if r not in keep_set]
+        updates = []
+        for item in group:
+            mod = item.dep.target.module
+            if not isinstance(mod, nn.Module) or mod not in self.names:
+                continue
+            side = "out" if self.dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            by_root: dict[int, list[int]] = defaultdict(list)   # group channel -> this module's indices
+            pos = []
+            for i, r in zip(item.idxs, item.root_idxs):
+                pos.append(len(by_root[r]))
+                by_root[r].append(i)
+            assign = {}
+            if d.rep_of is not None:
+                src = list(item.idxs)
+                dst = [by_root[d.rep_of[r]][p] for r, p in zip(item.root_idxs, pos)]
+                _merge_member(mod, side, src, dst)
+                assign = dict(zip(src, dst))
+                scale = d.bn_scales.get(self.names[mod]) if side == "out" else None
+                if scale is not None:
+                    with torch.no_grad():
+                        for r in d.keep:
+                            mod.weight.data[by_root[r][0]] *= float(scale[d.labels[r]])
+            if side == "out" and self.names[mod] in self.maps:
+                dropped = {i for r in drop for i in by_root[r]}
+                updates.append((self.names[mod], _out_size(mod), dropped, assign))
+        if drop:  # the shrinking group is the full group restricted to the dropped channels
+            drop_set = set(drop)
+            shrink = Group()
+            shrink._DG = self.dg
+            for item in group:
+                idxs = [i for i, r in zip(item.idxs, item.root_idxs) if r in drop_set]
+                if idxs:
+                    shrink.add_dep(item.dep, idxs)
+            shrink.prune(record_history=False)
+        for name, size, dropped, assign in updates:
+            kept = [j for j in range(size) if j not in dropped]
+            rank = {j: p for p, j in enumerate(kept)}
+            cmap = self.maps[name]
+            for o, cur in enumerate(cmap):
+                if cur < 0:
+                    continue
+                if cur in dropped:
+                    cmap[o] = rank[assign[cur]] if cur in assign else -1
+                else:
+                    cmap[o] = rank[cur]
+
+
+def merge_decision(labels: np.ndarray, k: int) -> Decision:
+    """The merge that folds each cluster of ``labels`` into its first member."""
+    labels = np.asarray(labels)
+    reps = np.array([np.flatnonzero(labels == c)[0] for c in range(k)])
+    return Decision(keep=sorted(reps.tolist()), rep_of=reps[labels], labels=labels)
+
+
+# select(ctx, group, k) -> Decision: what a method keeps in one group (fold: clusters; prune: importance)
+Selector = Callable[[RepairContext, ChannelGroup, int], Decision]
+
+
+def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[object, GroupGraph]:
+    """Dependency graph and channel groups of ``model`` (raises PlanError when it cannot be traced)."""
+    dg = build_dependency_graph(model, example_input)
+    graph = find_groups(model, example_input, dg=dg)
+    if graph.error:
+        raise PlanError(graph.error)
+    return dg, graph
+
+
+def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str, repair: str,
+             example_input: torch.Tensor, repair_data: torch.Tensor | None = None, progress: Progress = None,
+             device=None, num_classes: int | None = None) -> FoldResult:
+    """Compress a copy of ``model`` as ``plan`` says: ``select`` decides per group, ``repair`` (a key of
+    :data:`foldviz.repair.REPAIRS`) repairs the statistics. The input model is never modified."""
+    rep = REPAIRS[repair]
+    dev = resolve_device(device)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    work = copy.deepcopy(model).to(dev).eval()
+    x = example_input.to(dev)
+    dg, graph = trace(work, x)
+    plan.validate(graph)
+    ctx = RepairContext(model, work, dg, x, plan, dev, repair_data, num_classes, progress)
+    seconds["graph"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    rep.prepare(ctx)
+    seconds["prepare"] = time.perf_counter() - t
+
+    # 1. decide every group on the unmerged weights
+    t = time.perf_counter()
+    todo = [(g, k_for_ratio(g.channels, plan.ratio_for(g.id))) for g in graph.foldable if plan.ratio_for(g.id) > 0]
+    todo = [(g, k) for g, k in todo if k < g.channels]
+    decisions: dict[str, Decision] = {}
+    for i, (g, k) in enumerate(todo):
+        d = select(ctx, g, k)
+        if d.rep_of is not None:
+            d.bn_scales = rep.bn_scales(ctx, g, d.labels, k)
+        decisions[g.id] = d
+        if progress:
+            progress("cluster", i + 1, len(todo))
+    seconds["cluster"] = time.perf_counter() - t
+
+    # 2. merge and physically shrink, one group after another
+    t = time.perf_counter()
+    surgery = GroupSurgery(work, dg)
+    for i, (g, _k) in enumerate(todo):
+        surgery.apply(g.id, g.channels, decisions[g.id])
+        if progress:
+            progress("merge", i + 1, len(todo))
+    seconds["merge"] = time.perf_counter() - t
+
+    # 3. repair statistics
+    t = time.perf_counter()
+    rep.finish(ctx)
+    seconds["repair"] = time.perf_counter() - t + seconds.pop("prepare")
+    seconds["total"] = time.perf_counter() - t0
+
+    rows = []
+    for g in graph.groups:
+        d = decisions.get(g.id)
+        rows.append({"id": g.id, "channels_before": g.channels, "channels_after": len(d.keep) if d else g.channels,
+                     "ratio": plan.ratio_for(g.id) if d else 0.0, "inertia": d.inertia if d else None,
+                     "n_iter": d.n_iter if d else None, "foldable": g.foldable, "reason": g.reason})
+    work = work.cpu().eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    labels = {gid: d.labels for gid, d in decisions.items() if d.labels is not None}
+    synthetic = ctx.synthetic.cpu() if ctx.synthetic is not None else None
+    return FoldResult(work, plan, method, rows, labels, surgery.maps, seconds, ctx.fused, synthetic, ctx.samples)
