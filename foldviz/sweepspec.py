@@ -69,7 +69,8 @@ def _schema() -> dict:
         "properties": {
             "foldviz_sweep": {"const": SPEC_VERSION},
             "models": {"type": "array", "minItems": 1,
-                       "items": {"oneOf": [{"type": "string", "minLength": 1}, _MODEL_OBJECT]}},
+                       "items": {"type": ["string", "object"], "if": {"type": "object"}, "then": _MODEL_OBJECT,
+                                 "else": {"minLength": 1}}},
             "methods": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": list(METHODS)}},
             "ratios": {"type": "array", "minItems": 1, "uniqueItems": True, "items": _RATIO},
             "seeds": {"type": "array", "minItems": 1, "uniqueItems": True,
