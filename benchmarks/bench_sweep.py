@@ -163,6 +163,11 @@ def main() -> int:
                   f"The first Ray run, whose two workers still import torch and foldviz, made "
                   f"{summary['cold_cpm']} cells/min (excluded from the median). Ray start-up (`ray.init`, local instance): "
                   f"{summary['ray_startup_s']} s, paid once per command.", ""]
+    lines += ["## Reading", "",
+              "Compare the ratio only with the load average beside it: on this 2-core box shared with other users, a "
+              "second worker gets no free core when the load average exceeds the core count, while Ray's daemons take "
+              "CPU and each task deserialises the model. Cells are independent, so on idle cores or a GPU cluster "
+              "throughput scales with workers; docs/RAY.md turns the costs below into an ImageNet estimate.", ""]
     if cost:
         lines += ["## Per-cell costs for the ImageNet estimate (docs/RAY.md)", "",
                   "| what | seconds | load before |", "|---|---:|---|"]

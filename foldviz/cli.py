@@ -116,6 +116,8 @@ def cmd_sweep(args) -> int:
     if bool(args.spec) == bool(args.model):
         raise ValueError("give either a MODEL (with --ratios and --data) or --spec SWEEP.json, not both"
                          if args.spec else "give a MODEL (with --ratios and --data) or --spec SWEEP.json")
+    if args.executor != "ray" and (args.ray_address or args.ray_ship_code or args.gpus_per_task is not None):
+        raise ValueError("--ray-address, --ray-ship-code and --gpus-per-task need --executor ray")
     ResultsCSV(args.out).check()  # a bad --out is an error before any work
     loaded = {}
     if args.spec:

@@ -218,11 +218,15 @@ class ResultsCSV:
         parent = p.parent if str(p.parent) else Path(".")
         if not parent.is_dir():
             raise SweepError(f"--out {p}: folder {parent} does not exist")
-        if p.exists():
-            if not os.access(p, os.W_OK):
-                raise SweepError(f"--out {p} is not writable")
-        elif not os.access(parent, os.W_OK | os.X_OK):
-            raise SweepError(f"--out {p}: folder {parent} is not writable")
+        try:  # really try (os.access says yes to root on a read-only mount)
+            if p.exists():
+                with p.open("a"):
+                    pass
+            else:
+                os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                p.unlink()
+        except OSError as exc:
+            raise SweepError(f"--out {p} is not writable: {exc.strerror or exc}") from None
         if not p.exists() or p.stat().st_size == 0:
             return set()
         try:
@@ -372,7 +376,11 @@ def run_sweep(spec: SweepSpec, out, *, executor=None, progress: ProgressLine | b
     for ref, items in by_model.items():
         lm = (loaded or {}).get(ref.spec) or ref.load()
         wh = state_dict_hash(lm.model)
-        todo = [(i, c) for i, c in items if c.key(wh) not in existing]
+        todo = []
+        for i, c in items:
+            if c.key(wh) not in existing:
+                existing.add(c.key(wh))  # a model listed twice runs its cells once
+                todo.append((i, c))
         summary.skipped += len(items) - len(todo)
         if todo:
             jobs.append(SweepJob(lm, wh, todo))

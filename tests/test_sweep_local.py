@@ -97,6 +97,8 @@ def test_out_is_validated_before_any_work(tmp_path, capsys, monkeypatch):
     assert "is a directory" in capsys.readouterr().err
     assert main(base + [str(tmp_path / "no" / "such" / "x.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(base + ["/proc/foldviz-sweep.csv"]) == 2  # unwritable even for root
+    assert "not writable" in capsys.readouterr().err
     other = tmp_path / "other.csv"
     other.write_text("a,b,c\n1,2,3\n")
     assert main(base + [str(other)]) == 2
@@ -226,3 +228,12 @@ def test_in_memory_sweep_keeps_its_signature_and_order():
     assert seen[-1] == (4, 4) and S.to_csv(out).splitlines()[0] == ",".join(S.FIELDS)
     with pytest.raises(ValueError, match="unknown method"):
         S.sweep(loaded, [0.3], ["magic"], "digits")
+
+
+def test_executors_import_neither_ray_nor_streamlit():
+    import subprocess
+    import sys
+
+    code = "import sys, foldviz.executors, foldviz.cli; print('ray' in sys.modules, 'streamlit' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -22,7 +22,7 @@ SAME = ("method", "label", "ratio", "seed", "param_sparsity", "params", "accurac
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     marker = tmp_path_factory.mktemp("ray") / "fail-once"
-    old = os.environ.get(S.FAIL_ONCE_ENV)
+    saved = {k: os.environ.get(k) for k in (S.FAIL_ONCE_ENV, "PYTHONPATH")}  # init_ray extends PYTHONPATH
     os.environ[S.FAIL_ONCE_ENV] = str(marker)  # inherited by the workers; armed by creating the file
     try:
         if ray.is_initialized():
@@ -31,10 +31,11 @@ def ray_local(tmp_path_factory):
         yield marker
     finally:
         ray.shutdown()
-        if old is None:
-            os.environ.pop(S.FAIL_ONCE_ENV, None)
-        else:
-            os.environ[S.FAIL_ONCE_ENV] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def rows(path):
