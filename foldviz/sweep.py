@@ -307,7 +307,7 @@ class ProgressLine:
         self.total, self.done, self.already = total, already, already
         self.stream = stream if stream is not None else sys.stderr
         self.quiet = quiet
-        self.t0 = time.monotonic()
+        self.t_first = time.monotonic()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def start(self) -> None:
@@ -320,11 +320,14 @@ class ProgressLine:
             return
         ran = self.done - self.already
         left = self.total - self.done
-        eta = (time.monotonic() - self.t0) / ran * left if ran else 0.0
+        now = time.monotonic()
+        if ran == 1:
+            self.t_first = now  # the ETA leaves out start-up (Ray, worker imports, first dataset load)
+        eta = _hms((now - self.t_first) / (ran - 1) * left) if ran > 1 else ("0m00s" if not left else "?")
         what = f"FAILED {cell.describe()}: {error}" if error else (
             f"{cell.describe()}: " + (f"acc {row['accuracy']:.2%}" if row.get("accuracy") is not None else
                                       f"ppl {row.get('perplexity')}") + f", sparsity {row['param_sparsity']:.1%}")
-        line = f"[{self.done}/{self.total}] {self.done / max(self.total, 1):.0%} ETA {_hms(eta)}  {what}"
+        line = f"[{self.done}/{self.total}] {self.done / max(self.total, 1):.0%} ETA {eta}  {what}"
         if self.tty:
             end = "\n" if left == 0 or error else ""
             self.stream.write("\r\x1b[2K" + line[:200] + end)

@@ -237,3 +237,14 @@ def test_executors_import_neither_ray_nor_streamlit():
     code = "import sys, foldviz.executors, foldviz.cli; print('ray' in sys.modules, 'streamlit' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_progress_rewrites_one_line_on_a_tty(tmp_path):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    buf = Tty()
+    S.run_sweep(small_spec(ratios=[0.3]), tmp_path / "s.csv", progress=S.ProgressLine(0, stream=buf))
+    text = buf.getvalue()
+    assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1 and "[3/3] 100%" in text
