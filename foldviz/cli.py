@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .apply import DEFAULT_REPAIR_SAMPLES
 from .data import DataError
@@ -112,15 +111,43 @@ def cmd_fold(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import sweep, to_csv
+    from .executors import make_executor
+    from .sweep import ResultsCSV, run_sweep
+    from .sweepspec import ModelRef, load_spec, spec_from_args
 
-    loaded = _load(args)
-    rows = sweep(loaded, args.ratios, args.methods, args.data, seeds=args.seeds, eval_limit=args.eval_limit,
-                 progress=lambda d, t, row: print(f"  [{d}/{t}] {row['label']} r={row['ratio']}: "
-                                                  f"acc {row['accuracy']:.2%}, sparsity {row['param_sparsity']:.1%}",
-                                                  file=sys.stderr))
-    Path(args.out).write_text(to_csv(rows))
-    print(f"wrote {args.out} ({len(rows)} rows)")
+    if bool(args.spec) == bool(args.model):
+        raise ValueError("give either a MODEL (with --ratios and --data) or --spec SWEEP.json, not both"
+                         if args.spec else "give a MODEL (with --ratios and --data) or --spec SWEEP.json")
+    if args.executor != "ray" and (args.ray_address or args.ray_ship_code or args.gpus_per_task is not None):
+        raise ValueError("--ray-address, --ray-ship-code and --gpus-per-task need --executor ray")
+    ResultsCSV(args.out).check()  # a bad --out is an error before any work
+    loaded = {}
+    if args.spec:
+        spec = load_spec(args.spec)
+    else:
+        missing = [f for f, v in (("--ratios", args.ratios), ("--data", args.data)) if not v]
+        if missing:
+            raise ValueError(f"sweep {args.model} needs {' and '.join(missing)} (or use --spec SWEEP.json)")
+        ref = ModelRef(spec=args.model, weights=args.weights, num_classes=args.num_classes,
+                       cifar_stem=args.cifar_stem, pretrained=args.pretrained)
+        spec = spec_from_args(ref, args.ratios, args.methods, args.data, seeds=args.seeds,
+                              eval_limit=args.eval_limit, repair_samples=args.repair_samples)
+        loaded[args.model] = _load(args)
+    executor = make_executor(args.executor, address=args.ray_address, gpus_per_task=args.gpus_per_task,
+                             max_retries=args.max_retries, ship_code=args.ray_ship_code)
+    try:
+        summary = run_sweep(spec, args.out, executor=executor, progress=not args.quiet, loaded=loaded)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished cells are in {args.out}; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    print(f"wrote {args.out}: {summary.executed} new cell(s), {summary.skipped} already there, "
+          f"{len(summary.failed)} failed, {summary.total} in the sweep")
+    if summary.failed:
+        cell, msg = summary.failed[0]
+        print(f"error: {len(summary.failed)} cell(s) failed (first: {cell.describe()}: {msg}); "
+              "run the same command again to retry them", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -165,14 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_fold)
 
-    p = sub.add_parser("sweep", help="accuracy vs. sparsity for several methods, as CSV")
-    _model_args(p)
-    p.add_argument("--ratios", type=_ratio, nargs="+", required=True)
+    p = sub.add_parser("sweep", help="accuracy vs. sparsity for several methods, as CSV (resumable; local or Ray)",
+                       description="Run every (model, method, ratio, seed) cell and append each finished row to "
+                                   "--out at once; re-running the same command skips the cells already there.")
+    p.add_argument("model", nargs="?", help="demo:NAME, torchvision:ARCH, or a folded-model directory "
+                                            "(or use --spec for many models)")
+    p.add_argument("--spec", help="sweep spec JSON: many models x methods x ratios x seeds (see foldviz.sweepspec)")
+    p.add_argument("--weights", help="state dict for the model (.safetensors, or .pt/.pth loaded weights-only)")
+    p.add_argument("--num-classes", type=int, help="classifier width for torchvision:ARCH")
+    p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem without max-pool (32x32 inputs)")
+    p.add_argument("--pretrained", action="store_true", help="download torchvision's pretrained weights")
+    p.add_argument("--ratios", type=_ratio, nargs="+")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["none", "r", "ar", "l1", "l2"])
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="evaluation/repair data: digits, cifar10:ROOT, ..., imagefolder:DIR")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--eval-limit", type=int)
-    p.add_argument("--out", required=True)
+    p.add_argument("--repair-samples", type=int, default=DEFAULT_REPAIR_SAMPLES,
+                   help="training inputs drawn for Fold-R / REPAIR")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: cells one by one in this process; ray: one Ray task per cell")
+    p.add_argument("--ray-address", help="join this Ray cluster (auto, HOST:6379, ray://HOST:10001); default: env "
+                                         "FOLDVIZ_RAY_ADDRESS, else start a local Ray instance")
+    p.add_argument("--ray-ship-code", action="store_true", help="upload this foldviz package with the Ray job "
+                                                                 "(when the cluster's nodes do not have it installed)")
+    p.add_argument("--gpus-per-task", type=float, help="GPUs per Ray task (default: 1 if the cluster has GPUs, else 0; "
+                                                       "0.5 runs two cells per GPU)")
+    p.add_argument("--max-retries", type=int, help="attempts after a transient failure (default: local 2, ray 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--out", required=True, help="CSV file; appended to and resumed when it exists")
     p.set_defaults(func=cmd_sweep)
 
     add_train_subparser(sub)

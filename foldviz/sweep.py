@@ -1,58 +1,457 @@
-"""Accuracy against parameter sparsity for several methods: the paper's main comparison."""
+"""Accuracy against parameter sparsity for several methods: the paper's main comparison.
+
+A sweep is a list of *cells* (model, method, ratio, seed).  :func:`plan_cells` expands a
+:class:`~foldviz.sweepspec.SweepSpec` into cells, :func:`run_cell` runs one (fold or prune, evaluate) and returns
+its CSV row, an executor (:mod:`foldviz.executors`: in-process or Ray) runs many, and :func:`run_sweep` streams
+every finished row into a CSV file at once, skipping the cells the file already holds (resume).
+:func:`sweep` is the in-memory call the app and older callers use.
+"""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
+import math
+import os
+import socket
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from .data import evaluate, load_dataset, make_loader
 from .metrics import count_params
 from .models import LoadedModel
-from .kmeans import DEFAULT_CLUSTERING
 from .plans import FoldPlan
 from .apply import DEFAULT_REPAIR_SAMPLES, apply_method, repair_inputs
 from .methods import METHODS
+from .sweepspec import ModelRef, SweepSpec, spec_from_args
+from .utils import state_dict_hash
 
+# legacy in-memory columns (``to_csv``, the app)
 FIELDS = ["method", "label", "ratio", "seed", "param_sparsity", "params", "accuracy", "loss", "seconds"]
+# the streamed, resumable CSV written by ``run_sweep`` / ``foldviz sweep``
+CSV_FIELDS = ["model", "family", "weights_sha256", "plan_sha256", "settings_hash", "method", "label", "ratio", "seed",
+              "param_sparsity", "params", "accuracy", "perplexity", "loss", "eval_samples", "seconds", "eval_seconds",
+              "host", "data", "finished_at"]
+KEY_FIELDS = ("model", "weights_sha256", "method", "ratio", "seed", "settings_hash")
+ORIGINAL = "original"
+FAIL_ONCE_ENV = "FOLDVIZ_SWEEP_FAIL_ONCE"  # test hook: path of a marker file; its first consumer fails once
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start (bad output file, unknown method...): one line for the user."""
+
+
+class TransientCellError(RuntimeError):
+    """A cell failure worth retrying (a flaky filesystem, a worker hiccup): executors retry these."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: fold/prune ``model`` with ``method`` at ``ratio`` with ``seed``, then evaluate."""
+
+    model: ModelRef
+    method: str  # a key of METHODS, or "original" (the unfolded baseline)
+    ratio: float
+    seed: int
+    data: str
+    eval_limit: int | None = None
+    repair_samples: int = DEFAULT_REPAIR_SAMPLES
+    clustering: dict = field(default_factory=dict, hash=False, compare=False)
+    repair_settings: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    def settings(self) -> dict:
+        """The settings that change this cell's result (besides model, weights, method, ratio, seed)."""
+        s = {"family": self.family, "data": self.data, "eval_limit": self.eval_limit}
+        if self.method != ORIGINAL:
+            if METHODS[self.method].needs_data:
+                s["repair_samples"] = self.repair_samples
+            if not self.method.startswith("l"):
+                s["clustering"] = self.clustering
+            s["repair_settings"] = self.repair_settings
+        return s
+
+    def settings_hash(self) -> str:
+        return _sha(json.dumps(self.settings(), sort_keys=True))[:16]
+
+    def plan(self) -> FoldPlan | None:
+        if self.method == ORIGINAL:
+            return None
+        return FoldPlan(default_ratio=float(self.ratio), repair="none", seed=int(self.seed),
+                        clustering=dict(self.clustering), repair_settings=dict(self.repair_settings))
+
+    def key(self, weights_sha256: str) -> tuple:
+        return (self.model.spec, weights_sha256, self.method, _ratio_text(self.ratio), str(int(self.seed)),
+                self.settings_hash())
+
+    def describe(self) -> str:
+        if self.method == ORIGINAL:
+            return f"{self.model.spec} original"
+        return f"{self.model.spec} {METHODS[self.method].label} r={self.ratio:g} seed={self.seed}"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _ratio_text(r) -> str:
+    return repr(float(r))
+
+
+def plan_cells(spec: SweepSpec) -> list[Cell]:
+    """Every cell of ``spec`` in a stable order: per model its original row, then seed, method, ratio."""
+    cells = []
+    for m in spec.models:
+        data = spec.data_for(m)
+        common = dict(data=data, eval_limit=spec.eval_limit, repair_samples=spec.repair_samples,
+                      clustering=dict(spec.clustering), repair_settings=dict(spec.repair_settings))
+        if spec.include_original:
+            cells.append(Cell(m, ORIGINAL, 0.0, 0, **common))
+        for seed in spec.seeds:
+            for method in spec.methods:
+                for r in spec.ratios:
+                    cells.append(Cell(m, method, float(r), int(seed), **common))
+    for c in cells:
+        c.plan()  # FoldPlan validates repair_settings/clustering before any work starts
+    return cells
+
+
+# ------------------------------------------------------------------------------------------------ running cells
+# per-process caches: a worker (or the local process) loads a dataset and draws repair inputs once per setting
+_LOADERS: dict = {}
+_REPAIR: dict = {}
+_CACHE_MAX = 8
+
+
+def _cached(cache: dict, key, make):
+    if key not in cache:
+        if len(cache) >= _CACHE_MAX:
+            cache.pop(next(iter(cache)))
+        cache[key] = make()
+    return cache[key]
+
+
+def _maybe_fail_once() -> None:
+    marker = os.environ.get(FAIL_ONCE_ENV)
+    if marker:
+        try:
+            os.unlink(marker)  # only one process can remove it: exactly one failure
+        except FileNotFoundError:
+            return
+        raise TransientCellError(f"injected failure ({FAIL_ONCE_ENV}={marker})")
+
+
+def _run_cnn_cell(loaded: LoadedModel, cell: Cell, *, device=None, n0: int | None = None) -> dict:
+    card_key = json.dumps(loaded.card, sort_keys=True, default=str)
+    loader = _cached(_LOADERS, (cell.data, card_key, cell.eval_limit),
+                     lambda: make_loader(load_dataset(cell.data, "test", card=loaded.card), limit=cell.eval_limit))
+    n0 = n0 if n0 is not None else count_params(loaded.model)
+    t = time.perf_counter()
+    if cell.method == ORIGINAL:
+        model, label = loaded.model, "Original"
+    else:
+        data = None
+        if METHODS[cell.method].needs_data:
+            data = _cached(_REPAIR, (cell.data, card_key, cell.repair_samples, cell.seed),
+                           lambda: repair_inputs(loaded, cell.data, cell.repair_samples, seed=cell.seed))
+        res = apply_method(loaded, cell.plan(), cell.method, repair_data=data, device=device)
+        model, label = res.model, METHODS[cell.method].label
+    fold_seconds = time.perf_counter() - t if cell.method != ORIGINAL else 0.0
+    t = time.perf_counter()
+    ev = evaluate(model, loader, device=device)
+    n = count_params(model)
+    return {"label": label, "param_sparsity": 1 - n / n0, "params": n, "accuracy": ev.accuracy, "perplexity": None,
+            "loss": ev.loss, "eval_samples": ev.n, "seconds": fold_seconds, "eval_seconds": time.perf_counter() - t}
+
+
+# family -> runner(loaded, cell, device=..., n0=...) -> partial row; a language-model family registers its own
+CELL_RUNNERS: dict[str, Callable[..., dict]] = {"cnn": _run_cnn_cell}
+
+
+def run_cell(loaded: LoadedModel, cell: Cell, *, weights_sha256: str | None = None, device=None,
+             n0: int | None = None) -> dict:
+    """Run one cell on ``loaded`` (which it does not modify) and return its CSV row (see ``CSV_FIELDS``)."""
+    _maybe_fail_once()
+    runner = CELL_RUNNERS.get(cell.family)
+    if runner is None:
+        raise SweepError(f"no cell runner for model family {cell.family!r} (known: {', '.join(CELL_RUNNERS)})")
+    part = runner(loaded, cell, device=device, n0=n0)
+    wh = weights_sha256 or state_dict_hash(loaded.model)
+    plan = cell.plan()
+    row = {"model": cell.model.spec, "family": cell.family, "weights_sha256": wh,
+           "plan_sha256": _sha(plan.to_json()) if plan else "", "settings_hash": cell.settings_hash(),
+           "method": cell.method, "ratio": float(cell.ratio), "seed": int(cell.seed), "host": socket.gethostname(),
+           "data": cell.data, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    row.update(part)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ results file
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else str(v)
+    return str(v)
+
+
+class ResultsCSV:
+    """The streamed output file: checked before any work, one fsync'd row per finished cell, resumable."""
+
+    def __init__(self, path, fields=CSV_FIELDS):
+        self.path = Path(path).expanduser()
+        self.fields = list(fields)
+        self._fh = None
+
+    def check(self) -> set[tuple]:
+        """Validate the path and return the keys of the rows already there.  Raises SweepError."""
+        p = self.path
+        if p.is_dir():
+            raise SweepError(f"--out {p} is a directory; give a CSV file path")
+        parent = p.parent if str(p.parent) else Path(".")
+        if not parent.is_dir():
+            raise SweepError(f"--out {p}: folder {parent} does not exist")
+        try:  # really try (os.access says yes to root on a read-only mount)
+            if p.exists():
+                with p.open("a"):
+                    pass
+            else:
+                os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                p.unlink()
+        except OSError as exc:
+            raise SweepError(f"--out {p} is not writable: {exc.strerror or exc}") from None
+        if not p.exists() or p.stat().st_size == 0:
+            return set()
+        try:
+            with p.open(newline="") as fh:
+                reader = csv.reader(fh)
+                header = next(reader, [])
+                if header != self.fields:
+                    raise SweepError(
+                        f"--out {p} exists with different columns ({','.join(header[:6])}...); it is not a foldviz "
+                        f"sweep file of this version: choose another --out or remove it")
+                idx = [self.fields.index(k) for k in KEY_FIELDS]
+                keys = set()
+                for rec in reader:
+                    if len(rec) != len(self.fields):
+                        continue  # a torn last line (crash mid-write): that cell runs again
+                    keys.add(tuple(_canon(k, rec[i]) for k, i in zip(KEY_FIELDS, idx)))
+                return keys
+        except UnicodeDecodeError:
+            raise SweepError(f"--out {p} exists and is not a text CSV file") from None
+
+    def open(self) -> "ResultsCSV":
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new:
+            with self.path.open("rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+        self._fh = self.path.open("a", newline="")
+        if new:
+            self._write(self.fields)
+        elif torn:
+            self._fh.write("\n")
+        return self
+
+    def _write(self, values) -> None:
+        csv.writer(self._fh).writerow(values)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def append(self, row: dict) -> None:
+        self._write([_fmt(row.get(k)) for k in self.fields])
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _canon(key: str, text: str) -> str:
+    if key == "ratio":
+        try:
+            return _ratio_text(float(text))
+        except ValueError:
+            return text
+    return text
+
+
+def read_rows(path) -> list[dict]:
+    with Path(path).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class ProgressLine:
+    """``[done/total] pct ETA`` on stderr: rewritten in place on a TTY, else one line per finished cell."""
+
+    def __init__(self, total: int, already: int = 0, stream=None, quiet: bool = False):
+        self.total, self.done, self.already = total, already, already
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet = quiet
+        self.t_first = time.monotonic()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def start(self) -> None:
+        if not self.quiet and self.already:
+            print(f"resuming: {self.already} of {self.total} cells already in the output file", file=self.stream)
+
+    def update(self, cell: Cell, row: dict | None, error: str | None = None) -> None:
+        self.done += 1
+        if self.quiet:
+            return
+        ran = self.done - self.already
+        left = self.total - self.done
+        now = time.monotonic()
+        if ran == 1:
+            self.t_first = now  # the ETA leaves out start-up (Ray, worker imports, first dataset load)
+        eta = _hms((now - self.t_first) / (ran - 1) * left) if ran > 1 else ("0m00s" if not left else "?")
+        what = f"FAILED {cell.describe()}: {error}" if error else (
+            f"{cell.describe()}: " + (f"acc {row['accuracy']:.2%}" if row.get("accuracy") is not None else
+                                      f"ppl {row.get('perplexity')}") + f", sparsity {row['param_sparsity']:.1%}")
+        line = f"[{self.done}/{self.total}] {self.done / max(self.total, 1):.0%} ETA {eta}  {what}"
+        if self.tty:
+            end = "\n" if left == 0 or error else ""
+            self.stream.write("\r\x1b[2K" + line[:200] + end)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+# ------------------------------------------------------------------------------------------------ whole sweeps
+@dataclass
+class SweepJob:
+    """One model of a sweep, loaded in the driver, with its pending cells."""
+
+    loaded: LoadedModel
+    weights_sha256: str
+    cells: list[tuple[int, Cell]]  # (index in the plan, cell)
+
+
+@dataclass
+class SweepSummary:
+    total: int = 0
+    skipped: int = 0      # already in the output file
+    executed: int = 0     # finished and written in this run
+    failed: list = field(default_factory=list)  # (cell, error message)
+
+
+def _local_executor():
+    from .executors import LocalExecutor
+
+    return LocalExecutor()
+
+
+def run_sweep(spec: SweepSpec, out, *, executor=None, progress: ProgressLine | bool | None = True,
+              callback: Callable[[int, int, dict], None] | None = None, loaded: dict | None = None) -> SweepSummary:
+    """Run every cell of ``spec`` not yet in ``out`` (a CSV path), appending each finished row at once.
+
+    ``executor``: a :mod:`foldviz.executors` executor (default: in-process).  ``callback(done, total, row)`` runs
+    after each row is safely on disk (an exception there, e.g. KeyboardInterrupt, stops the sweep; finished rows
+    stay).  ``loaded``: already-loaded models by spec string (skips loading them again).
+    """
+    results = ResultsCSV(out)
+    existing = results.check()  # before any work
+    cells = plan_cells(spec)
+    summary = SweepSummary(total=len(cells))
+    jobs = []
+    by_model: dict[ModelRef, list[tuple[int, Cell]]] = {}
+    for i, c in enumerate(cells):
+        by_model.setdefault(c.model, []).append((i, c))
+    for ref, items in by_model.items():
+        lm = (loaded or {}).get(ref.spec) or ref.load()
+        wh = state_dict_hash(lm.model)
+        todo = []
+        for i, c in items:
+            if c.key(wh) not in existing:
+                existing.add(c.key(wh))  # a model listed twice runs its cells once
+                todo.append((i, c))
+        summary.skipped += len(items) - len(todo)
+        if todo:
+            jobs.append(SweepJob(lm, wh, todo))
+    if progress is True:
+        progress = ProgressLine(summary.total, summary.skipped)
+    elif progress is False:
+        progress = None
+    elif progress is not None:
+        progress.total, progress.done, progress.already = summary.total, summary.skipped, summary.skipped
+    if progress:
+        progress.start()
+    executor = executor or _local_executor()
+
+    with results:
+        def on_row(index: int, cell: Cell, row: dict) -> None:
+            results.append(row)
+            summary.executed += 1
+            if progress:
+                progress.update(cell, row)
+            if callback:
+                callback(summary.skipped + summary.executed, summary.total, row)
+
+        def on_error(index: int, cell: Cell, exc: BaseException) -> None:
+            if isinstance(exc, ValueError):  # a wrong input (data spec, settings) fails every cell alike: stop
+                raise exc
+            msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            summary.failed.append((cell, msg))
+            if progress:
+                progress.update(cell, None, error=msg)
+
+        if jobs:
+            executor.run(jobs, on_row, on_error)
+    return summary
 
 
 def sweep(loaded: LoadedModel, ratios, methods, data_spec: str, *, seeds=(0,), eval_limit: int | None = None,
-          repair_samples: int = DEFAULT_REPAIR_SAMPLES, clustering: dict | None = None, repair_settings: dict | None = None,
-          progress: Callable[[int, int, dict | None], None] | None = None) -> list[dict]:
+          repair_samples: int = DEFAULT_REPAIR_SAMPLES, clustering: dict | None = None,
+          repair_settings: dict | None = None, progress: Callable[[int, int, dict | None], None] | None = None,
+          executor=None) -> list[dict]:
     """Fold/prune ``loaded`` at every ratio with every method and seed; evaluate each on ``data_spec``'s test split.
 
-    Returns one row per (method, ratio, seed) plus one "original" row. ``progress(done, total, last_row)``.
+    Returns one row per (method, ratio, seed) plus one "original" row first (in plan order whatever the
+    executor).  ``progress(done, total, last_row)`` counts the folded cells.
     """
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
-    loader = make_loader(load_dataset(data_spec, "test", card=loaded.card), limit=eval_limit)
-    base = evaluate(loaded.model, loader)
-    n0 = count_params(loaded.model)
-    rows = [{"method": "original", "label": "Original", "ratio": 0.0, "seed": 0, "param_sparsity": 0.0,
-             "params": n0, "accuracy": base.accuracy, "loss": base.loss, "seconds": 0.0}]
-    total = len(ratios) * len(methods) * len(seeds)
-    done = 0
-    for seed in seeds:
-        data = repair_inputs(loaded, data_spec, repair_samples, seed=seed) if any(METHODS[m].needs_data for m in methods) else None
-        for method in methods:
-            for r in ratios:
-                plan = FoldPlan(default_ratio=float(r), repair="none", seed=int(seed),
-                                clustering=clustering or dict(DEFAULT_CLUSTERING), repair_settings=repair_settings or {})
-                t = time.perf_counter()
-                res = apply_method(loaded, plan, method, repair_data=data)
-                seconds = time.perf_counter() - t
-                ev = evaluate(res.model, loader)
-                n = count_params(res.model)
-                row = {"method": method, "label": METHODS[method].label, "ratio": float(r), "seed": int(seed),
-                       "param_sparsity": 1 - n / n0, "params": n, "accuracy": ev.accuracy, "loss": ev.loss,
-                       "seconds": seconds}
-                rows.append(row)
-                done += 1
-                if progress:
-                    progress(done, total, row)
-    return rows
+    spec = spec_from_args(ModelRef(spec=loaded.spec or "model"), ratios, methods, data_spec, seeds=seeds,
+                          eval_limit=eval_limit, repair_samples=repair_samples, clustering=clustering,
+                          repair_settings=repair_settings)
+    cells = plan_cells(spec)
+    job = SweepJob(loaded, state_dict_hash(loaded.model), list(enumerate(cells)))
+    rows: dict[int, dict] = {}
+    total, done = len(cells) - 1, 0
+
+    def on_row(i, cell, row):
+        nonlocal done
+        rows[i] = row
+        if cell.method != ORIGINAL:
+            done += 1
+            if progress:
+                progress(done, total, row)
+
+    def on_error(i, cell, exc):
+        raise exc
+
+    (executor or _local_executor()).run([job], on_row, on_error)
+    return [rows[i] for i in sorted(rows)]
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -55,3 +55,7 @@ def no_network(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", _offline)
     return _offline
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~30 s (deselect with -m 'not slow')")

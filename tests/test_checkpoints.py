@@ -136,7 +136,7 @@ def test_whole_pickled_model_is_refused(tmp_path):
     torch.save(M.DigitsMLP(), path)
     with pytest.raises(ModelLoadError) as exc:
         load_model("demo:digits-mlp", weights=path)
-    assert "refused to unpickle full_model.pt: it references the Python object foldviz.models.DigitsMLP" \
+    assert "refused to unpickle full_model.pt: it references the Python object foldviz.zoo.DigitsMLP" \
         in str(exc.value)
 
 

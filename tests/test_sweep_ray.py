@@ -1,0 +1,98 @@
+"""Sweeps on a real local Ray instance (2 CPUs, no dashboard): same rows as in-process, retries, resume, CLI.
+
+One Ray instance serves the whole module; it is shut down in the fixture's teardown whatever the tests do.
+"""
+import csv
+import os
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from foldviz import sweep as S  # noqa: E402
+from foldviz.cli import main  # noqa: E402
+from foldviz.executors import LocalExecutor, RayExecutor, init_ray  # noqa: E402
+from foldviz.sweepspec import ModelRef, spec_from_args  # noqa: E402
+
+MODEL = "demo:digits-mlp"
+SAME = ("method", "label", "ratio", "seed", "param_sparsity", "params", "accuracy", "eval_samples",
+        "weights_sha256", "plan_sha256", "settings_hash")
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    marker = tmp_path_factory.mktemp("ray") / "fail-once"
+    saved = {k: os.environ.get(k) for k in (S.FAIL_ONCE_ENV, "PYTHONPATH")}  # init_ray extends PYTHONPATH
+    os.environ[S.FAIL_ONCE_ENV] = str(marker)  # inherited by the workers; armed by creating the file
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+        init_ray(num_cpus=2)
+        yield marker
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def spec(methods, ratios=(0.3,), seeds=(0,)):
+    return spec_from_args(ModelRef(MODEL), list(ratios), list(methods), "digits", seeds=seeds, eval_limit=80,
+                          repair_samples=64)
+
+
+def test_ray_gives_the_same_rows_as_local(ray_local, tmp_path, capsys):
+    methods = ["none", "ar", "l1", "r", "l1+r"]  # without and with data
+    local, remote = tmp_path / "local.csv", tmp_path / "ray.csv"
+    s = S.run_sweep(spec(methods, seeds=(0, 1)), local, executor=LocalExecutor(), progress=False)
+    assert s.executed == 11
+    # the Ray run goes through the command line (joins the running instance)
+    assert main(["sweep", MODEL, "--ratios", "0.3", "--methods", *methods, "--data", "digits", "--seeds", "0", "1",
+                 "--eval-limit", "80", "--repair-samples", "64", "--executor", "ray", "--out", str(remote)]) == 0
+    assert "11 new cell(s)" in capsys.readouterr().out
+
+    def table(path):
+        return sorted(tuple(r[k] for k in SAME) for r in rows(path))
+
+    assert table(local) == table(remote)
+    assert len(table(remote)) == 11
+    assert ray.is_initialized()  # an instance the executor did not start is left running
+
+
+def test_failed_task_is_retried_and_the_sweep_completes(ray_local, tmp_path):
+    ray_local.touch()  # the first task to see it fails once
+    s = S.run_sweep(spec(["none", "l1"]), tmp_path / "s.csv", executor=RayExecutor(max_retries=2), progress=False)
+    assert not ray_local.exists(), "no task consumed the injected failure"
+    assert (s.executed, s.failed) == (3, []) and len(rows(tmp_path / "s.csv")) == 3
+
+
+def test_failure_without_retries_is_reported_then_resumed(ray_local, tmp_path):
+    out = tmp_path / "s.csv"
+    ray_local.touch()
+    s = S.run_sweep(spec(["none"]), out, executor=RayExecutor(max_retries=0), progress=False)
+    assert s.executed == 1 and len(s.failed) == 1 and "injected failure" in s.failed[0][1]
+    s = S.run_sweep(spec(["none"]), out, executor=RayExecutor(), progress=False)
+    assert (s.skipped, s.executed) == (1, 1)
+
+
+def test_interrupted_ray_sweep_resumes_with_only_the_missing_cells(ray_local, tmp_path):
+    out = tmp_path / "s.csv"
+    sp = spec(["none", "l1", "ar"], ratios=(0.3, 0.5))  # 7 cells
+
+    def stop_after_2(done, total, row):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        S.run_sweep(sp, out, executor=RayExecutor(), progress=False, callback=stop_after_2)
+    assert len(rows(out)) == 2
+    s = S.run_sweep(sp, out, executor=RayExecutor(), progress=False)
+    assert (s.skipped, s.executed, s.total) == (2, 5, 7)
+    assert len({(r["method"], r["ratio"]) for r in rows(out)}) == 7
