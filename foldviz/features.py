@@ -58,8 +58,16 @@ def robust_scale(x: torch.Tensor) -> torch.Tensor:
     return (x - med) / iqr
 
 
-def cosine_similarity(features: np.ndarray | torch.Tensor) -> np.ndarray:
+def cosine_similarity(features: np.ndarray | torch.Tensor, *, centred: bool = True) -> np.ndarray:
+    """(n, n) cosine similarity of the channels' feature vectors.
+
+    ``centred`` (default) first subtracts the mean channel, the geometry k-means works in: columns every channel
+    shares (e.g. an untrained BatchNorm's gamma = 1, beta = 0) then add no similarity, so a random network no
+    longer looks redundant. ``centred=False`` is the plain cosine of the raw vectors.
+    """
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    if centred:
+        x = x - x.mean(dim=0, keepdim=True)
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (x @ x.T).clamp(-1, 1).numpy()
 

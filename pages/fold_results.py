@@ -113,6 +113,10 @@ else:
     c1.download_button("Folded model (.zip: safetensors + card + plan)", lambda: wb.export_folded(outcome),
                        file_name="folded-model.zip", mime="application/zip", key="fr_dl_model")
 
+    # read session state now: Streamlit calls the download callable outside this script run
+    zip_compare = comp if comp and comp["plan"] == ss.get("outcome_plan") else None
+    zip_sweep = ss.get("sweep")
+
     def _report_zip() -> bytes:
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
@@ -121,10 +125,10 @@ else:
             z.writestr("plan.json", outcome.result.plan.to_json())
             figs = {"before_after": F.before_after_bars(b, a),
                     "channels_per_group": F.channels_per_group([g for g in r["groups"] if g.get("foldable", True)])}
-            c = ss.get("compare")
-            if c and c["plan"] == ss.get("outcome_plan"):
-                figs["variance_ratio"] = F.variance_ratio_plot({m_: v["rows"] for m_, v in c["data"].items() if v["rows"]})
-            sw = ss.get("sweep")
+            if zip_compare:
+                figs["variance_ratio"] = F.variance_ratio_plot({m_: v["rows"] for m_, v in zip_compare["data"].items()
+                                                                if v["rows"]})
+            sw = zip_sweep
             if sw and sw.get("rows"):
                 z.writestr("sweep.csv", sweep_csv(sw["rows"]))
                 figs["sweep"] = F.sweep_plot(sw["rows"], methods=sw["methods"])

@@ -170,7 +170,7 @@ cols[1].metric("FLOPs / image", fmt_count(summary["flops"]), help="2 FLOPs per m
 cols[2].metric("Size", f"{summary['size_bytes'] / 1e6:.2f} MB")
 cols[3].metric("Foldable groups", f"{summary['foldable_groups']} of {summary['groups']}")
 cols[4].metric("Baseline accuracy", _ui.fmt_pct(acc["accuracy"]) if acc else "—",
-               help=f"top-1 on {acc['n']} test samples" if acc else "pick evaluation data")
+               help=f"top-1 on {acc['samples']} test samples" if acc else "pick evaluation data")
 if acc_err:
     st.error(f"Baseline accuracy unavailable: {acc_err}")
 if summary["graph_error"]:

@@ -267,7 +267,7 @@ def test_run_fold_shows_results_and_repairs():
     assert 0.5 < rep["param_sparsity"] < 0.9
     shown = pct(metric(at, "Accuracy"))
     assert shown == pytest.approx(100 * rep["accuracy_after"], abs=0.06)
-    assert any(f"{100 * rep['before']['accuracy']:.1f}%" in c.value for c in at.caption)
+    assert any(f"{100 * rep['accuracy_before']:.1f}%" in c.value for c in at.caption)
     ba = chart(at, "before_after_bars")
     assert ba["layout"]["meta"]["metrics"][:2] == ["accuracy", "params"]
     ch = chart(at, "channels_per_group")

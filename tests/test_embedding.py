@@ -59,3 +59,20 @@ def test_umap_seeded_reproducible():
     assert a.method == "umap" and a.coords.shape == (30, 2)
     assert np.allclose(a.coords, b.coords)
     assert _separated(a.coords, labels)
+
+
+def test_shared_columns_add_no_similarity():
+    """Columns every channel shares (an untrained BatchNorm's gamma=1, beta=0) must not make channels look alike."""
+    import torch
+
+    from foldviz.features import cosine_similarity, redundancy
+
+    w = torch.randn(64, 9, generator=torch.Generator().manual_seed(0)) * 0.1
+    x = torch.cat([w, torch.ones(64, 1), torch.zeros(64, 1)], dim=1).numpy()
+    plain = cosine_similarity(x, centred=False)
+    centred = cosine_similarity(x)
+    off = ~np.eye(64, dtype=bool)
+    assert plain[off].mean() > 0.5                      # the constant column dominates the raw cosine
+    assert abs(centred[off].mean()) < 0.05              # centred: no spurious similarity
+    assert np.allclose(np.diag(centred), 1, atol=1e-5)
+    assert redundancy(x)["mean_cos"] == pytest.approx(float(centred[off].mean()), abs=1e-6)
