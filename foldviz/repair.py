@@ -229,6 +229,7 @@ class RepairContext:
     fused: dict[str, str] = field(default_factory=dict)    # BN name -> producer it was fused into
     biased: set[str] = field(default_factory=set)          # producers that had a bias before fusion
     synthetic: torch.Tensor | None = None                  # Fold-DIR's synthesised batch
+    channel_maps: dict[str, np.ndarray] = field(default_factory=dict)  # module -> new index of each channel
     samples: int = 0                                       # inputs used to re-estimate statistics
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -244,7 +245,7 @@ class Repair:
         """Before clustering, on the unmerged working copy."""
 
     def bn_scales(self, ctx: RepairContext, group, labels: np.ndarray, k: int) -> dict[str, torch.Tensor]:
-        """Per merged group: {BatchNorm name: (k,) factor for gamma of each cluster}."""
+        """Per merged group, right before it merges: {BatchNorm name: (k,) factor for gamma of each cluster}."""
         return {}
 
     def finish(self, ctx: RepairContext) -> None:

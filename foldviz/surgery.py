@@ -209,10 +209,7 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     todo = [(g, k) for g, k in todo if k < g.channels]
     decisions: dict[str, Decision] = {}
     for i, (g, k) in enumerate(todo):
-        d = select(ctx, g, k)
-        if d.rep_of is not None:
-            d.bn_scales = rep.bn_scales(ctx, g, d.labels, k)
-        decisions[g.id] = d
+        decisions[g.id] = select(ctx, g, k)
         if progress:
             progress("cluster", i + 1, len(todo))
     seconds["cluster"] = time.perf_counter() - t
@@ -220,8 +217,12 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     # 2. merge and physically shrink, one group after another
     t = time.perf_counter()
     surgery = GroupSurgery(work, dg)
-    for i, (g, _k) in enumerate(todo):
-        surgery.apply(g.id, g.channels, decisions[g.id])
+    ctx.channel_maps = surgery.maps
+    for i, (g, k) in enumerate(todo):
+        d = decisions[g.id]
+        if d.rep_of is not None:  # read from the model as merged so far, right before this group merges
+            d.bn_scales = rep.bn_scales(ctx, g, d.labels, k)
+        surgery.apply(g.id, g.channels, d)
         if progress:
             progress("merge", i + 1, len(todo))
     seconds["merge"] = time.perf_counter() - t
