@@ -85,7 +85,7 @@ def cmd_fold(args) -> int:
         if args.repair:
             plan = FoldPlan.from_dict({**plan.to_dict(), "repair": args.repair})
     else:
-        plan = FoldPlan(default_ratio=args.ratio, repair=args.repair or "ar", seed=args.seed, model=loaded.spec,
+        plan = FoldPlan(default_ratio=args.ratio, repair=args.repair or "dfr", seed=args.seed, model=loaded.spec,
                         weights_sha256=state_dict_hash(loaded.model))
     method = args.method if args.method != "fold" else plan.repair
     if method in ("r", "l1+r", "l2+r") and not args.data:
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="write a uniform fold plan to edit")
     _model_args(p)
     p.add_argument("--ratio", type=_ratio, required=True, help="fraction of channels removed per group")
-    p.add_argument("--repair", choices=REPAIRS, default="ar")
+    p.add_argument("--repair", choices=REPAIRS, default="dfr")
     p.add_argument("--skip", nargs="*", help="group ids to leave untouched")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="accuracy vs. sparsity for several methods, as CSV")
     _model_args(p)
     p.add_argument("--ratios", type=_ratio, nargs="+", required=True)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=["none", "r", "ar", "l1", "l2"])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["none", "r", "ar", "dfr", "l1", "l2"])
     p.add_argument("--data", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--eval-limit", type=int)

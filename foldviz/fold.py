@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from torch_pruning.dependency.group import Group
 
-from .clustering import ar_scale, group_features_tensor, k_for_ratio, kmeans
+from .clustering import group_features_tensor, k_for_ratio, kmeans
 from .groups import _BN, _CONV, build_dependency_graph, find_groups, root_handler
 from .plans import FoldPlan, PlanError
-from .repair import absorb_fused_biases, deep_inversion, dir_defaults, fuse_batchnorms, reset_bn_stats
+from . import repair as _repair
+from .repair import deep_inversion, dir_defaults, reset_bn_stats
 from .utils import resolve_device
 
 Progress = Callable[[str, int, int], None] | None
@@ -181,8 +182,13 @@ def _repair_batches(plan: FoldPlan, repair_data, synthetic):
 
 def run(model: nn.Module, plan: FoldPlan, *, method: str = "fold", example_input: torch.Tensor,
         repair_data: torch.Tensor | None = None, progress: Progress = None, device=None,
-        num_classes: int | None = None) -> FoldResult:
-    """Fold (``method="fold"``) or magnitude-prune (``"l1"``/``"l2"``) a copy of ``model`` as ``plan`` says."""
+        num_classes: int | None = None, repair_options: dict | None = None) -> FoldResult:
+    """Fold (``method="fold"``) or magnitude-prune (``"l1"``/``"l2"``) a copy of ``model`` as ``plan`` says.
+
+    ``repair_options`` are research knobs, not part of the plan: ``{"ar_estimate": "group" | "fanin"}`` for
+    Fold-AR, and ``proxy``/``samples``/``sequential`` for Fold-DFR (see ``repair.dfr_finish``).
+    """
+    opts = dict(repair_options or {})
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if method != "fold" and plan.repair not in ("none", "r"):
@@ -209,7 +215,9 @@ def run(model: nn.Module, plan: FoldPlan, *, method: str = "fold", example_input
                                    device=dev, progress=progress, **settings)
         seconds["dir"] = time.perf_counter() - t
 
-    fused, biased = fuse_batchnorms(work, dg) if method == "fold" and plan.repair == "ar" else ({}, set())
+    # data-free repair hook 1: Fold-AR fuses every BN into its producer before clustering (repair.ar_prepare)
+    ar_state = _repair.ar_prepare(work, dg) if method == "fold" and plan.repair == "ar" else None
+    fused = ar_state["fused"] if ar_state else {}
 
     # 1. cluster every group on the unmerged weights
     t = time.perf_counter()
@@ -222,19 +230,12 @@ def run(model: nn.Module, plan: FoldPlan, *, method: str = "fold", example_input
         if k == g.channels:
             continue
         if method == "fold":
-            feats = group_features_tensor(work, g, scale=plan.repair == "ar")
+            feats = group_features_tensor(work, g, scale=opts.get("cluster_scale", plan.repair == "ar"))
             res = kmeans(feats, k, seed=plan.seed, device=dev, **{k_: v for k_, v in plan.clustering.items()})
             labels = res.labels
             reps = np.array([np.flatnonzero(labels == c)[0] for c in range(k)])
             rep_of = reps[labels]
-            scales = {}
-            for mem in g.members:
-                if mem.side == "out" and mem.module in fused:
-                    prod = modules[fused[mem.module]]
-                    order = np.argsort(np.asarray(mem.root_idxs), kind="stable")
-                    rows = prod.weight.detach().index_select(0, torch.as_tensor(np.asarray(mem.idxs)[order], device=dev))
-                    scales[mem.module] = ar_scale(rows.cpu(), labels, k)
-            decisions[g.id] = (rep_of, sorted(reps.tolist()), scales, labels)
+            decisions[g.id] = (rep_of, sorted(reps.tolist()), k, labels)
             labels_out[g.id] = labels
             inertia = res.inertia
         else:
@@ -251,11 +252,20 @@ def run(model: nn.Module, plan: FoldPlan, *, method: str = "fold", example_input
     t = time.perf_counter()
     folder = _Folder(work, dg)
     for i, g in enumerate([g for g in todo if g.id in decisions]):
-        rep_of, keep, scales, labels = decisions[g.id]
+        rep_of, keep, k, labels = decisions[g.id]
+        scales = None
+        if ar_state is not None:  # hook 2: Fold-AR scale per cluster, read from the current (partly merged) model
+            if opts.get("ar_estimate", "group") == "fanin":
+                scales = _repair.ar_fanin_scales(work, g, labels, k, ar_state)
+            elif opts.get("ar_estimate") == "none":
+                scales = None
+            else:
+                scales = _repair.ar_group_scales(work, g, labels, k)
         folder.apply(g.id, g.channels, rep_of, keep, scales, labels)
         if progress:
             progress("merge", i + 1, len(decisions))
-    absorb_fused_biases(work, fused, biased)
+    if ar_state is not None:  # hook 3: Fold-AR moves the fused biases back into beta
+        _repair.ar_finish(work, ar_state)
     seconds["merge"] = time.perf_counter() - t
 
     # 3. repair statistics
@@ -264,6 +274,16 @@ def run(model: nn.Module, plan: FoldPlan, *, method: str = "fold", example_input
         t = time.perf_counter()
         data = _repair_batches(plan, repair_data, synthetic)
         samples = reset_bn_stats(work, data, batch_size=plan.repair_settings.get("batch_size", 256), progress=progress)
+        seconds["repair"] = time.perf_counter() - t
+    elif plan.repair == "dfr" and decisions:
+        # hook 4: Fold-DFR re-estimates every BN from the original's statistics and a proxy batch
+        t = time.perf_counter()
+        settings = {**_repair.DFR_DEFAULTS, **{k_: v for k_, v in plan.repair_settings.items() if k_ == "samples"},
+                    **{k_: v for k_, v in opts.items() if k_ in _repair.DFR_DEFAULTS}}
+        original = model if next(model.parameters()).device == dev else copy.deepcopy(model).to(dev)
+        info = _repair.dfr_finish(original, work, folder.maps, tuple(x.shape[1:]), seed=plan.seed,
+                                  num_classes=num_classes, **settings)
+        samples = info["samples"]
         seconds["repair"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
 
@@ -301,7 +321,7 @@ def fold(model: nn.Module, plan: FoldPlan | float = 0.5, *, example_input: torch
     """Fold a copy of ``model``; ``plan`` is a FoldPlan or a uniform ratio (fraction of channels removed).
 
     ``repair`` overrides the plan's repair method: "none" (Fold-Naive), "r" (Fold-R, needs ``repair_data``),
-    "ar" (Fold-AR, data-free) or "dir" (Fold-DIR, synthesises its own data). The input model is never modified.
+    "ar" (Fold-AR, data-free), "dfr" (Fold-DFR, data-free REPAIR) or "dir" (Fold-DIR, synthesises its own data). The input model is never modified.
     """
     return run(model, _as_plan(plan, repair), method="fold", example_input=example_input, repair_data=repair_data,
                progress=progress, device=device, num_classes=num_classes)

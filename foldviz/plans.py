@@ -13,8 +13,8 @@ from pathlib import Path
 import jsonschema
 
 PLAN_VERSION = 1
-REPAIRS = ("none", "r", "ar", "dir")
-REPAIR_NAMES = {"none": "Fold-Naive", "r": "Fold-R", "ar": "Fold-AR", "dir": "Fold-DIR"}
+REPAIRS = ("none", "r", "ar", "dfr", "dir")
+REPAIR_NAMES = {"none": "Fold-Naive", "r": "Fold-R", "ar": "Fold-AR", "dfr": "Fold-DFR", "dir": "Fold-DIR"}
 MAX_PLAN_BYTES = 5 * 1024 * 1024
 
 _RATIO = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
@@ -68,7 +68,7 @@ class PlanError(ValueError):
 @dataclass
 class FoldPlan:
     default_ratio: float = 0.5
-    repair: str = "ar"
+    repair: str = "dfr"
     ratios: dict[str, float] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     repair_settings: dict = field(default_factory=dict)

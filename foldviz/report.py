@@ -13,8 +13,8 @@ from .models import LoadedModel
 from .plans import FoldPlan
 from .prune import prune
 
-METHODS = ("none", "r", "ar", "dir", "l1", "l2", "l1+r", "l2+r")
-METHOD_LABELS = {"none": "Fold-Naive", "r": "Fold-R", "ar": "Fold-AR", "dir": "Fold-DIR", "l1": "L1 pruning",
+METHODS = ("none", "r", "ar", "dfr", "dir", "l1", "l2", "l1+r", "l2+r")
+METHOD_LABELS = {"none": "Fold-Naive", "r": "Fold-R", "ar": "Fold-AR", "dfr": "Fold-DFR", "dir": "Fold-DIR", "l1": "L1 pruning",
                  "l2": "L2 pruning", "l1+r": "L1 pruning + REPAIR", "l2+r": "L2 pruning + REPAIR"}
 
 

@@ -38,9 +38,9 @@ from .utils import json_default
 
 Progress = Callable[[str, int, int], None] | None
 
-REPAIR_METHODS = ("none", "r", "ar", "dir")
-REPAIR_LABELS = {"none": "Fold-Naive", "r": "Fold-R", "ar": "Fold-AR", "dir": "Fold-DIR"}
-SWEEP_METHODS = ("none", "r", "ar", "dir", "l1", "l2", "l1+r", "l2+r")
+REPAIR_METHODS = ("none", "r", "ar", "dfr", "dir")
+REPAIR_LABELS = {"none": "Fold-Naive", "r": "Fold-R", "ar": "Fold-AR", "dfr": "Fold-DFR", "dir": "Fold-DIR"}
+SWEEP_METHODS = ("none", "r", "ar", "dfr", "dir", "l1", "l2", "l1+r", "l2+r")
 DEFAULT_MODEL = "demo:digits-resnet"
 
 
@@ -411,7 +411,7 @@ class Workbench:
         return [{"channel": int(i), "cosine": float(sim[channel, i])} for i in idx]
 
     # ---- plans --------------------------------------------------------------------------------
-    def default_plan(self, ratio: float = 0.3, repair: str = "ar", seed: int = 0):
+    def default_plan(self, ratio: float = 0.3, repair: str = "dfr", seed: int = 0):
         from .plans import FoldPlan
 
         return FoldPlan(default_ratio=float(ratio), repair=repair, seed=int(seed), model=self.spec,
@@ -476,7 +476,7 @@ class Workbench:
             return out
         return self.estimate(plan)
 
-    def suggest(self, target_sparsity: float, *, repair: str = "ar", seed: int = 0):
+    def suggest(self, target_sparsity: float, *, repair: str = "dfr", seed: int = 0):
         """A plan whose per-group ratios follow measured redundancy and whose predicted parameter sparsity is
         ``target_sparsity`` (engine ``plans.suggest_plan`` when available, else :meth:`suggest_by_redundancy`)."""
         from .plans import FoldPlan
@@ -578,7 +578,7 @@ class Workbench:
                 "flops_after": flops_after, "param_sparsity": 1.0 - params_after / max(1, pb), "groups": rows,
                 "estimated": True}
 
-    def suggest_by_redundancy(self, target_sparsity: float, *, repair: str = "ar", seed: int = 0,
+    def suggest_by_redundancy(self, target_sparsity: float, *, repair: str = "dfr", seed: int = 0,
                               max_ratio: float = 0.9):
         """Ratios proportional to each group's redundancy score (``clustering.suggest_ratio``), scaled by a
         bisection so that the estimated parameter sparsity matches ``target_sparsity``."""
