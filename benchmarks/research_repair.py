@@ -38,6 +38,7 @@ CANDIDATES = {
     "DFR b: smoothed-noise proxy": ("dfr", {"proxy": "smooth", "samples": 256, "linear_repair": False}),
     "DFR c: noise, not sequential": ("dfr", {"proxy": "noise", "samples": 256, "sequential": False,
                                              "linear_repair": False}),
+    "DFR a: stats propagation (no forward pass)": ("dfr", {"dfr_estimate": "statprop"}),
     "Fold-DFR (default: DI-50 x64 proxy + BN-less layer repair)": ("dfr", {}),
 }
 MODELS = ("digits-mlp", "digits-vgg", "digits-resnet", "digits-resnet-2x", "digits-resnet18")
@@ -50,12 +51,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "repair_panel"))
+    ap.add_argument("--append", action="store_true", help="keep the runs already in OUT.json, add the missing ones")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     t_start = time.time()
-    rows = []
     out = Path(args.out)
+    rows = json.loads(out.with_suffix(".json").read_text()) if args.append and out.with_suffix(".json").exists() else []
+    have = {(r["model"], r["ratio"], r["candidate"], r["seed"]) for r in rows}
     for name in args.models:
         lm = load_model(f"demo:{name}")
         xt, yt = digits_arrays("test")
@@ -69,6 +72,8 @@ def main(argv=None) -> int:
             for label in args.candidates:
                 key, opts = CANDIDATES[label]
                 for seed in args.seeds:
+                    if (name, ratio, label, seed) in have:
+                        continue
                     t = time.perf_counter()
                     res = run(lm.model, FoldPlan(default_ratio=ratio, repair=key, seed=seed),
                               example_input=lm.example_input(1), repair_data=real, repair_options=opts,

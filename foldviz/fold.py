@@ -275,6 +275,8 @@ def run(model: nn.Module, plan: FoldPlan, *, method: str = "fold", example_input
         data = _repair_batches(plan, repair_data, synthetic)
         samples = reset_bn_stats(work, data, batch_size=plan.repair_settings.get("batch_size", 256), progress=progress)
         seconds["repair"] = time.perf_counter() - t
+    elif plan.repair == "dfr" and decisions and opts.get("dfr_estimate") == "statprop":  # research candidate (a)
+        _repair.statprop_finish(model, work, folder.maps, x.cpu())
     elif plan.repair == "dfr" and decisions:
         # hook 4: Fold-DFR re-estimates every BN from the original's statistics and a proxy batch
         t = time.perf_counter()

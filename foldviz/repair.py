@@ -5,6 +5,10 @@
 - ``reset_bn_stats``: recompute every BatchNorm's running statistics on a batch of inputs (Fold-R with real data,
   Fold-DIR with synthetic data).
 - ``deep_inversion``: synthesise inputs from a trained model by matching its BatchNorm statistics (Fold-DIR).
+- Fold-AR (the authors' data-free approximate REPAIR): ``ar_prepare`` / ``ar_group_scales`` / ``ar_finish``.
+- Fold-DFR (data-free REPAIR, the default): ``dfr_finish`` re-estimates every BN from the original model's
+  running statistics, corrected by what folding changed on a cheap proxy batch (``proxy_batch``).
+The hooks and the order ``fold.run`` calls them in are listed above ``ar_prepare`` below.
 """
 from __future__ import annotations
 
@@ -456,3 +460,74 @@ def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.
     work.train(was)
     return {"proxy": kind, "samples": int(x.shape[0]), "bns": len(done)}
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Research candidate (a), not a public repair: statistics propagation through an input-covariance model
+# ---------------------------------------------------------------------------------------------------------------
+def _rectified_var(gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Var(max(0, u)) for u ~ N(beta, gamma^2) (DFQ-style rectified-Gaussian moments)."""
+    g = gamma.double().abs().clamp_min(1e-12)
+    b = beta.double()
+    t = b / g
+    pdf = torch.exp(-0.5 * t * t) / (2 * torch.pi) ** 0.5
+    cdf = 0.5 * (1 + torch.erf(t / 2 ** 0.5))
+    m1 = b * cdf + g * pdf
+    m2 = (b * b + g * g) * cdf + b * g * pdf
+    return (m2 - m1 * m1).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def statprop_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.ndarray], example_input,
+                    alphas=tuple(np.linspace(0, 1, 21))) -> dict:
+    """Candidate (a): predict each merged channel's pre-BN variance without any forward pass.
+
+    For a BN fed by conv/linear W (rows w_i over input channels ch and kernel taps t), model the producer's
+    input covariance as diag(v_ch) x [(1-alpha) I + alpha 11^T] over the taps of a channel (v_ch: rectified-Gaussian
+    variance of the previous BN when the input is ReLU(BN), else 1), so
+    cov_ij = sum_ch v_ch [(1-alpha) <w_i,ch, w_j,ch> + alpha S_i,ch S_j,ch] with S the tap sums; alpha per layer is
+    fitted on a grid so that the predicted member variances are proportional to the known running_var. Then
+    running_var_c = mean_{i,j in c} sqrt(RV_i RV_j) rho_ij and running_mean_c = mean RM_i. Only the merged
+    producers' own BNs are changed (collapse only; summed consumers are left alone)."""
+    from .groups import build_dependency_graph
+
+    dg = build_dependency_graph(original, example_input)
+    named = [(n, m) for n, m in original.named_modules() if n]
+    pos = {m: i for i, (_, m) in enumerate(named)}
+    names = {m: n for n, m in named}
+    wmods = dict(work.named_modules())
+    fitted = {}
+    for bn, prod in _bn_producers(dg, original).items():
+        name = names[bn]
+        if name not in wmods or name not in channel_maps:
+            continue
+        w = prod.weight.detach().double()
+        w = w.reshape(w.shape[0], w.shape[1], -1)
+        prev = [m for _, m in named[:pos[prod]] if isinstance(m, _BN) and m.num_features == w.shape[1]]
+        v = _rectified_var(prev[-1].weight, prev[-1].bias) if prev else torch.ones(w.shape[1], dtype=torch.float64)
+        a = w * v.sqrt().view(1, -1, 1)
+        g1 = a.flatten(1) @ a.flatten(1).T
+        s = a.sum(2)
+        g2 = s @ s.T
+        rv = bn.running_var.double()
+        best = None
+        for al in alphas:
+            pred = ((1 - al) * g1.diagonal() + al * g2.diagonal()).clamp_min(1e-30)
+            score = float(torch.log(rv.clamp_min(1e-30) / pred).var())
+            if best is None or score < best[0]:
+                best = (score, float(al))
+        al = best[1]
+        cov = (1 - al) * g1 + al * g2
+        d = cov.diagonal().clamp_min(1e-30).sqrt()
+        rho = cov / d[:, None] / d[None, :]
+        cmap = channel_maps[name]
+        size = wmods[name].running_var.numel()
+        onehot = torch.zeros(size, len(cmap), dtype=torch.float64)
+        keep = np.flatnonzero(cmap >= 0)
+        onehot[torch.as_tensor(cmap[keep]), torch.as_tensor(keep)] = 1.0
+        onehot = onehot / onehot.sum(1, keepdim=True).clamp_min(1)
+        sd = rv.sqrt()
+        var = ((onehot @ (sd[:, None] * rho * sd[None, :])) * onehot).sum(1)
+        wmods[name].running_var.copy_(var.to(wmods[name].running_var.dtype))
+        fitted[name] = al
+    return {"alpha": fitted}
