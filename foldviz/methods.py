@@ -30,8 +30,12 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("r", "Fold-R", "fold", "r", True,
            "merge, then recompute every BatchNorm's statistics on real inputs (REPAIR)", color="#1f77b4"),
     Method("ar", "Fold-AR", "fold", "ar", False,
-           "data-free: fuse BatchNorms, cluster fused features, rescale merged channels by the AR factor",
+           "data-free, as the authors' code: fuse BatchNorms, cluster fused features, rescale each cluster by the "
+           "AR factor",
            color="#2ca02c"),
+    Method("dfr", "Fold-DFR", "fold", "dfr", False,
+           "data-free REPAIR: re-estimate every BatchNorm from the original's statistics, corrected on a synthetic "
+           "proxy batch (foldviz's default)", color="#e377c2"),
     Method("dir", "Fold-DIR", "fold", "dir", False,
            "data-free: recompute BatchNorm statistics on inputs synthesised by Deep Inversion", color="#9467bd"),
     Method("l1", "L1 pruning", "prune", "none", False, "remove the channels with the smallest L1 norm",
@@ -49,7 +53,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
 )}
 
 # the repair every entry point uses when none is named (library, CLI, app, plans)
-DEFAULT_REPAIR = "ar"
+DEFAULT_REPAIR = "dfr"
 
 
 def fold_keys() -> tuple[str, ...]:

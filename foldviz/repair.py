@@ -10,9 +10,13 @@ plan's ``repair`` key to its behaviour; labels and descriptions live in :mod:`fo
 - ``reset_bn_stats``: recompute every BatchNorm's running statistics on a batch of inputs (Fold-R with real data,
   Fold-DIR with synthetic data).
 - ``deep_inversion``: synthesise inputs from a trained model by matching its BatchNorm statistics (Fold-DIR).
+- ``ar_group_scales``: the authors' Fold-AR correction (one factor per cluster from the whole group's vectors).
+- ``dfr_finish``: Fold-DFR, data-free REPAIR (the default): re-estimates every BN from the original model's
+  running statistics, corrected by what folding changed on a cheap proxy batch (``proxy_batch``).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .features import group_features
 from .groups import _BN, _CONV
 from .utils import Progress
 
@@ -195,19 +200,243 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
     return x.detach()
 
 
-def ar_scale(rows: torch.Tensor, labels: np.ndarray, k: int) -> torch.Tensor:
-    """Fold-AR variance correction per cluster: s_c = N_c / ||sum of unit-normalised member rows||.
+def cluster_scale(vectors: torch.Tensor, labels, k: int) -> torch.Tensor:
+    """AR variance correction per cluster, s_c = sqrt(N_c / (1 + (N_c - 1) E[c])) = N_c / ||sum_i u_i||.
 
-    Equals sqrt(N_c / (1 + (N_c - 1) E[c])) with E[c] the mean pairwise cosine of the members (folding-spec §5.3):
-    1 for identical members, sqrt(N_c) for orthogonal ones. ``rows`` is (n, d), ordered by group channel.
+    ``vectors`` (n, d): one vector per channel; u_i = v_i / ||v_i||; E[c] = mean uncentred cosine over ordered pairs
+    i != j of cluster c. Singletons give 1, identical members 1, mutually orthogonal members sqrt(N_c).
     """
-    u = rows.reshape(rows.shape[0], -1).double()
+    u = vectors.reshape(vectors.shape[0], -1).double().cpu()
     u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    lab = torch.as_tensor(labels)
+    lab = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     sums = torch.zeros(k, u.shape[1], dtype=u.dtype).index_add_(0, lab, u)
     sizes = torch.bincount(lab, minlength=k).double()
     norms = sums.norm(dim=1)
     return torch.where(norms > 1e-12, sizes / norms.clamp_min(1e-12), sizes.sqrt()).float()
+
+
+def ar_group_scales(work: nn.Module, group, labels, k: int) -> dict[str, torch.Tensor]:
+    """The authors' (HEAD) Fold-AR scale: one s_c per cluster from the group's WHOLE unscaled feature vectors
+    (fused producer rows, fused biases, BN gamma and beta, consumer columns; running stats excluded), applied
+    to gamma of every BN of the group. Call it just before the group is merged, on the current (partly folded)
+    model, as the authors' code does: consumer columns already merged by earlier groups are read merged.
+
+    Returns {bn_name: (k,) scale}; ``surgery.GroupSurgery.apply`` multiplies the merged BN's gamma by it.
+    """
+    modules = dict(work.named_modules())
+    s = cluster_scale(group_features(work, group, scale=False), labels, k)
+    return {m.module: s for m in group.members if m.side == "out" and isinstance(modules.get(m.module), _BN)}
+
+
+def ar_fanin_scales(work: nn.Module, group, labels, k: int, fused: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Earlier foldviz estimate (pre-issue-#12 "ar"): per BN, E[c] from that BN's own fused producer rows only."""
+    modules = dict(work.named_modules())
+    out = {}
+    for mem in group.members:
+        if mem.side == "out" and mem.module in fused:
+            prod = modules[fused[mem.module]]
+            order = np.argsort(np.asarray(mem.root_idxs), kind="stable")
+            rows = prod.weight.detach().index_select(0, torch.as_tensor(np.asarray(mem.idxs)[order],
+                                                                        device=prod.weight.device))
+            out[mem.module] = cluster_scale(rows, labels, k)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fold-DFR: data-free REPAIR by relative re-estimation on a proxy batch
+# ---------------------------------------------------------------------------------------------------------------
+DFR_DEFAULTS = {"proxy": "di", "samples": 64, "sequential": True, "linear_repair": True}
+
+
+def _layers_without_bn(model: nn.Module) -> list[str]:
+    """Conv/linear layers whose next module (in definition order) is not a BatchNorm: nothing re-normalises them."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    out = []
+    for i, (n, m) in enumerate(named):
+        if isinstance(m, (nn.Linear,) + _CONV):
+            nxt = named[i + 1][1] if i + 1 < len(named) else None
+            if not isinstance(nxt, _BN):
+                out.append(n)
+    return out
+
+
+@torch.no_grad()
+def _output_stats(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict:
+    mods = dict(model.named_modules())
+    stats: dict = {}
+    def make(name):
+        def hook(_m, _i, out):
+            stats.setdefault(name, _bn_input_stats(out))  # returns None: the output is not replaced
+        return hook
+
+    handles = [mods[n].register_forward_hook(make(n)) for n in layers if n in mods]
+    was = model.training
+    model.eval()
+    try:
+        model(x.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return stats
+
+
+def proxy_batch(input_shape, n: int = 256, *, kind: str = "noise", seed: int = 0, model: nn.Module | None = None,
+                num_classes: int | None = None) -> torch.Tensor:
+    """A cheap, deterministic proxy input batch (no data): "noise" = N(0, 1) in the model's (normalised) input
+    space; "smooth" = the same noise blurred spatially (3x3 box, twice) and re-standardised, so neighbouring
+    pixels correlate as in images; "di" = a short Deep Inversion from noise (needs ``model``)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn((int(n), *input_shape), generator=gen)
+    if kind == "noise" or x.dim() < 4:
+        return x
+    if kind == "smooth":
+        c = x.shape[1]
+        k = torch.ones(c, 1, 3, 3) / 9.0
+        for _ in range(2):
+            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=c)
+        return (x - x.mean()) / x.std()
+    if kind.startswith("di"):  # "di" = 50 steps, "di20" = 20 steps ...
+        steps = int(kind[2:] or 50)
+        return deep_inversion(model, tuple(input_shape), num_classes=num_classes, batch_size=int(n), iterations=steps,
+                              lr=0.1, bn_weight=1.0, tv_weight=1e-4, l2_weight=1e-5, jitter=1, seed=seed)
+    raise ValueError(f"unknown proxy kind {kind!r}")
+
+
+def _bn_input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [0] + list(range(2, x.dim()))
+    a = x.detach().double()
+    return a.mean(dims), a.var(dims, unbiased=True)
+
+
+@torch.no_grad()
+def bn_proxy_stats(model: nn.Module, proxy: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per BN: (mean, var) of its input channels on ``proxy`` (model in eval mode, first call of each BN)."""
+    stats: dict = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(mod, inp):
+        stats.setdefault(names[mod], _bn_input_stats(inp[0]))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, _BN) and m.track_running_stats and m.running_var is not None]
+    was = model.training
+    model.eval()
+    try:
+        model(proxy.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return stats
+
+
+def _pooled(values: torch.Tensor, cmap: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of ``values`` over the original channels mapped to each folded channel, and the member counts."""
+    keep = torch.as_tensor(cmap >= 0)
+    idx = torch.as_tensor(cmap, dtype=torch.long)[keep]
+    v = values.double().cpu()[keep]
+    return (torch.zeros(size, dtype=torch.float64).index_add_(0, idx, v),
+            torch.zeros(size, dtype=torch.float64).index_add_(0, idx, torch.ones_like(v)))
+
+
+@torch.no_grad()
+def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.ndarray], input_shape, *, seed: int = 0,
+               proxy: str | torch.Tensor = "di", samples: int = 64, sequential: bool = True,
+               linear_repair: bool = True, num_classes: int | None = None) -> dict:
+    """Fold-DFR: set every BN of the folded ``work`` model from the ORIGINAL model's running statistics,
+    corrected by how folding changed that BN's input on a proxy batch. For folded channel c of a BN with
+    original members i in c (from ``channel_maps``; identity for unfolded BNs), with RM/RV the original running
+    stats, (m_o, v_o) the original's proxy input stats and (m_f, v_f) the folded model's:
+
+        running_var_c  = v_f[c] * sum_i RV_i / sum_i v_o[i]        (proxy-to-data calibration of the members)
+        running_mean_c = m_f[c] + mean_i (RM_i - m_o[i])
+
+    With ``sequential`` (default) the BNs are reset in one forward pass of the folded model in topological order
+    (forward pre-hooks), so each BN sees its inputs already corrected upstream. Collapse (merged producers) and
+    explosion (summed consumers, residual adds) are handled alike. Returns {"proxy": kind, "samples": n, "bns": count}.
+    """
+    dev = next(work.parameters()).device
+    if torch.is_tensor(proxy):
+        x, kind = proxy, "given"
+    else:
+        x, kind = proxy_batch(tuple(input_shape), samples, kind=proxy, seed=seed, model=original, num_classes=num_classes), proxy
+    x = x.to(dev)
+    ref = bn_proxy_stats(original, x.to(next(original.parameters()).device))
+    orig_mods = dict(original.named_modules())
+    names = {m: n for n, m in work.named_modules()}
+    done: set[str] = set()
+
+    def correct(name: str, mod: nn.Module, m_f: torch.Tensor, v_f: torch.Tensor) -> None:
+        if name in done or name not in ref or name not in orig_mods:
+            return
+        done.add(name)
+        o = orig_mods[name]
+        m_o, v_o = ref[name]
+        size = mod.running_var.numel()
+        cmap = channel_maps.get(name)
+        if cmap is None:
+            if size != len(v_o):
+                return
+            cmap = np.arange(size)
+        rv, cnt = _pooled(o.running_var, cmap, size)
+        vo, _ = _pooled(v_o, cmap, size)
+        dm, _ = _pooled(o.running_mean.double().cpu() - m_o.cpu(), cmap, size)
+        cnt = cnt.clamp_min(1)
+        ok = vo > 1e-12 * rv.clamp_min(1e-30)
+        var = torch.where(ok, v_f.cpu() * rv / vo.clamp_min(1e-30), rv / cnt)
+        mean = m_f.cpu() + dm / cnt
+        mod.running_var.copy_(var.clamp_min(0).to(mod.running_var.dtype))
+        mod.running_mean.copy_(mean.to(mod.running_mean.dtype))
+
+    bns = [m for m in work.modules() if isinstance(m, _BN) and m.track_running_stats and m.running_var is not None]
+    bare = _layers_without_bn(work) if linear_repair else []
+    goals = _output_stats(original, bare, x) if bare else {}
+    was = work.training
+    work.eval()
+    if sequential:
+        def hook(mod, inp):
+            correct(names[mod], mod, *_bn_input_stats(inp[0]))
+
+        def out_hook(mod, _inp, out):  # REPAIR for a layer with no BN after it: match the members' proxy stats
+            name = names[mod]
+            if name in done or name not in goals:
+                return None
+            done.add(name)
+            m_f, v_f = _bn_input_stats(out)
+            m_o, v_o = goals[name]
+            size = m_f.numel()
+            cmap = channel_maps.get(name, np.arange(size))
+            mo, cnt = _pooled(m_o, cmap, size)
+            vo, _ = _pooled(v_o, cmap, size)
+            cnt = cnt.clamp_min(1)
+            a = torch.where(v_f.cpu() > 1e-12, (vo / cnt / v_f.cpu().clamp_min(1e-30)).sqrt(), torch.ones_like(vo))
+            shift = mo / cnt - a * m_f.cpu()
+            shape = (-1,) + (1,) * (mod.weight.dim() - 1)
+            mod.weight.mul_(a.to(mod.weight).view(shape))
+            b = mod.bias.double().cpu() if mod.bias is not None else torch.zeros_like(a)
+            new_b = (a * b + shift).to(mod.weight)
+            if mod.bias is None:
+                mod.bias = nn.Parameter(new_b, requires_grad=False)
+            else:
+                mod.bias.copy_(new_b)
+            view = (1, -1) + (1,) * (out.dim() - 2)
+            return out * a.to(out).view(view) + shift.to(out).view(view)
+
+        handles = [m.register_forward_pre_hook(hook) for m in bns]
+        handles += [dict(work.named_modules())[n].register_forward_hook(out_hook) for n in bare]
+        try:
+            work(x)
+        finally:
+            for h in handles:
+                h.remove()
+    else:
+        folded = bn_proxy_stats(work, x)
+        for m in bns:
+            if names[m] in folded:
+                correct(names[m], m, *folded[names[m]])
+    work.train(was)
+    return {"proxy": kind, "samples": int(x.shape[0]), "bns": len(done)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,28 +511,55 @@ class DeepInversionRepair(BNReset):
 
 
 class FoldAR(Repair):
-    """Fold-AR: fuse BatchNorms into their producers, cluster robust-scaled fused features, and rescale each
-    merged channel's gamma by the AR factor of its cluster (variance of a mean of correlated unit-variance
-    channels)."""
+    """Fold-AR, as the authors' code does it: fuse BatchNorms into their producers, cluster robust-scaled fused
+    features, and multiply gamma of every BatchNorm of a merged group by one factor per cluster,
+    s_c = sqrt(N_c / (1 + (N_c - 1) E[c])), E[c] the mean cosine of the members' whole unscaled feature vectors
+    read just before the group merges. ``estimate="fanin"`` is foldviz's earlier per-BN fan-in estimate (research).
+    """
 
     key, feature_space = "ar", "fused"
+
+    def __init__(self, estimate: str = "group"):
+        if estimate not in ("group", "fanin"):
+            raise ValueError(f"unknown Fold-AR estimate {estimate!r}")
+        self.estimate = estimate
 
     def prepare(self, ctx):
         ctx.fused, ctx.biased = fuse_batchnorms(ctx.work, ctx.dg)
 
     def bn_scales(self, ctx, group, labels, k):
-        modules = dict(ctx.work.named_modules())
-        scales = {}
-        for mem in group.members:
-            if mem.side == "out" and mem.module in ctx.fused:
-                prod = modules[ctx.fused[mem.module]]
-                order = np.argsort(np.asarray(mem.root_idxs), kind="stable")
-                idx = torch.as_tensor(np.asarray(mem.idxs)[order], device=prod.weight.device)
-                scales[mem.module] = ar_scale(prod.weight.detach().index_select(0, idx).cpu(), labels, k)
-        return scales
+        if self.estimate == "fanin":
+            return ar_fanin_scales(ctx.work, group, labels, k, ctx.fused)
+        return ar_group_scales(ctx.work, group, labels, k)
 
     def finish(self, ctx):
         absorb_fused_biases(ctx.work, ctx.fused, ctx.biased)
 
 
-REPAIRS: dict[str, Repair] = {r.key: r for r in (Repair(), BNReset(), FoldAR(), DeepInversionRepair())}
+class DataFreeRepair(Repair):
+    """Fold-DFR (foldviz's data-free REPAIR, the default): after a plain merge, every BatchNorm is re-estimated from
+    the original model's running statistics, corrected by what folding changed on a cheap synthetic proxy batch
+    (see :func:`dfr_finish`); layers with no BatchNorm after them are rescaled the same way."""
+
+    key = "dfr"
+
+    def __init__(self, **options):
+        unknown = set(options) - set(DFR_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown Fold-DFR option(s) {sorted(unknown)}; known: {sorted(DFR_DEFAULTS)}")
+        self.options = {**DFR_DEFAULTS, **options}
+
+    def finish(self, ctx):
+        if not any((cmap != np.arange(len(cmap))).any() for cmap in ctx.channel_maps.values()):
+            return  # nothing was folded: the statistics are already right
+        settings = {**self.options, **{k: v for k, v in ctx.plan.repair_settings.items() if k == "samples"}}
+        original = ctx.original  # never moved: a copy goes to the device when it is not there already
+        if next(original.parameters()).device != ctx.device:
+            original = copy.deepcopy(original).to(ctx.device)
+        info = dfr_finish(original, ctx.work, ctx.channel_maps, tuple(ctx.example_input.shape[1:]),
+                          seed=ctx.plan.seed, num_classes=ctx.num_classes, **settings)
+        ctx.samples = info["samples"]
+
+
+REPAIRS: dict[str, Repair] = {r.key: r for r in (Repair(), BNReset(), FoldAR(), DeepInversionRepair(),
+                                                  DataFreeRepair())}

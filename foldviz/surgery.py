@@ -27,7 +27,7 @@ from .groups import _BN, _CONV, ChannelGroup, GroupGraph, build_dependency_graph
 from .kmeans import k_for_ratio
 from .methods import METHODS
 from .plans import FoldPlan, PlanError
-from .repair import REPAIRS, RepairContext
+from .repair import REPAIRS, Repair, RepairContext
 from .utils import Progress, resolve_device
 
 
@@ -183,12 +183,13 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[object, GroupG
     return dg, graph
 
 
-def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str, repair: str,
+def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str, repair: str | Repair,
              example_input: torch.Tensor, repair_data: torch.Tensor | None = None, progress: Progress = None,
              device=None, num_classes: int | None = None) -> FoldResult:
     """Compress a copy of ``model`` as ``plan`` says: ``select`` decides per group, ``repair`` (a key of
-    :data:`foldviz.repair.REPAIRS`) repairs the statistics. The input model is never modified."""
-    rep = REPAIRS[repair]
+    :data:`foldviz.repair.REPAIRS`, or a :class:`~foldviz.repair.Repair` to try a variant) repairs the statistics.
+    The input model is never modified."""
+    rep = REPAIRS[repair] if isinstance(repair, str) else repair
     dev = resolve_device(device)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import save_safetensors
-from .data import DIGITS_SPLIT, digits_arrays, digits_normalization, evaluate, load_dataset, make_loader
+from .data import DIGITS_SPLIT, _tensor_transform, digits_arrays, digits_normalization, evaluate, load_dataset, make_loader
 from .metrics import count_params
 from .models import MODELS_DIR
 from .zoo import build_architecture
@@ -69,6 +69,14 @@ PRESETS: dict[str, dict] = {
         "kwargs": {"hidden": [512, 256, 128], "num_classes": 10, "in_features": 64},
         "recipe": {"epochs": 100, "lr": 0.02},
         "description": "MLP 64-512-256-128-10 with BatchNorm1d after every hidden Linear",
+    },
+    "digits-resnet18": {
+        "arch": "DigitsResNet",
+        "kwargs": {"widths": [16, 32, 64, 128], "blocks": [2, 2, 2, 2], "num_classes": 10, "in_channels": 3},
+        "input_shape": [3, 32, 32],
+        "recipe": {"epochs": 30},
+        "description": "The paper's ResNet-18 (torchvision layout with the CIFAR stem: 3×3 stride-1 conv1, no "
+                       "max-pool; BasicBlocks 2-2-2-2) at 1/4 width (16-32-64-128), on digits upsampled to 3×32×32",
     },
 }
 
@@ -132,6 +140,9 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, epochs: in
 
     norm = digits_normalization()
     mean, std = norm["mean"][0], norm["std"][0]
+    shape = tuple(int(v) for v in preset.get("input_shape", (1, 8, 8)))
+    if shape[0] != 1:  # grey digits replicated over the channels: same statistics per channel
+        norm = {"mean": norm["mean"] * shape[0], "std": norm["std"] * shape[0]}
     x_train, y_train = digits_arrays("train")
     x_test, _ = digits_arrays("test")
     card = {
@@ -139,7 +150,7 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, epochs: in
         "arch": preset["arch"],
         "kwargs": copy.deepcopy(preset["kwargs"]),
         "description": preset.get("description", ""),
-        "input_shape": [1, 8, 8],
+        "input_shape": list(shape),
         "num_classes": int(preset["kwargs"].get("num_classes", 10)),
         "normalization": norm,
         "data": "digits",
@@ -174,6 +185,8 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, epochs: in
                 for g in opt.param_groups:
                     g["lr"] = lr
                 xb = _shift_batch(x_train[idx], gen)
+                if shape != (1, 8, 8):  # upsample (and replicate channels) the way foldviz.data does at test time
+                    xb = _tensor_transform(xb, shape, None)
                 xb = (xb - mean) / std
                 yb = y_train[idx]
                 logits = model(xb)

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from foldviz.repair import ar_scale
+from foldviz.repair import cluster_scale as ar_scale
 from foldviz.fold import fold
 from foldviz.groups import build_dependency_graph
 from foldviz.repair import deep_inversion, fuse_batchnorms, reset_bn_stats
