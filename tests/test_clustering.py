@@ -1,0 +1,106 @@
+"""k-means as the fold uses it: seeding, empty clusters, canonical labels, the sklearn and Ward paths, scaling."""
+import numpy as np
+import pytest
+import torch
+
+from foldviz.features import robust_scale
+from foldviz.kmeans import _canonical, _fill_empty, _kmeanspp, cluster_order, k_for_ratio, kmeans
+
+
+def _blobs(k=4, per=8, d=6, spread=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 10
+    x = np.concatenate([c + spread * rng.normal(size=(per, d)) for c in centres])
+    return x.astype(np.float32), np.repeat(np.arange(k), per)
+
+
+def test_k_for_ratio_rounds_and_keeps_one():
+    assert [k_for_ratio(64, r) for r in (0.0, 0.25, 0.5, 0.9)] == [64, 48, 32, 6]
+    assert k_for_ratio(3, 0.95) == 1
+    with pytest.raises(ValueError):
+        k_for_ratio(8, 1.0)
+
+
+def test_well_separated_blobs_are_found_exactly():
+    x, truth = _blobs()
+    res = kmeans(x, 4, seed=0)
+    assert np.array_equal(res.labels, _canonical(truth))  # the same partition, canonically labelled
+    assert res.inertia < 1.0 and res.n_iter >= 1 and (res.sizes == 8).all()
+
+
+def test_kmeanspp_seeds_one_point_per_blob():
+    x, truth = _blobs(k=5, per=6)
+    xc = torch.as_tensor(x, dtype=torch.float64)
+    xc = xc - xc.mean(0)
+    gram = (xc @ xc.T).numpy()
+    seeds = _kmeanspp(gram, np.diag(gram).copy(), 5, np.random.default_rng(3), 1e-9)
+    assert sorted(truth[seeds].tolist()) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("algorithm", ["kmeans", "sklearn", "ward"])
+def test_exactly_k_non_empty_clusters_with_duplicate_and_zero_rows(algorithm):
+    """300 dead (all-zero) channels and duplicates: fewer distinct rows than k must still give k clusters."""
+    rng = np.random.default_rng(0)
+    live = rng.normal(size=(20, 8)).astype(np.float32)
+    x = np.concatenate([np.zeros((300, 8), np.float32), live, live[:5]])   # 21 distinct rows, 325 channels
+    for k in (10, 21, 100, 324):
+        res = kmeans(x, k, seed=1, algorithm=algorithm, n_init=2)
+        assert len(np.unique(res.labels)) == k == res.k, (algorithm, k)
+        assert (res.sizes > 0).all()
+        if k >= 21:
+            assert res.inertia == pytest.approx(0.0, abs=1e-6)  # every distinct row can have its own cluster
+
+
+def test_fill_empty_never_empties_another_cluster():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])   # clusters 2 and 3 empty
+    dist = torch.rand(6, 4, generator=torch.Generator().manual_seed(0))
+    out = _fill_empty(labels, dist, 4)
+    assert torch.bincount(out, minlength=4).min() >= 1
+
+
+def test_labels_are_canonical_and_seeded():
+    x, _ = _blobs(k=6, per=5, spread=1.0, seed=2)
+    a, b = kmeans(x, 6, seed=7), kmeans(x, 6, seed=7)
+    assert np.array_equal(a.labels, b.labels)
+    first = [int(np.flatnonzero(a.labels == c)[0]) for c in range(6)]
+    assert first == sorted(first) and a.labels[0] == 0  # cluster ids by first occurrence
+    assert np.array_equal(_canonical(np.array([5, 5, 2, 9, 2])), np.array([0, 0, 1, 2, 1]))
+
+
+def test_more_restarts_never_increase_inertia():
+    x = np.random.default_rng(4).normal(size=(120, 10)).astype(np.float32)
+    one = kmeans(x, 30, seed=0, n_init=1).inertia
+    ten = kmeans(x, 30, seed=0, n_init=10).inertia
+    assert ten <= one + 1e-6
+
+
+def test_inertia_matches_its_definition():
+    x = np.random.default_rng(5).normal(size=(40, 7)).astype(np.float32)
+    for algorithm in ("kmeans", "sklearn", "ward"):
+        res = kmeans(x, 9, seed=0, algorithm=algorithm)
+        cents = np.stack([x[res.labels == c].mean(0) for c in range(9)])
+        assert res.inertia == pytest.approx(float(((x - cents[res.labels]) ** 2).sum()), rel=1e-4), algorithm
+
+
+def test_identity_and_argument_errors():
+    x = np.random.default_rng(6).normal(size=(5, 3)).astype(np.float32)
+    assert np.array_equal(kmeans(x, 5).labels, np.arange(5))
+    with pytest.raises(ValueError, match="between 1"):
+        kmeans(x, 6)
+    with pytest.raises(ValueError, match="unknown clustering algorithm"):
+        kmeans(x, 2, algorithm="magic")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kmeans(np.array([[1.0, np.nan], [0.0, 1.0]], np.float32), 1)
+
+
+def test_robust_scale_is_median_over_iqr_and_keeps_constant_columns_finite():
+    x = torch.tensor([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [4.0, 5.0], [100.0, 5.0]])
+    y = robust_scale(x)
+    med, iqr = 3.0, 4.0 - 2.0
+    assert torch.allclose(y[:, 0], (x[:, 0] - med) / iqr)
+    assert torch.equal(y[:, 1], torch.zeros(5))  # IQR 0: only centred, never divided by 0
+
+
+def test_cluster_order_lists_largest_clusters_first():
+    labels = np.array([1, 0, 1, 2, 1, 0])
+    assert cluster_order(labels).tolist() == [0, 2, 4, 1, 5, 3]
