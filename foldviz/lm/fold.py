@@ -34,7 +34,7 @@ from ..plans import FoldPlan, PlanError
 from .groups import LMGroup, attn_shape, decoder_layers, find_lm_groups
 
 __all__ = ["LM_METHODS", "LMFoldResult", "lm_plan", "fold_lm", "layer_sizes", "sync_config", "is_uniform",
-           "count_params", "check_plan"]
+           "count_params", "check_plan", "config_problem"]
 
 LM_METHODS = ("fold", "magnitude", "random")
 METHOD_LABELS = {"fold": "Model folding (data-free)", "magnitude": "Magnitude pruning (L2)",
@@ -260,6 +260,24 @@ def is_uniform(sizes: list[dict]) -> bool:
     return all(s == sizes[0] for s in sizes)
 
 
+def config_problem(config) -> str:
+    """Why transformers would refuse to save/load ``config`` ("" when it validates).
+
+    transformers' ``LlamaConfig`` requires ``hidden_size % num_attention_heads == 0`` even with an explicit
+    ``head_dim``; folding heads can break that (e.g. 32 → 24 heads at hidden 2048). Such models run fine but are
+    saved in the foldviz format.
+    """
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return ""
+    try:
+        validate()
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's StrictDataclassClassValidationError and friends
+        msg = str(e).strip().splitlines()
+        return (msg[-1].strip() if msg else type(e).__name__)[:200]
+    return ""
+
+
 def sync_config(model: nn.Module) -> bool:
     """Write the layers' sizes into ``model.config``; returns True when every layer has the same sizes."""
     sizes = layer_sizes(model)
@@ -320,6 +338,9 @@ def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool =
     if not uniform:
         notes.append("layers have different sizes: save with foldviz.lm.save_lm (foldviz format), "
                      "not plain save_pretrained")
+    elif config_problem(work.config):
+        notes.append(f"transformers refuses this config ({config_problem(work.config)}): save_lm writes the "
+                     "foldviz format")
     total = time.perf_counter() - t0
     return LMFoldResult(work, plan, method, out_groups, labels_out,
                         {"total": round(total, 4), "groups": round(sum(g["seconds"] for g in out_groups), 4)},

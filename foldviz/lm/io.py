@@ -29,7 +29,7 @@ from torch import nn
 
 from ..models import MODELS_DIR
 
-from .fold import count_params, is_uniform, layer_sizes, sync_config
+from .fold import config_problem, count_params, layer_sizes, sync_config
 from .groups import UnsupportedLMError, decoder_layers
 
 __all__ = ["LMLoadError", "LoadedLM", "load_lm", "save_lm", "list_lm_demos", "FOLDVIZ_LM_FORMAT",
@@ -195,8 +195,15 @@ def _load_foldviz_dir(d: Path, spec: str) -> LoadedLM:
     cfg_dict = dict(meta["config"])
     model_type = cfg_dict.pop("model_type")
     cfg_dict.pop("foldviz_layers", None)
-    config = AutoConfig.for_model(model_type, **cfg_dict)
-    model = AutoModelForCausalLM.from_config(config)
+    # build with a head count transformers accepts (one query head per KV head), then resize every layer
+    nkv = max(s["num_key_value_heads"] for s in meta["layers"])
+    cfg_dict.update(num_attention_heads=nkv, num_key_value_heads=nkv, head_dim=meta["layers"][0]["head_dim"])
+    try:
+        config = AutoConfig.for_model(model_type, **cfg_dict)
+        model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise LMLoadError(f"{spec}: invalid config in foldviz_lm.json ({str(e).strip().splitlines()[-1][:200]})") \
+            from None
     for layer, s in zip(decoder_layers(model), meta["layers"]):
         _resize_layer(layer, s)
     try:
@@ -268,7 +275,7 @@ def save_lm(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, fol
     out.mkdir(parents=True, exist_ok=True)
     sizes = layer_sizes(model)
     uniform = sync_config(model)
-    if uniform:
+    if uniform and not config_problem(model.config):
         model.save_pretrained(out, safe_serialization=True)
         stale = out / "foldviz_lm.json"
         if stale.exists():
