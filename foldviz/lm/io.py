@@ -233,7 +233,7 @@ def _load_hf_dir(d: Path, spec: str, source: str = "hf", card: dict | None = Non
             raise LMLoadError(f"{spec}: config.json names no architecture")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True, use_safetensors=True,
-                                                     trust_remote_code=False, dtype=torch.float32)
+                                                     trust_remote_code=False).float()
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise LMLoadError(f"{spec}: cannot load the model ({str(e).splitlines()[0][:200]})") from None
     model.eval()
