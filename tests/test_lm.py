@@ -318,3 +318,18 @@ def test_perplexity_protocol_constructed():
     assert perplexity(uni, tokens)["perplexity"] == pytest.approx(5.0, rel=1e-6)
     with pytest.raises(ValueError, match="at least"):
         perplexity(model, tokens[:5])
+
+
+def test_cli_inspect_and_fold(tmp_path, capsys):
+    from foldviz.lm.__main__ import main
+
+    m = tiny(nq=8, nkv=2, inter=40, hidden=48)
+    m.save_pretrained(tmp_path / "base")
+    assert main(["inspect", f"hf:{tmp_path / 'base'}"]) == 0
+    assert "model.layers.1.self_attn" in capsys.readouterr().out
+    assert main(["fold", f"hf:{tmp_path / 'base'}", "--ratio", "0.25", "--out", str(tmp_path / "f"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["saved"]["format"] == "hf" and report["params_after"] < report["params_before"]
+    assert main(["eval", f"hf:{tmp_path / 'f'}"]) == 2          # no tokenizer.json: clear error, exit code 2
+    assert "tokenizer" in capsys.readouterr().err
+    assert main(["inspect", f"hf:{tmp_path / 'missing'}"]) == 2
