@@ -333,3 +333,18 @@ def test_cli_inspect_and_fold(tmp_path, capsys):
     assert main(["eval", f"hf:{tmp_path / 'f'}"]) == 2          # no tokenizer.json: clear error, exit code 2
     assert "tokenizer" in capsys.readouterr().err
     assert main(["inspect", f"hf:{tmp_path / 'missing'}"]) == 2
+
+
+def test_bundled_demo_lm_loads():
+    from foldviz.lm import list_lm_demos, split_text
+
+    if "shakespeare-llama" not in list_lm_demos():
+        pytest.skip("demo LM not built (python -m foldviz.lm train)")
+    lm = load_lm("demo:shakespeare-llama")
+    assert lm.source == "demo" and lm.card["kind"] == "causal-lm" and lm.params == lm.card["params"]
+    groups = {g.id: g for g in find_lm_groups(lm.model)}
+    assert groups["model.layers.0.self_attn"].heads_per_kv == 4 and groups["model.layers.0.mlp"].n == 512
+    ids = lm.encode("To be, or not to be")
+    assert lm.tokenizer.decode(ids.tolist()) == "To be, or not to be"
+    tokens = lm.encode_documents(split_text("shakespeare:test"))
+    assert perplexity(lm.model, tokens, max_windows=4)["perplexity"] < 500
