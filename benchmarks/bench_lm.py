@@ -125,6 +125,7 @@ def cost_child(ratio: float, n_init: int, layers: int) -> dict:
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.to_empty(device="cpu")
+    model.tie_weights()   # to_empty allocates every parameter separately: re-tie lm_head to the embeddings
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -134,6 +135,7 @@ def cost_child(ratio: float, n_init: int, layers: int) -> dict:
                 p.fill_(1.0)
     model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)
     model.eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     build_s = time.perf_counter() - t
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     rss_weights = _rss_mb()
