@@ -209,6 +209,8 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise ModelLoadError("empty model spec; use demo:NAME, torchvision:ARCH or a folded-model directory")
     s = str(spec).strip()
+    if s.startswith("hf:") or (s.startswith("demo:") and (MODELS_DIR / s[5:] / "card.json").is_file()):
+        raise ModelLoadError(f"{s} is a language model: load it with foldviz.lm.load_lm or python -m foldviz.lm")
     if s.startswith("demo:"):
         if cifar_stem or pretrained:
             raise ModelLoadError("cifar_stem and pretrained only apply to torchvision:ARCH models")

@@ -1,0 +1,213 @@
+"""Language-model folding benchmarks (issue #10).
+
+Part A (``--part ppl``): held-out perplexity of the bundled demo LM (``demo:shakespeare-llama``) vs the fraction of
+parameters removed, for data-free folding (k-means and Ward), magnitude (L2) pruning and random pruning (3 seeds)
+of the same units at the same counts (ratio r per group: MLP neurons and query heads of every layer). Perplexity
+protocol: foldviz.lm.evaluate.PROTOCOL on the two held-out plays. Writes ``benchmarks/results/lm_ppl.{md,json}``.
+
+Part B (``--part cost``): folding time and peak RSS for a randomly initialised Llama-3.2-1B-shaped model (hidden
+2048, 16 layers, 32 heads, 8 KV heads, head_dim 64, MLP 8192, vocab 128256, tied embeddings, bf16 weights) at
+ratio 0.2 on CPU, folded in place layer by layer. Built on the meta device and materialised parameter by
+parameter, so no fp32 copy ever exists. Runs in a child process so its peak RSS is its own. Writes
+``benchmarks/results/lm_cost.{md,json}``.
+
+Run: ``OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_lm.py --part ppl|cost|all``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RESULTS = ROOT / "benchmarks" / "results"
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+PROMPT = "ROMEO.\n"
+
+
+def _load() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def part_ppl(demo: str = "demo:shakespeare-llama") -> dict:
+    import numpy as np
+    import torch
+
+    from foldviz.lm import fold_lm, generate, lm_plan, load_lm, perplexity, split_text
+
+    torch.manual_seed(0)
+    lm = load_lm(demo)
+    tokens = lm.encode_documents(split_text("shakespeare:test"))
+    base = perplexity(lm.model, tokens)
+    rows = []
+    gens = {"original": generate(lm.model, lm.tokenizer, PROMPT, max_new_tokens=40)}
+    variants = [("fold", "kmeans", 0), ("fold", "ward", 0), ("magnitude", None, 0)] + \
+               [("random", None, s) for s in range(3)]
+    for r in RATIOS:
+        for method, algo, seed in variants:
+            clustering = {"algorithm": algo or "kmeans", "n_init": 4, "max_iter": 100}
+            res = fold_lm(lm.model, lm_plan(r, seed=seed, clustering=clustering), method=method)
+            ppl = perplexity(res.model, tokens)["perplexity"]
+            name = f"fold ({algo})" if method == "fold" else method
+            rows.append({"ratio": r, "method": name, "seed": seed, "perplexity": ppl,
+                         "params_before": res.params_before, "params_after": res.params_after,
+                         "removed_fraction": res.removed_fraction,
+                         "removed_fraction_non_embedding": (res.params_before - res.params_after) /
+                         (res.params_before - lm.model.model.embed_tokens.weight.numel()),
+                         "fold_seconds": res.seconds["total"],
+                         "sizes": {"mlp": res.groups[0]["n_after"], "heads": res.groups[1]["n_after"]}})
+            print(f"r={r} {name:14s} seed={seed} ppl={ppl:9.2f} removed={100 * res.removed_fraction:5.1f}%",
+                  flush=True)
+            if r == 0.2 and seed == 0 and algo != "ward":
+                gens[f"{name} r=0.2"] = generate(res.model, lm.tokenizer, PROMPT, max_new_tokens=40)
+    out = {"model": demo, "card": lm.card, "base": base, "rows": rows, "generations": gens, "prompt": PROMPT,
+           "loadavg_end": _load(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lm_ppl.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+    # markdown
+    def agg(r, m):
+        v = [x["perplexity"] for x in rows if x["ratio"] == r and x["method"] == m]
+        return (float(np.mean(v)), float(np.std(v)) if len(v) > 1 else None)
+
+    lines = [f"# LM folding: perplexity vs parameters removed ({demo})", "",
+             f"Held-out text: {', '.join(lm.card.get('test_plays', []))} ({base['windows']} windows × "
+             f"{base['seq_len']} tokens; {base['protocol']}).", "",
+             f"Original model: {rows[0]['params_before']:,} parameters, perplexity **{base['perplexity']:.2f}**.",
+             "Ratio r = fraction of units removed in every group (MLP neurons and query heads per KV group, all "
+             "layers); the same units at the same counts for every method. Random: mean ± sd over 3 seeds.", "",
+             "| r | MLP / heads kept | params removed (total / non-emb.) | fold (k-means) | fold (Ward) | magnitude (L2) "
+             "| random |", "|---|---|---|---|---|---|---|"]
+    for r in RATIOS:
+        first = next(x for x in rows if x["ratio"] == r)
+        km, wd, mg, rd = agg(r, "fold (kmeans)"), agg(r, "fold (ward)"), agg(r, "magnitude"), agg(r, "random")
+        lines.append(f"| {r:.1f} | {first['sizes']['mlp']} / {first['sizes']['heads']} | "
+                     f"{100 * first['removed_fraction']:.1f} % / {100 * first['removed_fraction_non_embedding']:.1f} % | "
+                     f"{km[0]:.2f} | {wd[0]:.2f} | {mg[0]:.2f} | {rd[0]:.2f} ± {rd[1]:.2f} |")
+    lines += ["", f"Greedy generations (40 tokens) for the prompt {PROMPT!r}:", ""]
+    for k, v in gens.items():
+        lines.append(f"- **{k}**: `{v!r}`")
+    lines += ["", f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average at the end "
+              f"{', '.join(f'{x:.2f}' for x in out['loadavg_end'])}. Command: "
+              "`OMP_NUM_THREADS=1 python benchmarks/bench_lm.py --part ppl`.", ""]
+    (RESULTS / "lm_ppl.md").write_text("\n".join(lines))
+    return out
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cost_child(ratio: float, n_init: int, layers: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from foldviz.lm import fold_lm, lm_plan
+
+    load0 = _load()
+    rss0 = _rss_mb()
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=2048,
+                      tie_word_embeddings=True, rope_theta=500000.0)
+    t = time.perf_counter()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    model.tie_weights()   # to_empty allocates every parameter separately: re-tie lm_head to the embeddings
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                p.fill_(1.0)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)
+    model.eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    build_s = time.perf_counter() - t
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    rss_weights = _rss_mb()
+    per_group = []
+
+    def progress(msg, done, total):
+        per_group.append((msg, round(time.perf_counter() - t1, 2)))
+        print(f"[{time.perf_counter() - t1:7.1f}s] {done}/{total} {msg}", flush=True)
+
+    t1 = time.perf_counter()
+    res = fold_lm(model, lm_plan(ratio, clustering={"algorithm": "kmeans", "n_init": n_init, "max_iter": 100}),
+                  inplace=True, progress=progress)
+    fold_s = time.perf_counter() - t1
+    x = torch.randint(0, cfg.vocab_size, (1, 8), generator=g)
+    with torch.no_grad():
+        shape = list(res.model(input_ids=x, use_cache=False).logits.shape)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"config": {"hidden": 2048, "layers": layers, "heads": 32, "kv_heads": 8, "head_dim": 64, "mlp": 8192,
+                       "vocab": 128256, "dtype": "bfloat16", "tied_embeddings": True},
+            "ratio": ratio, "n_init": n_init, "params_before": res.params_before, "params_after": res.params_after,
+            "removed_fraction": res.removed_fraction, "weight_bytes": weight_bytes,
+            "rss_start_mb": rss0, "rss_after_materialise_mb": rss_weights, "peak_rss_mb": peak,
+            "peak_over_weights": peak * 2**20 / weight_bytes, "build_seconds": build_s, "fold_seconds": fold_s,
+            "per_group_cumulative_seconds": per_group, "forward_shape": shape,
+            "sizes_after": {"mlp": res.groups[0]["n_after"], "heads": res.groups[1]["n_after"]},
+            "loadavg_start": load0, "loadavg_end": _load(), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count()}
+
+
+def part_cost(ratio: float = 0.2, n_init: int = 1, layers: int = 16) -> dict:
+    cmd = [sys.executable, __file__, "--child-cost", f"--ratio={ratio}", f"--n-init={n_init}", f"--layers={layers}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-4000:])
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(proc.returncode)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lm_cost.json").write_text(json.dumps(out, indent=2) + "\n")
+    md = [f"# LM folding cost: Llama-3.2-1B-shaped model, random bf16 weights, ratio {ratio}", "",
+          "| layers | params before → after | weights | fold time | peak RSS | peak / weights | k-means n_init "
+          "| load average (start → end) |", "|---|---|---|---|---|---|---|---|",
+          f"| {layers} | {out['params_before']:,} → {out['params_after']:,} ({100 * out['removed_fraction']:.1f} % "
+          f"removed) | {out['weight_bytes'] / 2**30:.2f} GiB | {out['fold_seconds']:.0f} s | "
+          f"{out['peak_rss_mb'] / 1024:.2f} GiB | {out['peak_over_weights']:.2f}× | {n_init} | "
+          f"{out['loadavg_start'][0]:.1f} → {out['loadavg_end'][0]:.1f} |", "",
+          f"MLP 8192 → {out['sizes_after']['mlp']} neurons, 32 → {out['sizes_after']['heads']} query heads per "
+          f"layer (8 KV groups kept). Folded in place, one group at a time; features and Gram matrices in float32. "
+          f"Peak RSS includes the Python/torch runtime ({out['rss_start_mb']:.0f} MiB at start). "
+          f"{out['nproc']} CPU cores shared with other jobs, {out['threads']} torch thread(s). "
+          "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_lm.py --part cost`.", ""]
+    (RESULTS / "lm_cost.md").write_text("\n".join(md))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=("ppl", "cost", "all"), default="all")
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--n-init", type=int, default=1)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--child-cost", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child_cost:
+        print(json.dumps(cost_child(a.ratio, a.n_init, a.layers)))
+        return 0
+    if a.part in ("ppl", "all"):
+        part_ppl()
+    if a.part in ("cost", "all"):
+        part_cost(a.ratio, a.n_init, a.layers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

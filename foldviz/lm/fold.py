@@ -1,0 +1,347 @@
+"""Data-free folding (and magnitude / random pruning baselines) of Llama-layout decoders.
+
+``fold_lm(model, plan)`` reuses foldviz's :class:`~foldviz.plans.FoldPlan` (``default_ratio`` = fraction of units
+removed per group, per-group ``ratios`` keyed by the ids of :func:`~foldviz.lm.groups.find_lm_groups`, ``skip``,
+``seed`` and ``clustering`` = ``{"algorithm": "kmeans"|"ward"|"sklearn", "n_init", "max_iter"}``) and the k rule
+:func:`~foldviz.clustering.k_for_ratio`. LM folding has no repair step (as in the paper), so the plan's ``repair``
+must be ``"none"``; :func:`lm_plan` builds such a plan.
+
+Methods (same units, same counts per group):
+
+``fold``       k-means (or Ward) on the unit features, then merge each cluster: mean on the producing side
+               (gate/up rows, q rows; q/k/v rows for MHA), sum on the consuming side (down / o_proj columns).
+``magnitude``  keep the k units with the largest L2 norm of their feature vector (per KV group for heads).
+``random``     keep k units chosen uniformly at random (seeded; per KV group for heads).
+
+The model is changed layer by layer (modules are replaced by smaller ``nn.Linear``s, computed in float32 and cast
+back to the weights' dtype), so peak memory stays close to the model's own size when ``inplace=True``.
+Module attributes (``intermediate_size``, ``num_key_value_groups``) and the config (``intermediate_size``,
+``num_attention_heads``, ``num_key_value_heads``, explicit ``head_dim``) are updated; when layers end up with
+different sizes the config keeps the largest sizes and ``config.foldviz_layers`` records the per-layer sizes.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..clustering import k_for_ratio, kmeans
+from ..plans import FoldPlan, PlanError
+from .groups import LMGroup, attn_shape, decoder_layers, find_lm_groups
+
+__all__ = ["LM_METHODS", "LMFoldResult", "lm_plan", "fold_lm", "layer_sizes", "sync_config", "is_uniform",
+           "count_params", "check_plan", "config_problem"]
+
+LM_METHODS = ("fold", "magnitude", "random")
+METHOD_LABELS = {"fold": "Model folding (data-free)", "magnitude": "Magnitude pruning (L2)",
+                 "random": "Random pruning"}
+
+
+@dataclass
+class LMFoldResult:
+    model: nn.Module
+    plan: FoldPlan
+    method: str
+    groups: list[dict]                      # per group: id, kind, layer, n_before, n_after, ratio, inertia, seconds
+    labels: dict[str, np.ndarray]           # group id -> new unit index of each original unit (-1 = removed)
+    seconds: dict[str, float]
+    params_before: int = 0
+    params_after: int = 0
+    uniform: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return METHOD_LABELS[self.method]
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1.0 - self.params_after / max(1, self.params_before)
+
+    def summary(self) -> dict:
+        return {"method": self.method, "label": self.label, "params_before": self.params_before,
+                "params_after": self.params_after, "removed_fraction": round(self.removed_fraction, 6),
+                "uniform": self.uniform, "seconds": self.seconds, "plan": self.plan.to_dict(),
+                "groups": self.groups, "notes": self.notes}
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def lm_plan(ratio: float = 0.2, **kw) -> FoldPlan:
+    """A FoldPlan for LMs: ``repair="none"``, k-means clustering unless ``clustering=`` is given."""
+    kw.setdefault("repair", "none")
+    kw.setdefault("clustering", {"algorithm": "kmeans", "n_init": 4, "max_iter": 100})
+    return FoldPlan(default_ratio=ratio, **kw)
+
+
+def _as_plan(plan) -> FoldPlan:
+    if isinstance(plan, FoldPlan):
+        return plan
+    if isinstance(plan, (int, float)):
+        return lm_plan(float(plan))
+    if isinstance(plan, dict):
+        return FoldPlan.from_dict(plan)
+    raise PlanError(f"plan must be a FoldPlan, a dict or a ratio, got {type(plan).__name__}")
+
+
+def check_plan(plan: FoldPlan, groups: list[LMGroup]) -> None:
+    """Unknown group ids, ratios on non-foldable groups and repairs are errors (one-line messages)."""
+    if plan.repair != "none":
+        raise PlanError(f"repair={plan.repair!r}: language-model folding is data-free without repair; "
+                        "use repair='none' (foldviz.lm.lm_plan does)")
+    by_id = {g.id: g for g in groups}
+    for field_name, ids in (("ratios", plan.ratios), ("skip", plan.skip)):
+        for gid in ids:
+            if gid not in by_id:
+                some = ", ".join(g.id for g in groups if g.foldable)
+                raise PlanError(f"{field_name}: unknown group id {gid!r} (foldable groups: "
+                                f"{some[:300]}{'...' if len(some) > 300 else ''})")
+    for gid, r in plan.ratios.items():
+        if r > 0 and not by_id[gid].foldable and gid not in plan.skip:
+            raise PlanError(f"ratios.{gid}: group is not foldable ({by_id[gid].reason})")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# merge helpers
+# -------------------------------------------------------------------------------------------------------------
+def _reduce_rows(t: torch.Tensor, labels: torch.Tensor, k: int, mean: bool) -> torch.Tensor:
+    """Rows of ``t`` (n, ...) combined per label: mean or sum. Computed in float32."""
+    x = t.detach().float().reshape(t.shape[0], -1)
+    out = torch.zeros(k, x.shape[1], dtype=torch.float32).index_add_(0, labels, x)
+    if mean:
+        out /= torch.bincount(labels, minlength=k).clamp_min(1).to(out.dtype)[:, None]
+    return out.reshape(k, *t.shape[1:])
+
+
+def _select_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().index_select(0, keep)
+
+
+def _new_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.to(old.weight.dtype).contiguous(), requires_grad=old.weight.requires_grad)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.to(old.bias.dtype).contiguous(), requires_grad=old.bias.requires_grad)
+    return lin
+
+
+def _cluster(feat: torch.Tensor, k: int, plan: FoldPlan, method: str, seed: int) -> tuple[np.ndarray, float]:
+    """Labels (new index of each unit, -1 = removed) and inertia (fold only)."""
+    n = feat.shape[0]
+    if k >= n:
+        return np.arange(n), 0.0
+    if method == "fold":
+        c = plan.clustering or {}
+        res = kmeans(feat, k, seed=seed, n_init=int(c.get("n_init", 4)), max_iter=int(c.get("max_iter", 100)),
+                     algorithm=c.get("algorithm", "kmeans"))
+        return np.asarray(res.labels), float(res.inertia)
+    if method == "magnitude":
+        score = feat.norm(dim=1)
+        keep = torch.argsort(score, descending=True, stable=True)[:k]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(n, generator=g)[:k]
+    keep = torch.sort(keep).values
+    labels = np.full(n, -1, dtype=np.int64)
+    labels[keep.numpy()] = np.arange(k)
+    return labels, 0.0
+
+
+def _apply(t: torch.Tensor, labels: np.ndarray, k: int, method: str, mean: bool) -> torch.Tensor:
+    """Fold (mean/sum per cluster) or prune (keep labelled rows in label order) along axis 0."""
+    lab = torch.as_tensor(labels)
+    if method == "fold":
+        return _reduce_rows(t, lab, k, mean)
+    keep = torch.nonzero(lab >= 0).flatten()
+    keep = keep[torch.argsort(lab[keep])]
+    return _select_rows(t, keep)
+
+
+# -------------------------------------------------------------------------------------------------------------
+def _fold_mlp(mlp: nn.Module, k: int, plan: FoldPlan, method: str, seed: int):
+    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    parts = [g.weight.detach().float(), u.weight.detach().float(), d.weight.detach().float().T]
+    parts += [b.detach().float()[:, None] for b in (g.bias, u.bias) if b is not None]
+    feat = torch.cat(parts, dim=1)
+    del parts
+    labels, inertia = _cluster(feat, k, plan, method, seed)
+    del feat
+    k_eff = k if method == "fold" else int((labels >= 0).sum())
+    new = {}
+    for name, lin in (("gate_proj", g), ("up_proj", u)):
+        w = _apply(lin.weight, labels, k_eff, method, mean=True)
+        b = _apply(lin.bias, labels, k_eff, method, mean=True) if lin.bias is not None else None
+        new[name] = _new_linear(lin, w, b)
+    wd = _apply(d.weight.T, labels, k_eff, method, mean=False).T
+    new["down_proj"] = _new_linear(d, wd, d.bias.detach().float() if d.bias is not None else None)
+    for name, lin in new.items():
+        setattr(mlp, name, lin)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = k_eff
+    return labels, inertia
+
+
+def _fold_heads(attn: nn.Module, config, r: float, plan: FoldPlan, method: str, seed: int):
+    nq, nkv, hd = attn_shape(attn, config)
+    q, k_, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+    hidden_out = o.out_features
+    mha = nq == nkv
+    if mha:
+        kv_groups, per = 1, nq
+    else:
+        kv_groups, per = nkv, nq // nkv
+    kk = k_for_ratio(per, r)
+    # head-major blocks: (nq, hd, in) for q (and k, v in MHA); o columns as (nq, out, hd)
+    qw = q.weight.detach().float().reshape(nq, hd, -1)
+    ow = o.weight.detach().float().reshape(hidden_out, nq, hd).permute(1, 0, 2)
+    blocks = {"q": qw}
+    if q.bias is not None:
+        blocks["qb"] = q.bias.detach().float().reshape(nq, hd)
+    if mha:
+        blocks["k"] = k_.weight.detach().float().reshape(nq, hd, -1)
+        blocks["v"] = v.weight.detach().float().reshape(nq, hd, -1)
+        for nm, lin in (("kb", k_), ("vb", v)):
+            if lin.bias is not None:
+                blocks[nm] = lin.bias.detach().float().reshape(nq, hd)
+    all_labels = np.full(nq, -1, dtype=np.int64)
+    inertia = 0.0
+    merged = {nm: [] for nm in list(blocks) + ["o"]}
+    for j in range(kv_groups):
+        sl = slice(j * per, (j + 1) * per)
+        feat = torch.cat([b[sl].reshape(per, -1) for b in blocks.values()] + [ow[sl].reshape(per, -1)], dim=1)
+        labels, ine = _cluster(feat, kk, plan, method, seed + j)
+        inertia += ine
+        for nm, b in blocks.items():
+            merged[nm].append(_apply(b[sl], labels, kk, method, mean=True))
+        merged["o"].append(_apply(ow[sl], labels, kk, method, mean=False))
+        lab = labels.copy()
+        lab[lab >= 0] += j * kk
+        all_labels[sl] = lab
+    cat = {nm: torch.cat(v_, dim=0) for nm, v_ in merged.items()}
+    new_nq = kv_groups * kk if not mha else kk
+    attn.q_proj = _new_linear(q, cat["q"].reshape(new_nq * hd, -1), cat["qb"].reshape(-1) if "qb" in cat else None)
+    attn.o_proj = _new_linear(o, cat["o"].permute(1, 0, 2).reshape(hidden_out, new_nq * hd),
+                              o.bias.detach().float() if o.bias is not None else None)
+    if mha:
+        attn.k_proj = _new_linear(k_, cat["k"].reshape(new_nq * hd, -1), cat["kb"].reshape(-1) if "kb" in cat else None)
+        attn.v_proj = _new_linear(v, cat["v"].reshape(new_nq * hd, -1), cat["vb"].reshape(-1) if "vb" in cat else None)
+    new_nkv = new_nq if mha else nkv
+    attn.num_key_value_groups = new_nq // new_nkv
+    attn.head_dim = hd
+    for attr, val in (("num_heads", new_nq), ("num_attention_heads", new_nq), ("num_key_value_heads", new_nkv)):
+        if hasattr(attn, attr):
+            setattr(attn, attr, val)
+    return all_labels, inertia, new_nq
+
+
+def layer_sizes(model: nn.Module) -> list[dict]:
+    """Per decoder layer: intermediate_size, num_attention_heads, num_key_value_heads (read from the weights)."""
+    out = []
+    for layer in decoder_layers(model):
+        nq, nkv, hd = attn_shape(layer.self_attn, model.config)
+        out.append({"intermediate_size": int(layer.mlp.gate_proj.out_features), "num_attention_heads": int(nq),
+                    "num_key_value_heads": int(nkv), "head_dim": int(hd)})
+    return out
+
+
+def is_uniform(sizes: list[dict]) -> bool:
+    return all(s == sizes[0] for s in sizes)
+
+
+def config_problem(config) -> str:
+    """Why transformers would refuse to save/load ``config`` ("" when it validates).
+
+    transformers' ``LlamaConfig`` requires ``hidden_size % num_attention_heads == 0`` even with an explicit
+    ``head_dim``; folding heads can break that (e.g. 32 → 24 heads at hidden 2048). Such models run fine but are
+    saved in the foldviz format.
+    """
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return ""
+    try:
+        validate()
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's StrictDataclassClassValidationError and friends
+        msg = str(e).strip().splitlines()
+        return (msg[-1].strip() if msg else type(e).__name__)[:200]
+    return ""
+
+
+def sync_config(model: nn.Module) -> bool:
+    """Write the layers' sizes into ``model.config``; returns True when every layer has the same sizes."""
+    sizes = layer_sizes(model)
+    cfg = model.config
+    uniform = is_uniform(sizes)
+    cfg.intermediate_size = max(s["intermediate_size"] for s in sizes)
+    cfg.num_attention_heads = max(s["num_attention_heads"] for s in sizes)
+    cfg.num_key_value_heads = max(s["num_key_value_heads"] for s in sizes)
+    cfg.head_dim = sizes[0]["head_dim"]
+    if uniform:
+        if hasattr(cfg, "foldviz_layers"):
+            delattr(cfg, "foldviz_layers")
+    else:
+        cfg.foldviz_layers = sizes
+    return uniform
+
+
+def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool = False,
+            progress=None) -> LMFoldResult:
+    """Fold (or prune, ``method="magnitude"|"random"``) a Llama-layout decoder according to ``plan``.
+
+    ``plan``: a FoldPlan (``repair="none"``), a plan dict or a ratio. ``inplace=False`` works on a deep copy.
+    ``progress(message, done, total)`` is called after each group. Returns :class:`LMFoldResult`.
+    """
+    if method not in LM_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {LM_METHODS}")
+    plan = _as_plan(plan)
+    t0 = time.perf_counter()
+    groups = find_lm_groups(model)
+    check_plan(plan, groups)
+    params_before = count_params(model)
+    work = model if inplace else copy.deepcopy(model)
+    layers = decoder_layers(work)
+    todo = [g for g in groups if g.foldable]
+    out_groups, labels_out = [], {}
+    notes = []
+    with torch.no_grad():
+        for idx, g in enumerate(todo):
+            r = plan.ratio_for(g.id)
+            tg = time.perf_counter()
+            seed = plan.seed + 1009 * (g.layer or 0) + (0 if g.kind == "mlp" else 500)
+            if r <= 0:
+                labels, inertia, n_after = np.arange(g.n), 0.0, g.n
+            elif g.kind == "mlp":
+                k = k_for_ratio(g.n, r)
+                labels, inertia = _fold_mlp(layers[g.layer].mlp, k, plan, method, seed)
+                n_after = k
+            else:
+                labels, inertia, n_after = _fold_heads(layers[g.layer].self_attn, work.config, r, plan, method, seed)
+            labels_out[g.id] = labels
+            out_groups.append({"id": g.id, "kind": g.kind, "layer": g.layer, "unit": g.unit, "n_before": g.n,
+                               "n_after": int(n_after), "ratio": r, "inertia": inertia,
+                               "params_removed": int((g.n - n_after) * g.params_per_unit),
+                               "seconds": round(time.perf_counter() - tg, 4)})
+            if progress is not None:
+                progress(f"{g.id}: {g.n} → {n_after} {g.unit}s", idx + 1, len(todo))
+    uniform = sync_config(work)
+    if not uniform:
+        notes.append("layers have different sizes: save with foldviz.lm.save_lm (foldviz format), "
+                     "not plain save_pretrained")
+    elif config_problem(work.config):
+        notes.append(f"transformers refuses this config ({config_problem(work.config)}): save_lm writes the "
+                     "foldviz format")
+    total = time.perf_counter() - t0
+    return LMFoldResult(work, plan, method, out_groups, labels_out,
+                        {"total": round(total, 4), "groups": round(sum(g["seconds"] for g in out_groups), 4)},
+                        params_before, count_params(work), uniform, notes)
