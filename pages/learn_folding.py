@@ -208,7 +208,11 @@ elif step == 6:
         "channel by the factor that undoes the shrinkage, estimated from the weights alone:")
     st.latex(r"s_c = \sqrt{\frac{N_c}{1 + (N_c - 1)\,\bar\rho_c}}, \quad "
              r"\bar\rho_c = \text{mean pairwise cosine of the members' weights}")
-    methods = ["none", "ar"] + (["r"] if data.spec else [])
+    st.markdown(
+        "- **Fold-DFR** (foldviz's default, data-free): keep the original model's stored BatchNorm statistics and "
+        "correct each one by how much folding changed it on a small synthetic batch — every layer, including the "
+        "ones that *sum* merged channels (which can explode instead of collapse).")
+    methods = ["none", "ar", "dfr"] + (["r"] if data.spec else [])
     with_dir = st.checkbox("Include Fold-DIR (slower: synthesises inputs first)", value=False, key="learn_dir")
     if with_dir:
         methods.append("dir")
