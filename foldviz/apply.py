@@ -5,6 +5,7 @@ import torch
 
 from .data import sample_inputs
 from .fold import fold
+from .ifm import ifm
 from .methods import get_method
 from .plans import FoldPlan
 from .prune import prune
@@ -34,5 +35,7 @@ def apply_method(loaded: LoadedModel, plan: FoldPlan, method: str, *, repair_dat
     if m.family == "prune":
         return prune(loaded.model, plan, importance=m.importance, repair=m.repair, example_input=x,
                      repair_data=repair_data, progress=progress, device=device, method=m.key)
+    if m.family == "merge":
+        return ifm(loaded.model, plan, example_input=x, progress=progress, device=device)
     return fold(loaded.model, plan, example_input=x, repair=m.repair, repair_data=repair_data, progress=progress,
                 device=device, num_classes=loaded.num_classes)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FAMILIES = ("fold", "prune")
+FAMILIES = ("fold", "prune", "merge")
 
 
 @dataclass(frozen=True)
 class Method:
     key: str                 # stable identifier used in plans, CLI flags, reports, CSVs
     label: str               # what people read
-    family: str              # "fold" (cluster and merge) or "prune" (rank and remove)
+    family: str              # "fold" (cluster and merge), "prune" (rank and remove), "merge" (other merging baselines)
     repair: str              # key of foldviz.repair.REPAIRS run after the merge
     needs_data: bool         # needs real inputs (repair data)
     description: str
@@ -38,6 +38,10 @@ METHODS: dict[str, Method] = {m.key: m for m in (
            "proxy batch (foldviz's default)", color="#e377c2"),
     Method("dir", "Fold-DIR", "fold", "dir", False,
            "data-free: recompute BatchNorm statistics on inputs synthesised by Deep Inversion", color="#9467bd"),
+    Method("ifm", "IFM", "merge", "none", False,
+           "Iterative Feature Merging (Chen et al., ICLR 2024): greedily merge the closest pair of channels, "
+           "summing producers and averaging consumers; no repair (variance overshoots)", color="#ff7f0e",
+           dash="longdash"),
     Method("l1", "L1 pruning", "prune", "none", False, "remove the channels with the smallest L1 norm",
            importance="l1", color="#7f7f7f", dash="dot"),
     Method("l2", "L2 pruning", "prune", "none", False, "remove the channels with the smallest L2 norm",

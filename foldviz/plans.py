@@ -7,6 +7,7 @@ clustering settings and seed. Saving then loading gives an identical plan.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -284,3 +285,47 @@ def suggest(cost: CostModel, scores: dict[str, float], target_sparsity: float, b
         raise PlanError(f"cannot reach {100 * target:.0f}% parameter sparsity by folding alone (at most "
                         f"{100 * got:.0f}% with every group at {100 * max_ratio:.0f}%)")
     return plan
+
+
+# -- presets: plans that reproduce an experimental protocol ------------------------------------------------------
+_STAGE = re.compile(r"^(layer(\d+))\.")
+
+
+def last_stages_groups(graph, stages: int = 2) -> list[str]:
+    """Ids of the foldable groups whose producers all lie in the last ``stages`` ResNet stages (``layerN.*``).
+
+    A group that feeds a later stage counts (its consumers may lie anywhere); one produced partly by an earlier
+    stage does not, so the residual stream entering the first selected stage stays whole."""
+    found = {int(m.group(2)) for g in graph.groups for p in g.producers if (m := _STAGE.match(p))}
+    if len(found) < stages:
+        raise PlanError(f"preset needs a ResNet with at least {stages} stages named layer1, layer2, ...; "
+                        f"this model has {len(found)}")
+    wanted = {f"layer{i}" for i in sorted(found)[-stages:]}
+    out = []
+    for g in graph.foldable:
+        owners = {(m.group(1) if (m := _STAGE.match(p)) else None) for p in g.producers}
+        if owners and owners <= wanted:
+            out.append(g.id)
+    return out
+
+
+def preset_plan(graph, name: str, ratio: float, **fields) -> FoldPlan:
+    """A FoldPlan reproducing a named protocol at channel ratio ``ratio``; ``fields`` set other plan fields.
+
+    Presets (:data:`PRESETS`):
+
+    * ``"uniform"``: every foldable group at ``ratio`` (the paper's main protocol).
+    * ``"ifm-last-two-stages"``: the IFM / INN protocol (Model Folding paper, Fig. 7; paper-numbers §5.2):
+      only the groups produced inside the last two ResNet stages (``layer3``/``layer4`` of a ResNet18) are
+      folded at ``ratio``; every other group keeps all its channels (default ratio 0).
+    """
+    if name not in PRESETS:
+        raise PlanError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    if name == "uniform":
+        return FoldPlan(**{"default_ratio": float(ratio), **fields})
+    ids = last_stages_groups(graph, 2)
+    return FoldPlan(**{"default_ratio": 0.0, "ratios": {gid: float(ratio) for gid in ids},
+                       "note": f"preset {name}", **fields})
+
+
+PRESETS = ("uniform", "ifm-last-two-stages")

@@ -2,7 +2,9 @@
 
 Merge rule (folding-spec §0): tensors indexed by the group on their output axis (conv/linear rows, biases,
 BatchNorm parameters) take the cluster *mean*; consumers' input columns take the cluster *sum*. A cluster of
-identical channels therefore collapses without changing the function. Merged values are written into one
+identical channels therefore collapses without changing the function. A :class:`Decision` may name another rule
+(``Decision.rule``, keys of :data:`MERGE_RULES`): ``"ifm"`` is IFM's inverse rule (output side summed, input side
+averaged; see :mod:`foldviz.ifm`). Merged values are written into one
 representative channel per cluster and Torch-Pruning then removes the others, which keeps module attributes
 (``out_channels``, ``num_features`` ...) correct. Pruning is the same operation with no merge.
 
@@ -34,7 +36,8 @@ from .utils import Progress, resolve_device
 @dataclass
 class Decision:
     """What to do with one group: ``keep`` channel indices survive; with ``rep_of`` (merge), channel r is merged
-    into ``rep_of[r]``; ``labels`` are the clusters (fold) shown to users; ``bn_scales`` rescale merged gammas."""
+    into ``rep_of[r]``; ``labels`` are the clusters (fold) shown to users; ``bn_scales`` rescale merged gammas;
+    ``rule`` (a key of :data:`MERGE_RULES`) says how each side combines a cluster."""
 
     keep: list[int]
     rep_of: np.ndarray | None = None
@@ -42,6 +45,18 @@ class Decision:
     inertia: float | None = None
     n_iter: int | None = None
     bn_scales: dict = field(default_factory=dict)
+    rule: str = "fold"
+
+    def __post_init__(self):
+        if self.rule not in MERGE_RULES:
+            raise ValueError(f"unknown merge rule {self.rule!r}; choose from {', '.join(MERGE_RULES)}")
+
+
+# merge rule -> (output side takes the mean?, input side takes the mean?); False means a plain sum
+MERGE_RULES: dict[str, tuple[bool, bool]] = {
+    "fold": (True, False),   # model folding: producers' rows/biases/BN tensors averaged, consumers' columns summed
+    "ifm": (False, True),    # IFM: producers' rows/biases/BN tensors summed, consumers' columns averaged
+}
 
 
 @dataclass
@@ -89,16 +104,17 @@ def _combine(t: torch.Tensor, axis: int, src: torch.Tensor, dst: torch.Tensor, m
     tm[uniq[hit]] = acc[hit].to(t.dtype)
 
 
-def _merge_member(mod: nn.Module, side: str, src, dst) -> None:
+def _merge_member(mod: nn.Module, side: str, src, dst, rule: str = "fold") -> None:
+    out_mean, in_mean = MERGE_RULES[rule]
     s = torch.as_tensor(src, device=mod.weight.device)
     d = torch.as_tensor(dst, device=mod.weight.device)
     if side == "in":
-        _combine(mod.weight, 1, s, d, mean=False)
+        _combine(mod.weight, 1, s, d, mean=in_mean)
         return
     for name in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(mod, name, None)
         if t is not None:
-            _combine(t, 0, s, d, mean=True)
+            _combine(t, 0, s, d, mean=out_mean)
 
 
 class GroupSurgery:
@@ -131,7 +147,7 @@ class GroupSurgery:
             if d.rep_of is not None:
                 src = list(item.idxs)
                 dst = [by_root[d.rep_of[r]][p] for r, p in zip(item.root_idxs, pos)]
-                _merge_member(mod, side, src, dst)
+                _merge_member(mod, side, src, dst, d.rule)
                 assign = dict(zip(src, dst))
                 scale = d.bn_scales.get(self.names[mod]) if side == "out" else None
                 if scale is not None:
@@ -163,11 +179,11 @@ class GroupSurgery:
                     cmap[o] = rank[cur]
 
 
-def merge_decision(labels: np.ndarray, k: int) -> Decision:
-    """The merge that folds each cluster of ``labels`` into its first member."""
+def merge_decision(labels: np.ndarray, k: int, rule: str = "fold") -> Decision:
+    """The merge that folds each cluster of ``labels`` into its first member with ``rule``."""
     labels = np.asarray(labels)
     reps = np.array([np.flatnonzero(labels == c)[0] for c in range(k)])
-    return Decision(keep=sorted(reps.tolist()), rep_of=reps[labels], labels=labels)
+    return Decision(keep=sorted(reps.tolist()), rep_of=reps[labels], labels=labels, rule=rule)
 
 
 # select(ctx, group, k) -> Decision: what a method keeps in one group (fold: clusters; prune: importance)
