@@ -71,6 +71,18 @@ def fold_report(loaded: LoadedModel, result: FoldResult, *, data_spec: str | Non
     else:
         inputs = loaded.example_input(variance_samples, seed=1)
         report["variance_inputs"] = f"{variance_samples} standard-normal inputs (no data given)"
-    report["variance_ratio"] = variance_ratios(loaded.model, result.model, inputs, result.channel_maps)
+    notes: list = []
+    try:  # optional measurement: a failure is recorded in the report, never loses the fold
+        report["variance_ratio"] = variance_ratios(loaded.model, result.model, inputs, result.channel_maps,
+                                                   notes=notes)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        report["variance_ratio"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+    if notes:
+        report["variance_notes"] = notes[:50]
+    for side in ("before", "after"):  # failed FLOPs / latency: {"error": ...} in place of the number
+        for key, msg in cmp[side].get("errors", {}).items():
+            report[f"{key}_{side}"] = {"error": msg}
     report["seconds"]["report"] = time.perf_counter() - t
     return report

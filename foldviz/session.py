@@ -121,8 +121,10 @@ def save_upload(data: bytes, filename: str, directory: str | Path | None = None)
     d = Path(directory or Path(tempfile.gettempdir()) / "foldviz-uploads")
     d.mkdir(parents=True, exist_ok=True)
     path = d / (hashlib.sha256(data).hexdigest()[:32] + suffix)
-    if not path.exists():
-        path.write_bytes(data)
+    if not path.exists():  # atomic: a crash never leaves a truncated file under the content-addressed name
+        from .utils import atomic_write_bytes
+
+        atomic_write_bytes(path, data)
     return str(path)
 
 
