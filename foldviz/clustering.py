@@ -72,16 +72,37 @@ def group_features_tensor(model: nn.Module, group: ChannelGroup, *, scale: bool 
         if mem.module not in modules:
             continue
         blocks.extend(_member_rows(modules[mem.module], mem.side, mem.idxs, mem.root_idxs, group.channels))
-    x = torch.cat(blocks, dim=1).float()
-    return robust_scale(x) if scale else x
+    x = torch.cat(blocks, dim=1)
+    del blocks
+    x = x.float()
+    return _robust_scale_(x) if scale else x
+
+
+#: Largest column block that robust scaling / Gram products handle at once (bytes of float32 features).
+FEATURE_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def _col_chunks(x: torch.Tensor):
+    step = max(1, FEATURE_CHUNK_BYTES // max(1, x.shape[0] * x.element_size()))
+    return [slice(j, j + step) for j in range(0, x.shape[1], step)]
+
+
+def _robust_scale_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`robust_scale` in place, column block by column block (identical values, bounded scratch memory)."""
+    qs = torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device)
+    for sl in _col_chunks(x):
+        part = x[:, sl]
+        med = part.median(dim=0).values
+        q = torch.quantile(part, qs, dim=0)
+        iqr = q[1] - q[0]
+        iqr = torch.where(iqr > 1e-12, iqr, torch.ones_like(iqr))
+        part.sub_(med).div_(iqr)
+    return x
 
 
 def robust_scale(x: torch.Tensor) -> torch.Tensor:
-    med = x.median(dim=0).values
-    q = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device), dim=0)
-    iqr = q[1] - q[0]
-    iqr = torch.where(iqr > 1e-12, iqr, torch.ones_like(iqr))
-    return (x - med) / iqr
+    """Per-column (x - median) / IQR; columns with IQR <= 1e-12 are only centred."""
+    return _robust_scale_(x.clone())
 
 
 def cosine_similarity(features: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -92,8 +113,15 @@ def cosine_similarity(features: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """Centred Gram matrix: k-means only needs inner products, and centring keeps them well conditioned."""
-    xc = x - x.mean(dim=0, keepdim=True)
-    return xc @ xc.T
+    if x.numel() * x.element_size() <= FEATURE_CHUNK_BYTES:
+        xc = x - x.mean(dim=0, keepdim=True)
+        return xc @ xc.T
+    mean = x.mean(dim=0, keepdim=True)  # large features: centre and multiply one column block at a time
+    gram = None
+    for sl in _col_chunks(x):
+        xc = x[:, sl] - mean[:, sl]
+        gram = xc @ xc.T if gram is None else gram.addmm_(xc, xc.T)
+    return gram
 
 
 def _kmeanspp(gram: np.ndarray, diag: np.ndarray, k: int, rng: np.random.Generator, eps: float) -> np.ndarray:
@@ -259,12 +287,27 @@ def ar_scale(rows: torch.Tensor, labels: np.ndarray, k: int) -> torch.Tensor:
     Equals sqrt(N_c / (1 + (N_c - 1) E[c])) with E[c] the mean pairwise cosine of the members (folding-spec §5.3):
     1 for identical members, sqrt(N_c) for orthogonal ones.
     """
-    u = rows.reshape(rows.shape[0], -1).double()
-    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    r = rows.reshape(rows.shape[0], -1)
     lab = torch.as_tensor(labels)
-    sums = torch.zeros(k, u.shape[1], dtype=u.dtype).index_add_(0, lab, u)
     sizes = torch.bincount(lab, minlength=k).double()
-    norms = sums.norm(dim=1)
+    if r.numel() * 8 <= FEATURE_CHUNK_BYTES:
+        u = r.double()
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        sums = torch.zeros(k, u.shape[1], dtype=u.dtype).index_add_(0, lab, u)
+        norms = sums.norm(dim=1)
+    else:  # large rows: the same sums, one column block at a time (float64 scratch stays bounded)
+        row_norm = torch.zeros(r.shape[0], dtype=torch.float64)
+        chunks = [slice(j, j + max(1, FEATURE_CHUNK_BYTES // (8 * r.shape[0])))
+                  for j in range(0, r.shape[1], max(1, FEATURE_CHUNK_BYTES // (8 * r.shape[0])))]
+        for sl in chunks:
+            row_norm += r[:, sl].double().pow(2).sum(1)
+        inv = 1.0 / row_norm.sqrt().clamp_min(1e-12)
+        sq = torch.zeros(k, dtype=torch.float64)
+        for sl in chunks:
+            part = r[:, sl].double() * inv[:, None]
+            sums = torch.zeros(k, part.shape[1], dtype=torch.float64).index_add_(0, lab, part)
+            sq += sums.pow(2).sum(1)
+        norms = sq.sqrt()
     s = torch.where(norms > 1e-12, sizes / norms.clamp_min(1e-12), sizes.sqrt())
     return s.float()
 

@@ -73,11 +73,17 @@ def _out_size(m: nn.Module) -> int:
     return m.weight.shape[0]
 
 
+#: Bytes of float64 scratch that one step of :func:`_combine` may use (larger tensors are merged in column chunks).
+COMBINE_CHUNK_BYTES = 32 * 1024 * 1024
+
+
 @torch.no_grad()
 def _combine(t: torch.Tensor, axis: int, src: torch.Tensor, dst: torch.Tensor, mean: bool) -> None:
     """In place: slot dst[j] of ``t`` along ``axis`` becomes the sum (or mean) of the slots src that map to it.
 
-    Only slots receiving more than one source change, so singleton clusters cost nothing.
+    Only slots receiving more than one source change, so singleton clusters cost nothing.  Sums are taken in
+    float64; for large tensors (e.g. a 4096x25088 Linear) the other axis is processed in chunks so the float64
+    scratch stays under :data:`COMBINE_CHUNK_BYTES` (the result is identical: every column is independent).
     """
     uniq, inverse, counts = dst.unique(return_inverse=True, return_counts=True)
     busy = counts[inverse] > 1
@@ -85,12 +91,23 @@ def _combine(t: torch.Tensor, axis: int, src: torch.Tensor, dst: torch.Tensor, m
         return
     src, inverse = src[busy], inverse[busy]
     tm = t.data.movedim(axis, 0)
-    vals = tm.index_select(0, src).double()
-    acc = torch.zeros((len(uniq),) + tm.shape[1:], dtype=torch.float64, device=t.device).index_add_(0, inverse, vals)
-    if mean:
-        acc = acc / counts.to(acc.dtype).view((-1,) + (1,) * (acc.dim() - 1))
     hit = counts > 1
-    tm[uniq[hit]] = acc[hit].to(t.dtype)
+    targets = uniq[hit]
+    div = counts.double().view((-1,) + (1,) * (tm.dim() - 1)) if mean else None
+    if tm.dim() == 1:
+        parts = [tm]
+    else:
+        per_col = (len(src) + len(uniq)) * 8 * max(1, tm[0, 0].numel() if tm.dim() > 1 else 1)
+        step = max(1, COMBINE_CHUNK_BYTES // max(1, per_col))
+        parts = [tm[:, j:j + step] for j in range(0, tm.shape[1], step)]
+    for part in parts:  # views: writes go straight into t
+        vals = part.index_select(0, src).double()
+        acc = torch.zeros((len(uniq),) + part.shape[1:], dtype=torch.float64, device=t.device).index_add_(0, inverse, vals)
+        del vals
+        if mean:
+            acc = acc / div
+        part[targets] = acc[hit].to(t.dtype)
+        del acc
 
 
 def _merge_member(mod: nn.Module, side: str, src, dst) -> None:

@@ -63,7 +63,8 @@ def state_dict_hash(model_or_state: nn.Module | dict) -> str:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        arr = t.numpy() if t.dtype != torch.bfloat16 else t.float().numpy()
+        h.update(memoryview(arr).cast("B") if arr.ndim and arr.size else arr.tobytes())  # no copy of large tensors
     return h.hexdigest()
 
 
