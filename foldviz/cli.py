@@ -56,7 +56,8 @@ def _check_plan_matches(plan: FoldPlan, plan_path, loaded, force: bool) -> None:
         print(f"warning: {plan_path} was made for model {plan.model!r}, applying it to {loaded.spec!r} (--force)",
               file=sys.stderr)
     if not plan.weights_sha256:
-        print(f"warning: {plan_path} records no weights_sha256; cannot check that it was made for these weights",
+        what = "no model and no weights_sha256" if not plan.model else "no weights_sha256"
+        print(f"warning: {plan_path} records {what}; cannot check that it was made for these weights",
               file=sys.stderr)
     elif plan.weights_sha256 != state_dict_hash(loaded.model):
         print(f"warning: {plan_path} was made for weights {plan.weights_sha256[:12]}..., these differ",
