@@ -37,23 +37,23 @@ def k_for_ratio(n: int, ratio: float) -> int:
     return max(1, min(n, int(round(n * (1.0 - ratio)))))
 
 
-def _member_rows(module: nn.Module, side: str, idxs: list[int], root_idxs: list[int], n: int) -> list[torch.Tensor]:
-    """Blocks of shape (n, d_b) contributed by one group member."""
-    blocks = []
+def _member_sources(module: nn.Module, side: str, idxs: list[int], root_idxs: list[int]):
+    """(tensor whose dim-0 rows are the member's slices, member indices sorted by group channel) per block."""
     order = torch.as_tensor(np.argsort(np.asarray(root_idxs), kind="stable"))
     idx = torch.as_tensor(idxs)[order]   # member indices sorted by group channel, stable within a channel
     if side == "out":
-        tensors = [module.weight, module.bias] if not isinstance(module, _BN) else [module.weight, module.bias]
-        for t in tensors:
-            if t is None:
-                continue
-            rows = t.detach().index_select(0, idx).reshape(len(idx), -1)
-            blocks.append(rows.reshape(n, -1))
-    else:
-        w = module.weight.detach()
-        cols = w.index_select(1, idx).transpose(0, 1).reshape(len(idx), -1)
-        blocks.append(cols.reshape(n, -1))
-    return blocks
+        return [(t.detach(), idx) for t in (module.weight, module.bias) if t is not None]
+    return [(module.weight.detach().transpose(0, 1), idx)]  # in side: column idx of the weight, as rows
+
+
+def _member_rows(module: nn.Module, side: str, idxs: list[int], root_idxs: list[int], n: int) -> list[torch.Tensor]:
+    """Blocks of shape (n, d_b) contributed by one group member."""
+    return [src.index_select(0, idx).reshape(len(idx), -1).reshape(n, -1)
+            for src, idx in _member_sources(module, side, idxs, root_idxs)]
+
+
+#: Scratch bytes used while copying one member block into the feature matrix.
+_FILL_CHUNK_BYTES = 32 * 1024 * 1024
 
 
 def group_features(model: nn.Module, graph: GroupGraph, group_id: str, *, scale: bool = False) -> np.ndarray:
@@ -67,14 +67,24 @@ def group_features(model: nn.Module, graph: GroupGraph, group_id: str, *, scale:
 
 def group_features_tensor(model: nn.Module, group: ChannelGroup, *, scale: bool = False) -> torch.Tensor:
     modules = dict(model.named_modules())
-    blocks = []
+    n = group.channels
+    sources = []
     for mem in group.members:
-        if mem.module not in modules:
-            continue
-        blocks.extend(_member_rows(modules[mem.module], mem.side, mem.idxs, mem.root_idxs, group.channels))
-    x = torch.cat(blocks, dim=1)
-    del blocks
-    x = x.float()
+        if mem.module in modules:
+            sources.extend(_member_sources(modules[mem.module], mem.side, mem.idxs, mem.root_idxs))
+    # one (n, d) float32 matrix, filled block by block and channel chunk by channel chunk: no list of copies
+    # and no concatenation (which would hold the features twice; 2 x 480 MB for VGG-16's 4096-wide group)
+    widths = [len(idx) * src[0].numel() // n for src, idx in sources]
+    device = sources[0][0].device if sources else None
+    x = torch.empty((n, sum(widths)), dtype=torch.float32, device=device)
+    col = 0
+    for (src, idx), w in zip(sources, widths):
+        m = len(idx) // n  # member rows per group channel (e.g. 49 for a conv flattened into a Linear)
+        step = max(1, _FILL_CHUNK_BYTES // max(1, w * 4))
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            x[c0:c1, col:col + w] = src.index_select(0, idx[c0 * m:c1 * m]).reshape(c1 - c0, -1)
+        col += w
     return _robust_scale_(x) if scale else x
 
 
