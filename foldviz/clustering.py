@@ -236,7 +236,7 @@ def kmeans(features, k: int, *, seed: int = 0, n_init: int = 4, max_iter: int = 
 
 def _centroids(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
-    return sums / torch.bincount(labels, minlength=k)[:, None].clamp_min(1)
+    return sums.div_(torch.bincount(labels, minlength=k)[:, None].clamp_min(1).to(sums.dtype))  # in place: k x d once
 
 
 def _sklearn_cluster(x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int, algorithm: str) -> ClusterResult:

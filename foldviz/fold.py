@@ -254,6 +254,7 @@ def run(model: nn.Module, plan: FoldPlan, *, method: str = "fold", example_input
             decisions[g.id] = (rep_of, sorted(reps.tolist()), scales, labels)
             labels_out[g.id] = labels
             inertia = res.inertia
+            del feats, res  # free this group's features and centroids before the next group's are built
         else:
             imp = _magnitude(work, g, p=1 if method == "l1" else 2)
             keep = sorted(torch.argsort(imp, descending=True)[:k].tolist())
