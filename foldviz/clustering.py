@@ -21,7 +21,7 @@ ALGORITHMS = ("kmeans", "sklearn", "ward")
 @dataclass
 class ClusterResult:
     labels: np.ndarray      # (n,) cluster id of each channel, ids 0..k-1 ordered by first occurrence
-    centroids: np.ndarray   # (k, d) in the (possibly scaled) feature space
+    centroids: np.ndarray | None  # (k, d) in the (possibly scaled) feature space; None if not asked for
     inertia: float          # sum of squared distances to the assigned centroid
     k: int
 
@@ -201,7 +201,8 @@ def _canonical(labels: np.ndarray, k: int) -> np.ndarray:
 
 
 def kmeans(features, k: int, *, seed: int = 0, n_init: int = 4, max_iter: int = 100,
-           algorithm: str = "kmeans", device: str | torch.device | None = None) -> ClusterResult:
+           algorithm: str = "kmeans", device: str | torch.device | None = None,
+           with_centroids: bool = True) -> ClusterResult:
     """Cluster the rows of ``features`` into ``k`` clusters, deterministically for a given ``seed``.
 
     The default runs k-means++ seeding and Lloyd iterations on the Gram matrix (exact, and independent of the
@@ -230,6 +231,8 @@ def kmeans(features, k: int, *, seed: int = 0, n_init: int = 4, max_iter: int = 
         if best is None or err < best[1] - 1e-9 * max(1.0, abs(err)):
             best = (labels, err)
     canon = _canonical(best[0].cpu().numpy(), k)
+    if not with_centroids:  # folding only needs the labels: skip the k x d matrix (240 MB for VGG-16's classifier)
+        return ClusterResult(canon, None, max(0.0, best[1]), k)
     centroids = _centroids(x, torch.as_tensor(canon, device=x.device), k)
     return ClusterResult(canon, centroids.cpu().numpy(), max(0.0, best[1]), k)
 

@@ -240,7 +240,8 @@ def run(model: nn.Module, plan: FoldPlan, *, method: str = "fold", example_input
             continue
         if method == "fold":
             feats = group_features_tensor(work, g, scale=plan.repair == "ar")
-            res = kmeans(feats, k, seed=plan.seed, device=dev, **{k_: v for k_, v in plan.clustering.items()})
+            res = kmeans(feats, k, seed=plan.seed, device=dev, with_centroids=False,
+                         **{k_: v for k_, v in plan.clustering.items()})
             labels = res.labels
             reps = np.array([np.flatnonzero(labels == c)[0] for c in range(k)])
             rep_of = reps[labels]

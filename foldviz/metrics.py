@@ -4,6 +4,7 @@ Units: FLOPs count 2 per multiply-add (torch's FlopCounterMode convention); MACs
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -37,10 +38,31 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+_ST_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
+             "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
+_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
 def model_size_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state dict saved as safetensors."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return len(st_save(state))
+    """Bytes of the model's state dict saved as safetensors.
+
+    Computed from names, shapes and dtypes (the header safetensors would write, padded to 8 bytes, plus the raw
+    data), so no serialised copy of the model is made (that copy alone is 2x the weights in memory).
+    """
+    state = model.state_dict()
+    if any(v.dtype not in _ST_NAMES for v in state.values()):
+        return len(st_save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
+    rank = {d: i for i, d in enumerate(_ST_ORDER)}
+    items = sorted(((k, _ST_NAMES[v.dtype], list(v.shape), v.numel() * v.element_size()) for k, v in state.items()),
+                   key=lambda t: (-rank[t[1]], t[0]))
+    header, off = {}, 0
+    for k, dt, shape, nbytes in items:
+        header[k] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    n = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    return 8 + n + (-n % 8) + off
 
 
 @torch.no_grad()

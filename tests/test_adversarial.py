@@ -573,3 +573,13 @@ def test_failed_optional_measurements_are_recorded_and_the_fold_is_kept(tmp_path
     assert "broadcast" in rep["variance_ratio"]["error"]
     assert "broadcast" in rep["flops_before"]["error"] and "broadcast" in rep["flops_after"]["error"]
     load_model(str(out))
+
+
+def test_model_size_is_computed_without_serialising_and_matches_safetensors():
+    from safetensors.torch import save as st_save
+
+    from foldviz.metrics import model_size_bytes
+
+    for spec in ("demo:digits-resnet", "demo:digits-vgg"):
+        m = load_model(spec).model
+        assert model_size_bytes(m) == len(st_save({k: v.contiguous() for k, v in m.state_dict().items()}))
