@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .groups import ChannelGroup, GroupGraph, _BN
+from .groups import ChannelGroup, GroupGraph
 
 ALGORITHMS = ("kmeans", "sklearn", "ward")
 
