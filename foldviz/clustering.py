@@ -92,15 +92,19 @@ def group_features_tensor(model: nn.Module, group: ChannelGroup, *, scale: bool 
 FEATURE_CHUNK_BYTES = 64 * 1024 * 1024
 
 
-def _col_chunks(x: torch.Tensor):
-    step = max(1, FEATURE_CHUNK_BYTES // max(1, x.shape[0] * x.element_size()))
+#: Column block of the in-place robust scaling (median/quantile sort copies of one block are its scratch).
+SCALE_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def _col_chunks(x: torch.Tensor, nbytes: int | None = None):
+    step = max(1, (nbytes or FEATURE_CHUNK_BYTES) // max(1, x.shape[0] * x.element_size()))
     return [slice(j, j + step) for j in range(0, x.shape[1], step)]
 
 
 def _robust_scale_(x: torch.Tensor) -> torch.Tensor:
     """:func:`robust_scale` in place, column block by column block (identical values, bounded scratch memory)."""
     qs = torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device)
-    for sl in _col_chunks(x):
+    for sl in _col_chunks(x, SCALE_CHUNK_BYTES):
         part = x[:, sl]
         med = part.median(dim=0).values
         q = torch.quantile(part, qs, dim=0)
