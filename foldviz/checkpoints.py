@@ -34,6 +34,7 @@ __all__ = [
     "normalize_state_dict",
     "apply_state_dict",
     "describe_mismatch",
+    "check_values",
     "save_safetensors",
 ]
 
@@ -210,11 +211,49 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], *, li
     return problems
 
 
+#: dtypes accepted for tensors that are floating point in the model (weights, BatchNorm statistics).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_values(model: nn.Module, state: Mapping[str, torch.Tensor], *, label: str = "checkpoint",
+                 limit: int = 5) -> None:
+    """Refuse tensors that would silently give a wrong model (raises :class:`ModelLoadError`).
+
+    * a tensor that is floating point in the model must be fp16/bf16/fp32/fp64 in the checkpoint (int8, bool or
+      complex weights would otherwise be cast to float: a quantised or corrupt checkpoint folds to chance);
+    * integer buffers (``num_batches_tracked``) must be integers;
+    * every floating tensor must be finite (no NaN / Inf); the message names the first few offenders.
+    """
+    own = model.state_dict()
+    wrong, nonfinite = [], []
+    for k, v in state.items():
+        if k not in own:
+            continue
+        if own[k].is_floating_point():
+            if v.dtype not in FLOAT_DTYPES:
+                wrong.append(f"{k} ({str(v.dtype).replace('torch.', '')})")
+            elif not bool(torch.isfinite(v).all()):
+                nonfinite.append(k)
+        elif v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+            wrong.append(f"{k} ({str(v.dtype).replace('torch.', '')}, expected an integer)")
+
+    def _fmt(items):
+        extra = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + extra
+
+    if wrong:
+        raise ModelLoadError(f"{label}: {len(wrong)} tensor(s) have a dtype foldviz cannot fold "
+                             f"(weights must be float16/bfloat16/float32/float64): {_fmt(wrong)}")
+    if nonfinite:
+        raise ModelLoadError(f"{label}: {len(nonfinite)} tensor(s) hold NaN or Inf values: {_fmt(nonfinite)}")
+
+
 def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, label: str = "checkpoint") -> nn.Module:
     """Load ``state`` into ``model`` strictly; raise :class:`ModelLoadError` describing any mismatch."""
     problems = describe_mismatch(model, state)
     if problems:
         raise ModelLoadError(f"{label} does not match the model architecture — " + "; ".join(problems))
+    check_values(model, state, label=label)
     own = model.state_dict()
     cleaned = {}
     for k, v in state.items():
@@ -237,5 +276,13 @@ def save_safetensors(model_or_state: nn.Module | Mapping[str, torch.Tensor], pat
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)}
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(p), metadata=metadata)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:  # atomic: temp file + fsync + os.replace, so a crash never leaves a truncated checkpoint
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return p

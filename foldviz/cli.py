@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .apply import DEFAULT_REPAIR_SAMPLES
 from .data import DataError
@@ -24,6 +25,45 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     return load_model(args.model, weights=args.weights, num_classes=args.num_classes, cifar_stem=args.cifar_stem,
                       pretrained=args.pretrained)
+
+
+def _input_dirs(args) -> list[str]:
+    """The input model's directory (a folded model), which no output may overwrite."""
+    return [args.model] if Path(str(args.model)).expanduser().is_dir() else []
+
+
+def _device(text: str) -> str:
+    from .utils import resolve_device
+
+    try:
+        resolve_device(text)
+    except (ValueError, RuntimeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc).splitlines()[0]) from None
+    return text
+
+
+def _same_model(plan_model: str, spec: str) -> bool:
+    if plan_model == spec:
+        return True
+    a, b = Path(plan_model).expanduser(), Path(spec).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def _check_plan_matches(plan: FoldPlan, plan_path, loaded, force: bool) -> None:
+    """A plan made for another model is refused (unless --force); other weights or no hash are warned about."""
+    if plan.model and not _same_model(plan.model, loaded.spec):
+        if not force:
+            raise PlanError(f"{plan_path} was made for model {plan.model!r}, not {loaded.spec!r}; "
+                            "pass --force to apply it anyway")
+        print(f"warning: {plan_path} was made for model {plan.model!r}, applying it to {loaded.spec!r} (--force)",
+              file=sys.stderr)
+    if not plan.weights_sha256:
+        what = "no model and no weights_sha256" if not plan.model else "no weights_sha256"
+        print(f"warning: {plan_path} records {what}; cannot check that it was made for these weights",
+              file=sys.stderr)
+    elif plan.weights_sha256 != state_dict_hash(loaded.model):
+        print(f"warning: {plan_path} was made for weights {plan.weights_sha256[:12]}..., these differ",
+              file=sys.stderr)
 
 
 def _ratio(text: str) -> float:
@@ -62,7 +102,9 @@ def cmd_inspect(args) -> int:
 
 def cmd_plan(args) -> int:
     from .groups import find_groups
+    from .utils import check_output_file
 
+    check_output_file(args.out, args.force, protected=_input_dirs(args))
     loaded = _load(args)
     plan = FoldPlan(default_ratio=args.ratio, repair=args.repair, seed=args.seed, model=loaded.spec,
                     weights_sha256=state_dict_hash(loaded.model), skip=list(args.skip or []))
@@ -77,13 +119,13 @@ def cmd_fold(args) -> int:
     from .apply import apply_method, repair_inputs
     from .persist import save_folded
     from .report import build_report
+    from .utils import check_output_dir
 
+    check_output_dir(args.out, args.force, protected=_input_dirs(args))
     loaded = _load(args)
     if args.plan:
         plan = FoldPlan.load(args.plan)
-        if plan.weights_sha256 and plan.weights_sha256 != state_dict_hash(loaded.model):
-            print(f"warning: {args.plan} was made for weights {plan.weights_sha256[:12]}..., these differ",
-                  file=sys.stderr)
+        _check_plan_matches(plan, args.plan, loaded, args.force)
         if args.repair:
             plan = FoldPlan.from_dict({**plan.to_dict(), "repair": args.repair})
     else:
@@ -100,9 +142,13 @@ def cmd_fold(args) -> int:
     data = repair_inputs(loaded, args.data, args.repair_samples, seed=plan.seed)
     result = apply_method(loaded, plan, method, repair_data=data, progress=progress, device=args.device)
     report = build_report(loaded, result, data_spec=args.data, eval_limit=args.eval_limit, latency=not args.no_latency)
-    out = save_folded(result, loaded, args.out, report=report)
+    out = save_folded(result, loaded, args.out, report=report, force=args.force)
+
+    def _n(v):
+        return f"{v:,}" if isinstance(v, int) else "n/a"
+
     line = (f"{result.label}: params {report['params_before']:,} -> {report['params_after']:,} "
-            f"(sparsity {report['param_sparsity']:.1%}), FLOPs {report['flops_before']:,} -> {report['flops_after']:,}")
+            f"(sparsity {report['param_sparsity']:.1%}), FLOPs {_n(report['flops_before'])} -> {_n(report['flops_after'])}")
     if report["accuracy_after"] is not None:
         line += f", accuracy {report['accuracy_before']:.2%} -> {report['accuracy_after']:.2%}"
     print(line)
@@ -156,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     repair_help = ", ".join(f"{k} ({METHODS[k].label})" for k in fold_keys())
 
-    parser = argparse.ArgumentParser(prog="python -m foldviz", description="Data-free model folding.")
+    parser = _Parser(prog="python -m foldviz", description="Data-free model folding.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="list the model's channel groups")
@@ -170,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", choices=fold_keys(), default=DEFAULT_REPAIR, help=repair_help)
     p.add_argument("--skip", nargs="*", help="group ids to leave untouched")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="plan file to write (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("fold", help="fold a model and write it with plan.json and report.json")
@@ -186,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training inputs drawn for Fold-R / REPAIR")
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new, or empty)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a folded model already in --out (atomically); apply a plan made for another model")
     p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser("sweep", help="accuracy vs. sparsity for several methods, as CSV (resumable; local or Ray)",
@@ -226,17 +275,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        from .train import run_train
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``, exit 2); ``--help`` is unchanged."""
 
-        return run_train(args)
+    def error(self, message):
+        self.exit(2, f"error: {self.prog.replace('python -m ', '')}: {message} (see --help)\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
+def main(argv=None) -> int:
+    """Run the CLI. Failures: one ``error: ...`` line on stderr and exit 2 (unexpected exceptions too, with a hint;
+    ``FOLDVIZ_DEBUG=1`` shows the traceback); Ctrl+C: exit 130, quietly; a closed stdout pipe: quiet exit 1."""
+    import os
+
+    debug = os.environ.get("FOLDVIZ_DEBUG", "") not in ("", "0")
     try:
-        return args.func(args)
-    except (ModelLoadError, DataError, PlanError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command == "train":
+            from .train import run_train
+
+            return run_train(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # surface a closed pipe here, inside the handler
+        return rc
+    except KeyboardInterrupt:
+        # quiet; outputs are written atomically, so nothing partial is left behind
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head -1`): stop quietly; Python docs' recipe, so that the interpreter's
+        # final flush of stdout does not raise again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
+    except SystemExit:
+        raise
+    except (ModelLoadError, DataError, PlanError, ValueError, FileNotFoundError, OSError) as exc:
+        if debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, or something we did not foresee: still one line
+        if debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "
+              "(re-run with FOLDVIZ_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -205,7 +205,36 @@ def _missing(kind: str, root: Path, expected: list[Path], cls_name: str) -> Data
     )
 
 
+class _CheckedImageFolder:
+    """Mixin for torchvision's ImageFolder: an unreadable image is a :class:`DataError` naming the file."""
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except DataError:
+            raise
+        except Exception as exc:  # PIL.UnidentifiedImageError, truncated files, permission errors, ...
+            path = self.samples[index][0] if index < len(getattr(self, "samples", ())) else f"#{index}"
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"cannot read image {path}: {msg[:200]}") from None
+
+
+def check_classes(ds, card: dict | None, spec: str = "dataset") -> None:
+    """Refuse a dataset with more classes than the model has outputs (labels would index past the logits)."""
+    n_model = (card or {}).get("num_classes")
+    classes = getattr(ds, "classes", None)
+    if n_model and classes is not None and len(classes) > int(n_model):
+        raise DataError(f"{spec} has {len(classes)} classes but the model has {int(n_model)} outputs; "
+                        "use data with at most as many classes as the model (in the same order)")
+
+
 def load_dataset(spec: str, split: str = "test", *, card: dict | None = None) -> Dataset:
+    ds = _load_dataset(spec, split, card=card)
+    check_classes(ds, card, str(spec))
+    return ds
+
+
+def _load_dataset(spec: str, split: str = "test", *, card: dict | None = None) -> Dataset:
     """Open a dataset by spec (see module docstring), yielding ``(input_tensor, label)`` pairs shaped for ``card``."""
     split = _check_split(split)
     if not isinstance(spec, str) or not spec.strip():
@@ -240,7 +269,8 @@ def load_dataset(spec: str, split: str = "test", *, card: dict | None = None) ->
         if not root.is_dir():
             raise DataError(f"image folder not found: {root}")
         try:
-            return D.ImageFolder(str(root), transform=tf)
+            folder = type("CheckedImageFolder", (_CheckedImageFolder, D.ImageFolder), {})
+            return folder(str(root), transform=tf)
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(
                 f"image folder {root} has no images: expected one sub-folder per class with image files in it "
@@ -353,6 +383,9 @@ def evaluate(model: nn.Module, loader, *, device=None, limit: int | None = None,
                     x = x.to(dtype)
                 y = torch.as_tensor(y).to(target)
                 logits = model(x).float()
+                if len(y) and (int(y.max()) >= logits.shape[1] or int(y.min()) < 0):
+                    raise DataError(f"the data has label {int(y.max())} (at least {int(y.max()) + 1} classes) but "
+                                    f"the model has {logits.shape[1]} outputs")
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
                 correct += int((logits.argmax(dim=1) == y).sum().item())
                 n += len(y)

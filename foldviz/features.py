@@ -17,45 +17,62 @@ from .groups import ChannelGroup
 FEATURE_SPACES = ("raw", "fused")
 
 
-def _member_rows(module: nn.Module, side: str, idxs: list[int], root_idxs: list[int], n: int) -> list[torch.Tensor]:
-    """Blocks of shape (n, d_b) contributed by one group member."""
-    blocks = []
+def _member_sources(module: nn.Module, side: str, idxs: list[int], root_idxs: list[int]):
+    """(tensor whose dim-0 rows are the member's slices, member indices sorted by group channel) per block."""
     order = torch.as_tensor(np.argsort(np.asarray(root_idxs), kind="stable"))
     idx = torch.as_tensor(idxs)[order]   # member indices sorted by group channel, stable within a channel
-    if side == "out":
-        for t in (module.weight, module.bias):  # conv/linear rows + bias, or BatchNorm gamma + beta
-            if t is None:
-                continue
-            rows = t.detach().index_select(0, idx).reshape(len(idx), -1)
-            blocks.append(rows.reshape(n, -1))
-    else:
-        w = module.weight.detach()
-        cols = w.index_select(1, idx).transpose(0, 1).reshape(len(idx), -1)
-        blocks.append(cols.reshape(n, -1))
-    return blocks
+    if side == "out":  # conv/linear rows + bias, or BatchNorm gamma + beta
+        return [(t.detach(), idx) for t in (module.weight, module.bias) if t is not None]
+    return [(module.weight.detach().transpose(0, 1), idx)]  # consumer: its input columns, as rows
+
+
+# scratch bytes for copying one member block into the feature matrix / for one block of in-place scaling
+FILL_CHUNK_BYTES = 32 * 1024 * 1024
+SCALE_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 def group_features(model: nn.Module, group: ChannelGroup, *, scale: bool = False) -> torch.Tensor:
     """Feature matrix (channels, d) of ``group`` read from ``model`` (whose module names must match the group).
 
     ``scale=True`` applies a robust per-column scaling (median / interquartile range), as the authors' code does
-    for Fold-AR, so that no single tensor dominates the distances.
+    for Fold-AR, so that no single tensor dominates the distances. The matrix is filled block by block (no list
+    of copies and no concatenation: VGG-16's 4096-wide classifier group alone is 0.5 GB).
     """
     modules = dict(model.named_modules())
-    blocks = []
+    n = group.channels
+    sources = []
     for mem in group.members:
         if mem.module in modules:
-            blocks.extend(_member_rows(modules[mem.module], mem.side, mem.idxs, mem.root_idxs, group.channels))
-    x = torch.cat(blocks, dim=1).float()
-    return robust_scale(x) if scale else x
+            sources.extend(_member_sources(modules[mem.module], mem.side, mem.idxs, mem.root_idxs))
+    widths = [len(idx) * src[0].numel() // n for src, idx in sources]
+    x = torch.empty((n, sum(widths)), dtype=torch.float32, device=sources[0][0].device if sources else None)
+    col = 0
+    for (src, idx), w in zip(sources, widths):
+        m = len(idx) // n  # member rows per group channel (e.g. 49 for a conv flattened into a Linear)
+        step = max(1, FILL_CHUNK_BYTES // max(1, w * 4))
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            x[c0:c1, col:col + w] = src.index_select(0, idx[c0 * m:c1 * m]).reshape(c1 - c0, -1)
+        col += w
+    return _robust_scale_(x) if scale else x
+
+
+def _robust_scale_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`robust_scale` in place, one column block at a time (identical values, bounded scratch memory)."""
+    qs = torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device)
+    step = max(1, SCALE_CHUNK_BYTES // max(1, x.shape[0] * x.element_size()))
+    for j in range(0, x.shape[1], step):
+        part = x[:, j:j + step]
+        med = part.median(dim=0).values
+        q = torch.quantile(part, qs, dim=0)
+        iqr = q[1] - q[0]
+        part.sub_(med).div_(torch.where(iqr > 1e-12, iqr, torch.ones_like(iqr)))
+    return x
 
 
 def robust_scale(x: torch.Tensor) -> torch.Tensor:
-    med = x.median(dim=0).values
-    q = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device), dim=0)
-    iqr = q[1] - q[0]
-    iqr = torch.where(iqr > 1e-12, iqr, torch.ones_like(iqr))
-    return (x - med) / iqr
+    """Per-column (x - median) / IQR; columns with IQR <= 1e-12 are only centred."""
+    return _robust_scale_(x.clone())
 
 
 def cosine_similarity(features: np.ndarray | torch.Tensor, *, centred: bool = True) -> np.ndarray:

@@ -43,7 +43,7 @@ def feature_model(model: nn.Module, example_input: torch.Tensor, repair: str) ->
 
 
 def cluster_group(model: nn.Module, group: ChannelGroup, k: int, plan: FoldPlan, *, device=None,
-                  features: torch.Tensor | None = None) -> ClusterResult:
+                  features: torch.Tensor | None = None, with_centroids: bool = True) -> ClusterResult:
     """Cluster ``group``'s channels into ``k`` clusters exactly as :func:`fold` does for ``plan``.
 
     ``model`` must already be in the plan's feature space (see :func:`feature_model`); pass ``features`` to reuse
@@ -51,11 +51,11 @@ def cluster_group(model: nn.Module, group: ChannelGroup, k: int, plan: FoldPlan,
     """
     if features is None:
         features = group_features(model, group, scale=REPAIRS[plan.repair].feature_space == "fused")
-    return kmeans(features, k, seed=plan.seed, device=device, **plan.clustering)
+    return kmeans(features, k, seed=plan.seed, device=device, with_centroids=with_centroids, **plan.clustering)
 
 
 def _cluster_selector(ctx: RepairContext, group: ChannelGroup, k: int) -> Decision:
-    res = cluster_group(ctx.work, group, k, ctx.plan, device=ctx.device)
+    res = cluster_group(ctx.work, group, k, ctx.plan, device=ctx.device, with_centroids=False)
     d = merge_decision(res.labels, k)
     d.inertia, d.n_iter = res.inertia, res.n_iter
     return d

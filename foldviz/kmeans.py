@@ -19,7 +19,7 @@ DEFAULT_CLUSTERING = {"algorithm": "kmeans", "n_init": 10, "max_iter": 100}
 @dataclass
 class ClusterResult:
     labels: np.ndarray      # (n,) cluster id of each channel, ids 0..k-1 ordered by first occurrence
-    centroids: np.ndarray   # (k, d) in the clustering's feature space
+    centroids: np.ndarray | None  # (k, d) in the clustering's feature space (None: with_centroids=False)
     inertia: float          # sum of squared distances to the assigned centroid
     k: int
     n_iter: int = 0         # Lloyd iterations of the kept restart (0 for sklearn/ward/identity)
@@ -36,10 +36,20 @@ def k_for_ratio(n: int, ratio: float) -> int:
     return max(1, min(n, int(round(n * (1.0 - ratio)))))
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """Centred Gram matrix: k-means only needs inner products, and centring keeps them well conditioned."""
-    xc = x - x.mean(dim=0, keepdim=True)
-    return xc @ xc.T
+# largest column block of features centred and multiplied at once when building the Gram matrix
+GRAM_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def _gram(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Centred Gram matrix (n, n) in ``dtype``: k-means only needs inner products, and centring keeps them well
+    conditioned. Features are centred, converted and multiplied one column block at a time (bounded scratch)."""
+    mean = x.mean(dim=0, keepdim=True, dtype=dtype)
+    step = max(1, GRAM_CHUNK_BYTES // max(1, x.shape[0] * 8))
+    gram = None
+    for j in range(0, x.shape[1], step):
+        xc = x[:, j:j + step].to(dtype) - mean[:, j:j + step]
+        gram = xc @ xc.T if gram is None else gram.addmm_(xc, xc.T)
+    return gram
 
 
 def _kmeanspp(gram: np.ndarray, diag: np.ndarray, k: int, rng: np.random.Generator, eps: float) -> np.ndarray:
@@ -135,12 +145,12 @@ def _canonical(labels: np.ndarray) -> np.ndarray:
 
 def _centroids(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
-    return sums / torch.bincount(labels, minlength=k)[:, None].clamp_min(1)
+    return sums.div_(torch.bincount(labels, minlength=k)[:, None].clamp_min(1).to(sums.dtype))  # k x d once
 
 
 def kmeans(features, k: int, *, seed: int = 0, n_init: int = DEFAULT_CLUSTERING["n_init"],
            max_iter: int = DEFAULT_CLUSTERING["max_iter"], algorithm: str = "kmeans",
-           device: str | torch.device | None = None) -> ClusterResult:
+           device: str | torch.device | None = None, with_centroids: bool = True) -> ClusterResult:
     """Cluster the rows of ``features`` (n, d) into exactly ``k`` non-empty clusters.
 
     The default runs greedy k-means++ seeding and Lloyd iterations on the centred Gram matrix (exact, and
@@ -161,7 +171,7 @@ def kmeans(features, k: int, *, seed: int = 0, n_init: int = DEFAULT_CLUSTERING[
         return ClusterResult(np.arange(n), x.cpu().numpy(), 0.0, k)
     if algorithm in ("sklearn", "ward"):
         return _sklearn_cluster(x.cpu().numpy(), k, seed, n_init, max_iter, algorithm)
-    gram = _gram(x.double() if x.device.type == "cpu" else x)
+    gram = _gram(x, torch.float64 if x.device.type == "cpu" else torch.float32)
     diag = gram.diagonal().clone()
     eps = 1e-6 * float(diag.mean().clamp_min(1e-30))
     gram_np, diag_np = gram.double().cpu().numpy(), diag.double().cpu().numpy()
@@ -172,6 +182,8 @@ def kmeans(features, k: int, *, seed: int = 0, n_init: int = DEFAULT_CLUSTERING[
         if best is None or err < best[1] - 1e-9 * max(1.0, abs(err)):
             best = (labels, err, it)
     canon = _canonical(best[0].cpu().numpy())
+    if not with_centroids:  # folding needs only the labels: skip the k x d matrix (240 MB for VGG-16's classifier)
+        return ClusterResult(canon, None, max(0.0, best[1]), k, best[2])
     centroids = _centroids(x, torch.as_tensor(canon, device=x.device), k)
     return ClusterResult(canon, centroids.cpu().numpy(), max(0.0, best[1]), k, best[2])
 

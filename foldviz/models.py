@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -66,11 +67,17 @@ def list_demos(models_dir: str | os.PathLike | None = None) -> list[str]:
     return sorted(p.stem for p in d.glob("*.json") if p.with_suffix(".safetensors").exists())
 
 
+_DEMO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
 def demo_card(name: str, models_dir: str | os.PathLike | None = None) -> dict:
     """The JSON card of a bundled demo (raises :class:`ModelLoadError` for unknown names)."""
     d = Path(models_dir) if models_dir is not None else MODELS_DIR
+    if not _DEMO_NAME.fullmatch(str(name)):  # no path separators, no "..": only files of the bundled set
+        available = ", ".join(list_demos(d)) or "none"
+        raise ModelLoadError(f"invalid demo name {str(name)[:80]!r}; available demos: {available}")
     path = d / f"{name}.json"
-    if not path.exists():
+    if not path.exists() or path.is_symlink() or name not in list_demos(d):
         available = ", ".join(list_demos(d)) or "none"
         raise ModelLoadError(f"unknown demo model {name!r}; available demos: {available}")
     try:
@@ -222,6 +229,9 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
         return _load_torchvision(arch, weights, num_classes, cifar_stem, pretrained)
     path = Path(s).expanduser()
     if path.is_dir():
+        if weights is not None or num_classes is not None or cifar_stem or pretrained:
+            raise ModelLoadError(f"{s} is a folded model with its own weights; --weights, --num-classes, "
+                                 "--cifar-stem and --pretrained do not apply to it")
         return persist.load_folded(path)
     if path.exists():
         raise ModelLoadError(

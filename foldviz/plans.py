@@ -7,6 +7,7 @@ clustering settings and seed. Saving then loading gives an identical plan.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,11 +113,13 @@ class FoldPlan:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
 
     def save(self, path) -> Path:
+        from .utils import atomic_write_text
+
         path = Path(path)
-        path.write_text(self.to_json())
+        atomic_write_text(path, self.to_json())  # temp file + fsync + os.replace: never a partial plan
         return path
 
     @classmethod
@@ -133,6 +136,8 @@ class FoldPlan:
             text = text.decode("utf-8", errors="replace")
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise PlanError("plan is not valid JSON: nested too deeply") from None
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan is not valid JSON: {exc}") from None
         return cls.from_dict(data)
@@ -163,9 +168,32 @@ class FoldPlan:
                 raise PlanError(f"ratios.{gid}: group is not foldable ({by_id[gid].reason})")
 
 
+_INT_FIELDS = {("seed",), ("foldviz_plan",)} | {("repair_settings", k) for k in ("samples", "batch_size", "iterations",
+                                                                                  "jitter")} \
+    | {("clustering", k) for k in ("n_init", "max_iter")}
+
+
+def _check_numbers(obj, where: tuple = ()) -> None:
+    """Finite numbers only (NaN passes no comparison, so a schema alone lets it through), integers as integers."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_numbers(v, where + (str(k),))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_numbers(v, where + (str(i),))
+    elif isinstance(obj, float):
+        name = ".".join(where) or "(top level)"
+        if not math.isfinite(obj):
+            raise PlanError(f"invalid plan field {name}: {obj} is not a finite number")
+        if where in _INT_FIELDS:
+            raise PlanError(f"invalid plan field {name}: {obj!r} is not an integer (write {int(obj)})"
+                            if obj.is_integer() else f"invalid plan field {name}: {obj!r} is not an integer")
+
+
 def validate_plan_dict(data) -> None:
     if not isinstance(data, dict):
         raise PlanError("plan must be a JSON object")
+    _check_numbers(data)
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:

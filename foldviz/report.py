@@ -25,7 +25,7 @@ REPORT_KEYS = (
     "report_version", "model", "weights_sha256", "method", "label", "family", "plan", "data", "eval_samples",
     "params_before", "params_after", "param_sparsity", "flops_before", "flops_after", "flops_unit",
     "size_bytes_before", "size_bytes_after", "latency", "accuracy_before", "accuracy_after", "loss_before",
-    "loss_after", "variance_inputs", "variance_ratio", "groups", "seconds", "repair_samples",
+    "loss_after", "variance_inputs", "variance_ratio", "variance_notes", "groups", "seconds", "repair_samples",
 )
 GROUP_COLUMNS = ("id", "channels_before", "channels_after", "ratio", "inertia", "n_iter", "foldable", "reason")
 
@@ -71,7 +71,18 @@ def build_report(loaded: LoadedModel, result: FoldResult, *, data_spec: str | No
         report.update(accuracy_before=before["accuracy"], accuracy_after=after["accuracy"],
                       loss_before=before["loss"], loss_after=after["loss"], eval_samples=after["samples"])
     inputs, report["variance_inputs"] = variance_inputs(loaded, data_spec, variance_samples)
-    report["variance_ratio"] = variance_ratios(loaded.model, result.model, inputs, result.channel_maps)
+    notes: list[str] = []
+    try:  # an optional measurement: a failure is recorded in the report and never loses the fold
+        report["variance_ratio"] = variance_ratios(loaded.model, result.model, inputs, result.channel_maps,
+                                                   notes=notes)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        report["variance_ratio"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+    report["variance_notes"] = notes[:50]
+    for side in ("before", "after"):  # a failed FLOPs count: {"error": ...} in place of the number
+        for key, msg in cmp[side].get("errors", {}).items():
+            report[f"{key}_{side}"] = {"error": msg}
     report["seconds"]["report"] = time.perf_counter() - t
     return report
 

@@ -46,7 +46,7 @@ from .repair import REPAIRS
 from .report import build_report, evaluate_on, report_json, variance_inputs
 from .surgery import FoldResult
 from .sweep import sweep
-from .utils import Progress, state_dict_hash
+from .utils import Progress, atomic_write_bytes, state_dict_hash
 from .zoo import LoadedModel
 
 DEFAULT_MODEL = "demo:digits-resnet"
@@ -125,10 +125,8 @@ def save_upload(data: bytes, filename: str, directory: str | Path | None = None)
     d = Path(directory or Path(tempfile.gettempdir()) / "foldviz-uploads")
     d.mkdir(parents=True, exist_ok=True)
     path = d / (hashlib.sha256(data).hexdigest()[:32] + suffix)
-    if not path.exists():
-        tmp = path.with_suffix(suffix + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+    if not path.exists():  # atomic: a crash never leaves a truncated file under the content-addressed name
+        atomic_write_bytes(path, data)
     return str(path)
 
 

@@ -83,25 +83,38 @@ def _out_size(m: nn.Module) -> int:
     return m.num_features if isinstance(m, _BN) else m.weight.shape[0]
 
 
+# bytes of float64 scratch one step of _combine may use (larger tensors are merged in column chunks)
+COMBINE_CHUNK_BYTES = 32 * 1024 * 1024
+
+
 @torch.no_grad()
 def _combine(t: torch.Tensor, axis: int, src: torch.Tensor, dst: torch.Tensor, mean: bool) -> None:
     """In place: slot dst[j] of ``t`` along ``axis`` becomes the sum (or mean) of the slots src that map to it.
 
-    Only slots receiving more than one source change, so singleton clusters cost nothing, and only the busy
-    slots are copied (in float64) so memory stays proportional to what is merged.
+    Only slots receiving more than one source change, so singleton clusters cost nothing. Sums are taken in
+    float64, column chunk by column chunk for large tensors (a 4096x25088 Linear), so the scratch stays under
+    COMBINE_CHUNK_BYTES; every column is independent, so the result is identical.
     """
     uniq, inverse, counts = dst.unique(return_inverse=True, return_counts=True)
     busy = counts[inverse] > 1
     if not bool(busy.any()):
         return
     src, inverse = src[busy], inverse[busy]
-    tm = t.data.movedim(axis, 0)
-    acc = torch.zeros((len(uniq),) + tm.shape[1:], dtype=torch.float64, device=t.device)
-    acc.index_add_(0, inverse, tm.index_select(0, src).double())
-    if mean:
-        acc = acc / counts.to(acc.dtype).view((-1,) + (1,) * (acc.dim() - 1))
+    tm = t.data.movedim(axis, 0)                       # (slots, ...)
     hit = counts > 1
-    tm[uniq[hit]] = acc[hit].to(t.dtype)
+    div = counts.double().view((-1,) + (1,) * (tm.dim() - 1)) if mean else None
+    if tm.dim() == 1:
+        parts = [tm]
+    else:
+        per_col = (len(src) + len(uniq)) * 8 * max(1, tm[0, 0].numel())
+        step = max(1, COMBINE_CHUNK_BYTES // per_col)
+        parts = [tm[:, j:j + step] for j in range(0, tm.shape[1], step)]
+    for part in parts:  # views: writes go straight into t
+        acc = torch.zeros((len(uniq),) + part.shape[1:], dtype=torch.float64, device=t.device)
+        acc.index_add_(0, inverse, part.index_select(0, src).double())
+        if mean:
+            acc /= div
+        part[uniq[hit]] = acc[hit].to(t.dtype)
 
 
 def _merge_member(mod: nn.Module, side: str, src, dst, rule: str = "fold") -> None:
