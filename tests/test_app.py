@@ -115,7 +115,7 @@ def test_starts_on_digits_resnet_with_summary():
     assert "conv1" in set(df["group"])
     # sidebar shows the model and a default plan
     side = " ".join(c.value for c in at.sidebar.caption)
-    assert "demo:digits-resnet" in side and "Fold-AR" in side
+    assert "demo:digits-resnet" in side and "Fold-DFR" in side  # the default repair
 
 
 @pytest.mark.parametrize("spec", demos())
@@ -363,9 +363,9 @@ def test_learn_walkthrough_all_steps():
             at.button(key="learn_next").click().run()
             assert_clean(at)
     var = chart(at, "variance_ratio_plot")
-    assert trace_names(var)[:3] == ["Fold-Naive", "Fold-AR", "Fold-R"]
+    assert trace_names(var)[:4] == ["Fold-Naive", "Fold-AR", "Fold-DFR", "Fold-R"]
     table = at.dataframe[0].value
-    assert list(table["method"]) == ["Fold-Naive", "Fold-AR", "Fold-R"]
+    assert list(table["method"]) == ["Fold-Naive", "Fold-AR", "Fold-DFR", "Fold-R"]
     assert all(v.endswith("%") for v in table["accuracy"])
     # the step survives a page switch
     goto(at, "fold_plan")

@@ -16,8 +16,8 @@ DEMO_NAMES = list_demos()
 TV_ARCHS = ["resnet18", "resnet34", "resnet50", "vgg11_bn", "vgg16_bn", "mobilenet_v2"]
 
 
-def test_list_demos_has_the_four_bundled_models():
-    assert list_demos() == ["digits-mlp", "digits-resnet", "digits-resnet-2x", "digits-vgg"]
+def test_list_demos_has_the_bundled_models():
+    assert list_demos() == ["digits-mlp", "digits-resnet", "digits-resnet-2x", "digits-resnet18", "digits-vgg"]
     assert DEMO_NAMES == list_demos()
 
 
@@ -28,7 +28,8 @@ def test_demo_loads_and_reproduces_its_card(name):
     assert isinstance(lm, LoadedModel)
     assert lm.spec == f"demo:{name}"
     assert lm.note is None
-    assert lm.input_shape == (1, 8, 8) == tuple(card["input_shape"])
+    assert lm.input_shape == tuple(card["input_shape"])
+    assert lm.input_shape == ((3, 32, 32) if name == "digits-resnet18" else (1, 8, 8))  # resnet18: upsampled RGB
     assert not lm.model.training
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in lm.model.parameters())
     for key in ("name", "arch", "kwargs", "input_shape", "num_classes", "normalization", "data", "split", "recipe",
