@@ -57,7 +57,7 @@ def test_group_detail_is_consistent(wb):
     assert len(nb) == 4 and nb[0]["cosine"] >= nb[-1]["cosine"] and all(n["channel"] != 3 for n in nb)
 
 
-@pytest.mark.parametrize("repair", ["none", "ar", "dir", "r"])
+@pytest.mark.parametrize("repair", ["none", "ar", "dfr", "dir", "r"])
 def test_explorer_shows_the_clusters_the_fold_merges(wb, repair):
     """What the Layer explorer (group_detail) and the Learn page (cluster) show is what fold() merges."""
     from foldviz.fold import fold
@@ -157,7 +157,8 @@ def test_teaching_numbers(wb):
     assert 0 <= err["error"] < err["random_error"]  # clustering similar channels beats random merging
     cv = wb.cluster_variance("conv1", labels, inputs)
     assert len(cv) == 16 and all(c["ratio"] == pytest.approx(1.0) for c in cv if c["size"] == 1)
-    assert all(c["ratio"] <= 1.0 + 1e-6 for c in cv)  # a mean never has more variance than its members' mean
+    merged = [c for c in cv if c["size"] > 1]
+    assert merged and min(c["ratio"] for c in merged) < 0.95  # averaging correlated channels loses variance
 
 
 def test_sweep_rows_and_csv(wb):

@@ -3,7 +3,7 @@
 ``fold_lm(model, plan)`` reuses foldviz's :class:`~foldviz.plans.FoldPlan` (``default_ratio`` = fraction of units
 removed per group, per-group ``ratios`` keyed by the ids of :func:`~foldviz.lm.groups.find_lm_groups`, ``skip``,
 ``seed`` and ``clustering`` = ``{"algorithm": "kmeans"|"ward"|"sklearn", "n_init", "max_iter"}``) and the k rule
-:func:`~foldviz.clustering.k_for_ratio`. LM folding has no repair step (as in the paper), so the plan's ``repair``
+:func:`~foldviz.kmeans.k_for_ratio`. LM folding has no repair step (as in the paper), so the plan's ``repair``
 must be ``"none"``; :func:`lm_plan` builds such a plan.
 
 Methods (same units, same counts per group):
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..clustering import k_for_ratio, kmeans
+from ..kmeans import k_for_ratio, kmeans
 from ..plans import FoldPlan, PlanError
 from .groups import LMGroup, attn_shape, decoder_layers, find_lm_groups
 
