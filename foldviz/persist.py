@@ -173,16 +173,22 @@ def _no_symlink(p: Path) -> None:
         raise ModelLoadError(f"{p} is a symlink; folded-model files must be regular files")
 
 
+def _checked_size(p: Path, limit: int, missing: str) -> int:
+    """Size of regular file ``p`` (not a symlink), checked against ``limit`` before anything is read."""
+    _no_symlink(p)
+    if not p.is_file():
+        raise ModelLoadError(missing)
+    size = p.stat().st_size
+    if size > limit:
+        raise ModelLoadError(f"{p} is {size} bytes, larger than the limit of {limit}; refusing to read it")
+    return size
+
+
 def read_meta(path) -> dict:
     """Read and validate ``foldviz-model.json`` of a folded-model directory (size, depth, schema, layer args)."""
     path = Path(path)
     meta_path = path / META_FILE
-    _no_symlink(meta_path)
-    if not meta_path.is_file():
-        raise ModelLoadError(f"{path} is not a folded-model directory: {META_FILE} is missing")
-    size = meta_path.stat().st_size
-    if size > MAX_META_BYTES:
-        raise ModelLoadError(f"{meta_path} is {size} bytes, larger than the limit of {MAX_META_BYTES}; refusing to read it")
+    _checked_size(meta_path, MAX_META_BYTES, f"{path} is not a folded-model directory: {META_FILE} is missing")
     raw = meta_path.read_bytes()[: MAX_META_BYTES + 1]
     depth = _json_depth(raw)
     if depth > MAX_JSON_DEPTH:
@@ -224,12 +230,7 @@ def read_safetensors_header(path) -> dict[str, dict]:
     lies inside the file and matches its shape; raises :class:`ModelLoadError` otherwise.
     """
     path = Path(path)
-    _no_symlink(path)
-    if not path.is_file():
-        raise ModelLoadError(f"{path.parent}: {path.name} is missing")
-    size = path.stat().st_size
-    if size > MAX_WEIGHTS_BYTES:
-        raise ModelLoadError(f"{path} is {size} bytes, larger than the limit of {MAX_WEIGHTS_BYTES}")
+    size = _checked_size(path, MAX_WEIGHTS_BYTES, f"{path.parent}: {path.name} is missing")
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:

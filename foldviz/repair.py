@@ -269,7 +269,13 @@ def _output_stats(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict:
             stats.setdefault(name, _bn_input_stats(out))  # returns None: the output is not replaced
         return hook
 
-    handles = [mods[n].register_forward_hook(make(n)) for n in layers if n in mods]
+    _forward_with(model, x, [mods[n].register_forward_hook(make(n)) for n in layers if n in mods])
+    return stats
+
+
+@torch.no_grad()
+def _forward_with(model: nn.Module, x: torch.Tensor, handles: list) -> None:
+    """One eval-mode forward pass of ``x`` with hooks ``handles`` installed; removes them and restores the mode."""
     was = model.training
     model.eval()
     try:
@@ -278,7 +284,6 @@ def _output_stats(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict:
         for h in handles:
             h.remove()
         model.train(was)
-    return stats
 
 
 def proxy_batch(input_shape, n: int = 256, *, kind: str = "noise", seed: int = 0, model: nn.Module | None = None,
@@ -318,16 +323,8 @@ def bn_proxy_stats(model: nn.Module, proxy: torch.Tensor) -> dict[str, tuple[tor
     def hook(mod, inp):
         stats.setdefault(names[mod], _bn_input_stats(inp[0]))
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, _BN) and m.track_running_stats and m.running_var is not None]
-    was = model.training
-    model.eval()
-    try:
-        model(proxy.to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    _forward_with(model, proxy, [m.register_forward_pre_hook(hook) for m in model.modules()
+                                 if isinstance(m, _BN) and m.track_running_stats and m.running_var is not None])
     return stats
 
 

@@ -161,6 +161,15 @@ def _inside(path: Path, protected) -> str | None:
     return None
 
 
+def _check_parent(p: Path, path) -> None:
+    """The nearest existing ancestor of ``p`` must be a directory."""
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"--out {path}: {parent} is not a directory")
+            return
+
+
 def check_output_file(path, force: bool = False, *, protected=()) -> Path:
     """Validate an output *file* path before any work starts (raises :class:`OutputError`).
 
@@ -173,11 +182,7 @@ def check_output_file(path, force: bool = False, *, protected=()) -> Path:
         raise OutputError("output path is empty")
     if p.is_dir():
         raise OutputError(f"--out {path} is a directory; give a file name (e.g. {p / 'out'}{p.suffix or ''})")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"--out {path}: {parent} is not a directory")
-            break
+    _check_parent(p, path)
     hit = _inside(p, protected)
     if hit:
         raise OutputError(f"--out {path} is inside the input model {hit}; write somewhere else")
@@ -204,11 +209,7 @@ def check_output_dir(path, force: bool = False, *, protected=()) -> Path:
         raise OutputError(f"--out {path} is a symlink; give a real directory path")
     if p.exists() and not p.is_dir():
         raise OutputError(f"--out {path} is a file; --out must be a directory")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"--out {path}: {parent} is not a directory")
-            break
+    _check_parent(p, path)
     if p.is_dir() and any(p.iterdir()):
         if not is_folded_model_dir(p):
             raise OutputError(f"--out {path} exists and holds other files (not a foldviz model); "
