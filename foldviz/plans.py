@@ -289,7 +289,7 @@ def suggest(cost: CostModel, scores: dict[str, float], target_sparsity: float, b
     """A plan whose per-group ratios follow redundancy ``scores`` and whose parameter sparsity is the target.
 
     Keeps everything else of ``base`` (repair, seed, clustering, skipped groups); per-group ratios are replaced
-    and the default ratio becomes the mean suggested ratio. A bisection on the common level finds the target.
+    and the default ratio becomes the mean suggested ratio (to 5 %). A bisection on the common level finds the target.
     """
     target = float(target_sparsity)
     if not 0.0 < target < 1.0:
@@ -300,8 +300,8 @@ def suggest(cost: CostModel, scores: dict[str, float], target_sparsity: float, b
 
     def plan_at(level: float) -> FoldPlan:
         ratios = {gid: round(suggest_ratio(sc, level, max_ratio), 3) for gid, sc in scores.items()}
-        mean = round(sum(ratios.values()) / len(ratios), 3)
-        return base.with_changes(ratios=ratios, default_ratio=min(mean, 0.99))
+        mean = round(20 * sum(ratios.values()) / len(ratios)) / 20   # the global ratio, on a 5 % grid
+        return base.with_changes(ratios=ratios, default_ratio=min(mean, 0.95))
 
     lo, hi = 0.0, 2.0
     for _ in range(40):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tempfile
 import threading
 import zipfile
@@ -33,6 +34,7 @@ from .apply import DEFAULT_REPAIR_SAMPLES, apply_method, repair_inputs
 from . import checkpoints
 from .checkpoints import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 from .embedding import embed
+from .executors import make_executor
 from .features import cosine_similarity, group_features, redundancy
 from .fold import cluster_group, feature_model
 from .groups import GroupGraph, find_groups
@@ -429,13 +431,21 @@ class Workbench:
         """Accuracy vs. parameter sparsity for each (method, ratio, seed): the CLI's ``sweep`` rows."""
         if not data.spec:
             raise WorkbenchError("a sweep measures accuracy: pick evaluation data on the Model & data page")
+        address = os.environ.get("FOLDVIZ_RAY_ADDRESS")  # set: every cell is a task on that Ray cluster
         try:
             return sweep(self.loaded, list(ratios), list(methods), data.spec, seeds=tuple(seeds),
                          eval_limit=data.limit, repair_samples=data.repair_samples,
                          clustering=plan.clustering if plan else None,
+                         executor=make_executor("ray", address=address) if address else None,
                          progress=(lambda done, total, *_: progress("sweep", done, total)) if progress else None)
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None
+
+    @staticmethod
+    def sweep_target() -> str:
+        """Where a sweep runs: this process, or the Ray cluster named by FOLDVIZ_RAY_ADDRESS."""
+        address = os.environ.get("FOLDVIZ_RAY_ADDRESS")
+        return f"the Ray cluster at {address}" if address else "this process"
 
     # ---- teaching (explain.*) on the fold's clusters -------------------------------------------------------
     def cluster_variance(self, group_id: str, labels: np.ndarray, inputs: torch.Tensor) -> list[dict]:

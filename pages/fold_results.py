@@ -158,6 +158,8 @@ else:
                         format_func=lambda x: f"{100 * x:.0f}%")
     seeds = c3.number_input("Seeds", 1, 5, 1, key="fr_sweep_seeds")
     skey = (key, dkey, tuple(sorted(sr)), tuple(sm), tuple(range(int(seeds))))
+    st.caption(f"Cells run in {wb.sweep_target()} (set FOLDVIZ_RAY_ADDRESS before starting the app to use a "
+               "Ray cluster); the progress bar counts finished cells.")
     if st.button("Run sweep", key="fr_sweep_run", disabled=not (sm and sr)):
         with st.status(f"Sweeping {len(sm)} method(s) × {len(sr)} ratio(s) × {int(seeds)} seed(s)…",
                        expanded=True) as status:

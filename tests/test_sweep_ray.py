@@ -96,3 +96,25 @@ def test_interrupted_ray_sweep_resumes_with_only_the_missing_cells(ray_local, tm
     s = S.run_sweep(sp, out, executor=RayExecutor(), progress=False)
     assert (s.skipped, s.executed, s.total) == (2, 5, 7)
     assert len({(r["method"], r["ratio"]) for r in rows(out)}) == 7
+
+
+def test_app_sweep_runs_on_the_cluster_named_by_the_environment(ray_local, monkeypatch):
+    """The app's sweep panel (Workbench.sweep) submits to Ray when FOLDVIZ_RAY_ADDRESS is set: same rows."""
+    from foldviz.session import DataSource, ModelSource, Workbench
+
+    wb = Workbench.load(ModelSource(MODEL))
+    data = DataSource("digits", limit=80, repair_samples=64)
+    monkeypatch.delenv("FOLDVIZ_RAY_ADDRESS", raising=False)
+    local = wb.sweep([0.3], ["none", "l1"], data)
+    assert wb.sweep_target() == "this process"
+    import foldviz.session as session
+
+    made = []
+    monkeypatch.setattr(session, "make_executor", lambda *a, **k: made.append(RayExecutor(**k)) or made[-1])
+    monkeypatch.setenv("FOLDVIZ_RAY_ADDRESS", "auto")   # the running instance; a real cluster address in use
+    assert "Ray cluster at auto" in wb.sweep_target()
+    remote = wb.sweep([0.3], ["none", "l1"], data)
+    assert len(made) == 1 and made[0].address == "auto"
+    key = ("method", "ratio", "seed", "params", "accuracy", "param_sparsity")
+    assert [{k: r[k] for k in key} for r in remote] == [{k: r[k] for k in key} for r in local]
+    assert ray.is_initialized()
