@@ -143,10 +143,20 @@ def _members(group, names: dict, dg: tp.DependencyGraph) -> list[Member]:
     return members
 
 
+def _drop_saved(_tensor: torch.Tensor) -> None:
+    return None
+
+
+def _no_backward(_packed) -> None:
+    raise RuntimeError("foldviz traces the model for its structure only; no backward pass through the trace")
+
+
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """Trace ``model``; any failure becomes a GroupError that says the model cannot be folded as a whole."""
     try:
-        with torch.enable_grad():
+        # the graph keeps the autograd nodes it needs (shapes, dims), but never backpropagates: drop the saved
+        # activations as they are recorded, so a 224x224 trace does not hold every layer's output in memory
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop_saved, _no_backward):
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
     except Exception as exc:  # tracing can fail on exotic models (channel shuffles, dynamic control flow)
         raise GroupError(f"could not trace the model's channel dependencies ({type(exc).__name__}: {exc}); "

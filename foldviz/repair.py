@@ -201,18 +201,27 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
     return x.detach()
 
 
+SCALE_BLOCK_BYTES = 32 * 1024 * 1024
+
+
 def cluster_scale(vectors: torch.Tensor, labels, k: int) -> torch.Tensor:
     """AR variance correction per cluster, s_c = sqrt(N_c / (1 + (N_c - 1) E[c])) = N_c / ||sum_i u_i||.
 
     ``vectors`` (n, d): one vector per channel; u_i = v_i / ||v_i||; E[c] = mean uncentred cosine over ordered pairs
     i != j of cluster c. Singletons give 1, identical members 1, mutually orthogonal members sqrt(N_c).
     """
-    u = vectors.reshape(vectors.shape[0], -1).double().cpu()
-    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    v = vectors.reshape(vectors.shape[0], -1).cpu()
     lab = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    sums = torch.zeros(k, u.shape[1], dtype=u.dtype).index_add_(0, lab, u)
+    # float64 one column block at a time: a 4096 x 29k classifier group never gets a float64 copy
+    step = max(1, SCALE_BLOCK_BYTES // (8 * max(1, v.shape[0])))
+    blocks = [slice(j, j + step) for j in range(0, v.shape[1], step)]
+    inv = sum(v[:, b].double().pow(2).sum(1) for b in blocks).sqrt().clamp_min(1e-12).reciprocal()
+    sq = torch.zeros(k, dtype=torch.float64)
+    for b in blocks:  # ||sum_i u_i||^2, accumulated over column blocks
+        u = v[:, b].double() * inv[:, None]
+        sq += torch.zeros(k, u.shape[1], dtype=torch.float64).index_add_(0, lab, u).pow(2).sum(1)
     sizes = torch.bincount(lab, minlength=k).double()
-    norms = sums.norm(dim=1)
+    norms = sq.sqrt()
     return torch.where(norms > 1e-12, sizes / norms.clamp_min(1e-12), sizes.sqrt()).float()
 
 
