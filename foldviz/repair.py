@@ -234,8 +234,11 @@ def ar_group_scales(work: nn.Module, group, labels, k: int) -> dict[str, torch.T
     Returns {bn_name: (k,) scale}; ``surgery.GroupSurgery.apply`` multiplies the merged BN's gamma by it.
     """
     modules = dict(work.named_modules())
+    bns = [m.module for m in group.members if m.side == "out" and isinstance(modules.get(m.module), _BN)]
+    if not bns:  # nothing to rescale (e.g. VGG's hidden FC groups): skip reading the group's features
+        return {}
     s = cluster_scale(group_features(work, group, scale=False), labels, k)
-    return {m.module: s for m in group.members if m.side == "out" and isinstance(modules.get(m.module), _BN)}
+    return dict.fromkeys(bns, s)
 
 
 def ar_fanin_scales(work: nn.Module, group, labels, k: int, fused: dict[str, str]) -> dict[str, torch.Tensor]:
