@@ -375,6 +375,7 @@ def test_learn_walkthrough_all_steps():
     assert at.session_state["learn_step"] == 5
 
 
+@pytest.mark.slow
 def test_upload_checkpoint_and_torchvision_model_data_free():
     at = new_app()
     # a weights-only checkpoint for a demo architecture

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # run by `make test`; skipped by the quick subset (-m 'not slow')
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("FOLDVIZ_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(os.environ.get("FOLDVIZ_SCREENSHOTS") or ROOT / "test-artifacts" / "browser")

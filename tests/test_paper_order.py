@@ -10,6 +10,8 @@ from foldviz.models import load_model
 from foldviz.plans import FoldPlan
 from foldviz.apply import apply_method, repair_inputs
 
+pytestmark = pytest.mark.slow  # run by `make test`; skipped by the quick subset (-m 'not slow')
+
 
 @pytest.fixture(scope="module")
 def accuracies():

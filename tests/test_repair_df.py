@@ -95,6 +95,7 @@ def test_dfr_ratio_zero_changes_nothing(name):
     assert torch.equal(res.model(X8), m(X8))
 
 
+@pytest.mark.slow
 def test_dfr_deterministic_and_input_untouched():
     m = random_demo("resnet")
     before = state_dict_hash(m)

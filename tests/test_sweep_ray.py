@@ -14,6 +14,8 @@ from foldviz.cli import main  # noqa: E402
 from foldviz.executors import LocalExecutor, RayExecutor, init_ray  # noqa: E402
 from foldviz.sweepspec import ModelRef, spec_from_args  # noqa: E402
 
+pytestmark = pytest.mark.slow  # run by `make test`; skipped by the quick subset (-m 'not slow')
+
 MODEL = "demo:digits-mlp"
 SAME = ("method", "label", "ratio", "seed", "param_sparsity", "params", "accuracy", "eval_samples",
         "weights_sha256", "plan_sha256", "settings_hash")
