@@ -228,8 +228,8 @@ def cluster_scale(vectors: torch.Tensor, labels, k: int) -> torch.Tensor:
 def ar_group_scales(work: nn.Module, group, labels, k: int) -> dict[str, torch.Tensor]:
     """The authors' (HEAD) Fold-AR scale: one s_c per cluster from the group's WHOLE unscaled feature vectors
     (fused producer rows, fused biases, BN gamma and beta, consumer columns; running stats excluded), applied
-    to gamma of every BN of the group. Call it just before the group is merged, on the current (partly folded)
-    model, as the authors' code does: consumer columns already merged by earlier groups are read merged.
+    to gamma of every BN of the group. It is read on the unmerged model (the authors' code reads consumer columns
+    already merged by earlier groups; with concatenations those indices shift, so foldviz does not).
 
     Returns {bn_name: (k,) scale}; ``surgery.GroupSurgery.apply`` multiplies the merged BN's gamma by it.
     """
@@ -484,7 +484,7 @@ class Repair:
         """Before clustering, on the unmerged working copy."""
 
     def bn_scales(self, ctx: RepairContext, group, labels: np.ndarray, k: int) -> dict[str, torch.Tensor]:
-        """Per merged group, right before it merges: {BatchNorm name: (k,) factor for gamma of each cluster}."""
+        """Per merged group, on the unmerged model: {BatchNorm name: (k,) factor for gamma of each cluster}."""
         return {}
 
     def finish(self, ctx: RepairContext) -> None:

@@ -239,7 +239,9 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     todo = [(g, k) for g, k in todo if k < g.channels]
     decisions: dict[str, Decision] = {}
     for i, (g, k) in enumerate(todo):
-        decisions[g.id] = select(ctx, g, k)
+        d = decisions[g.id] = select(ctx, g, k)
+        if d.rep_of is not None:  # read from the unmerged model, like every other decision: group indices into
+            d.bn_scales = rep.bn_scales(ctx, g, d.labels, k)  # shared (concatenated) consumers stay valid
         if progress:
             progress("cluster", i + 1, len(todo))
     seconds["cluster"] = time.perf_counter() - t
@@ -248,11 +250,8 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     t = time.perf_counter()
     surgery = GroupSurgery(work, dg)
     ctx.channel_maps = surgery.maps
-    for i, (g, k) in enumerate(todo):
-        d = decisions[g.id]
-        if d.rep_of is not None:  # read from the model as merged so far, right before this group merges
-            d.bn_scales = rep.bn_scales(ctx, g, d.labels, k)
-        surgery.apply(g.id, g.channels, d)
+    for i, (g, _k) in enumerate(todo):
+        surgery.apply(g.id, g.channels, decisions[g.id])
         if progress:
             progress("merge", i + 1, len(todo))
     seconds["merge"] = time.perf_counter() - t

@@ -141,3 +141,35 @@ def test_dfr_near_fold_r_on_digits_resnet():
     # panel (benchmarks/results/repair_panel.md), seed 0: Fold-R ~0.97, Fold-DFR ~0.96, Fold-Naive ~0.75
     assert acc_dfr >= acc_r - 0.05
     assert acc_dfr >= acc_naive + 0.1
+
+
+class _ConcatNet(nn.Module):
+    """DenseNet-style: a consumer reads two groups through a concatenation, so its column indices depend on both."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(14, 10, 3, padding=1, bias=False), nn.BatchNorm2d(10)
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x):
+        a = torch.relu(self.bn0(self.conv0(x)))
+        b = torch.relu(self.bn1(self.conv1(a)))
+        y = torch.relu(self.bn2(self.conv2(torch.cat([a, b], 1))))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("repair", ["ar", "dfr", "none"])
+def test_concatenated_groups_fold_with_every_data_free_repair(repair):
+    torch.manual_seed(0)
+    m = _ConcatNet().eval()
+    with torch.no_grad():
+        for bn in (m.bn0, m.bn1, m.bn2):
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.running_mean.normal_()
+    x = torch.randn(16, 1, 8, 8)
+    res = fold(m, 0.5, example_input=x[:1], repair=repair, num_classes=4)
+    assert res.model.conv2.in_channels == res.model.conv0.out_channels + res.model.conv1.out_channels == 4 + 3
+    out = res.model(x)
+    assert out.shape == (16, 4) and torch.isfinite(out).all()
