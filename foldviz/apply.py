@@ -6,15 +6,13 @@ import torch
 from .data import sample_inputs
 from .fold import fold
 from .ifm import ifm
-from .methods import get_method
+from .methods import DEFAULT_REPAIR_SAMPLES, get_method
 from .plans import FoldPlan
 from .prune import prune
 from .surgery import FoldResult
 from .utils import Progress
 from .zoo import LoadedModel
 
-# real training inputs drawn for Fold-R / REPAIR when a plan does not say (app, CLI and sweeps alike)
-DEFAULT_REPAIR_SAMPLES = 512
 
 
 def repair_inputs(loaded: LoadedModel, data_spec: str | None, n: int = DEFAULT_REPAIR_SAMPLES,

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .utils import all_finite
+
 __all__ = [
     "ModelLoadError",
     "MAX_CHECKPOINT_BYTES",
@@ -232,7 +234,7 @@ def check_values(model: nn.Module, state: Mapping[str, torch.Tensor], *, label: 
         if own[k].is_floating_point():
             if v.dtype not in FLOAT_DTYPES:
                 wrong.append(f"{k} ({str(v.dtype).replace('torch.', '')})")
-            elif not bool(torch.isfinite(v).all()):
+            elif not all_finite(v):
                 nonfinite.append(k)
         elif v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
             wrong.append(f"{k} ({str(v.dtype).replace('torch.', '')}, expected an integer)")

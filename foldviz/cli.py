@@ -6,12 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from .apply import DEFAULT_REPAIR_SAMPLES
-from .data import DataError
-from .methods import DEFAULT_REPAIR, METHODS, fold_keys
-from .models import ModelLoadError, load_model
-from .plans import FoldPlan, PlanError
-from .utils import state_dict_hash
+# Only the torch-free registry is imported here: `--help` and argument errors answer in well under a second;
+# each command imports the engine (torch, torchvision) when it runs.
+from .methods import DEFAULT_REPAIR, DEFAULT_REPAIR_SAMPLES, METHODS, VARIANCE_SAMPLES, fold_keys
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +20,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
+    from .models import load_model
+
     return load_model(args.model, weights=args.weights, num_classes=args.num_classes, cifar_stem=args.cifar_stem,
                       pretrained=args.pretrained)
 
@@ -33,13 +32,12 @@ def _input_dirs(args) -> list[str]:
 
 
 def _device(text: str) -> str:
-    from .utils import resolve_device
+    """Syntax only (no torch import): whether the device exists is checked when the fold starts."""
+    import re
 
-    try:
-        resolve_device(text)
-    except (ValueError, RuntimeError) as exc:
-        raise argparse.ArgumentTypeError(str(exc).splitlines()[0]) from None
-    return text
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps")
+    return text.strip()
 
 
 def _same_model(plan_model: str, spec: str) -> bool:
@@ -49,8 +47,11 @@ def _same_model(plan_model: str, spec: str) -> bool:
     return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
-def _check_plan_matches(plan: FoldPlan, plan_path, loaded, force: bool) -> None:
+def _check_plan_matches(plan, plan_path, loaded, force: bool) -> None:
     """A plan made for another model is refused (unless --force); other weights or no hash are warned about."""
+    from .plans import PlanError
+    from .utils import state_dict_hash
+
     if plan.model and not _same_model(plan.model, loaded.spec):
         if not force:
             raise PlanError(f"{plan_path} was made for model {plan.model!r}, not {loaded.spec!r}; "
@@ -66,6 +67,16 @@ def _check_plan_matches(plan: FoldPlan, plan_path, loaded, force: bool) -> None:
               file=sys.stderr)
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+    return n
+
+
 def _ratio(text: str) -> float:
     r = float(text)
     if not 0 <= r < 1:
@@ -76,6 +87,7 @@ def _ratio(text: str) -> float:
 def cmd_inspect(args) -> int:
     from .groups import find_groups
     from .metrics import count_flops, count_params
+    from .utils import state_dict_hash
 
     loaded = _load(args)
     graph = find_groups(loaded.model, loaded.example_input(1))
@@ -102,7 +114,8 @@ def cmd_inspect(args) -> int:
 
 def cmd_plan(args) -> int:
     from .groups import find_groups
-    from .utils import check_output_file
+    from .plans import FoldPlan
+    from .utils import check_output_file, state_dict_hash
 
     check_output_file(args.out, args.force, protected=_input_dirs(args))
     loaded = _load(args)
@@ -118,9 +131,12 @@ def cmd_plan(args) -> int:
 def cmd_fold(args) -> int:
     from .apply import apply_method, repair_inputs
     from .persist import save_folded
+    from .plans import FoldPlan, PlanError
     from .report import build_report
-    from .utils import check_output_dir
+    from .utils import check_output_dir, resolve_device, state_dict_hash
 
+    if args.device:
+        resolve_device(args.device)  # a device this machine lacks: one line, before any work
     check_output_dir(args.out, args.force, protected=_input_dirs(args))
     loaded = _load(args)
     if args.plan:
@@ -141,7 +157,8 @@ def cmd_fold(args) -> int:
 
     data = repair_inputs(loaded, args.data, args.repair_samples, seed=plan.seed)
     result = apply_method(loaded, plan, method, repair_data=data, progress=progress, device=args.device)
-    report = build_report(loaded, result, data_spec=args.data, eval_limit=args.eval_limit, latency=not args.no_latency)
+    report = build_report(loaded, result, data_spec=args.data, eval_limit=args.eval_limit, latency=not args.no_latency,
+                          variance_samples=args.variance_samples)
     out = save_folded(result, loaded, args.out, report=report, force=args.force)
 
     def _n(v):
@@ -231,10 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="evaluation/repair data: digits, cifar10:ROOT, ..., imagefolder:DIR")
     p.add_argument("--repair-samples", type=int, default=DEFAULT_REPAIR_SAMPLES,
                    help="training inputs drawn for Fold-R / REPAIR")
-    p.add_argument("--eval-limit", type=int)
+    p.add_argument("--eval-limit", type=int, help="accuracy on at most N test samples (the report evaluates both "
+                                                  "models on --data: two passes over the test split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--variance-samples", type=_count, default=VARIANCE_SAMPLES, metavar="N",
+                   help=f"inputs for the per-layer variance ratio (default {VARIANCE_SAMPLES}: one hooked forward "
+                        "pass of each model, about as long as evaluating 2N samples; 0 skips it)")
+    p.add_argument("--no-latency", action="store_true",
+                   help="skip the latency measurement (alternating timed runs of both models: about 1 s on the demos, "
+                        "tens of seconds for a large model on CPU)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, help="output directory (new, or empty)")
     p.add_argument("--force", action="store_true",
@@ -317,7 +340,7 @@ def main(argv=None) -> int:
         return 1
     except SystemExit:
         raise
-    except (ModelLoadError, DataError, PlanError, ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # ModelLoadError, DataError, PlanError are ValueErrors
         if debug:
             raise
         print(f"error: {_one_line(exc)}", file=sys.stderr)

@@ -31,6 +31,18 @@ FILL_CHUNK_BYTES = 32 * 1024 * 1024
 SCALE_CHUNK_BYTES = 8 * 1024 * 1024
 
 
+def _sources(model: nn.Module, group: ChannelGroup) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per feature block of ``group``: (source whose dim-0 slices are member rows, member row indices sorted by group
+    channel, member rows per group channel)."""
+    modules = dict(model.named_modules())
+    out = []
+    for mem in group.members:
+        if mem.module in modules:
+            for src, idx in _member_sources(modules[mem.module], mem.side, mem.idxs, mem.root_idxs):
+                out.append((src, idx, len(idx) // group.channels))
+    return out
+
+
 def group_features(model: nn.Module, group: ChannelGroup, *, scale: bool = False) -> torch.Tensor:
     """Feature matrix (channels, d) of ``group`` read from ``model`` (whose module names must match the group).
 
@@ -38,23 +50,50 @@ def group_features(model: nn.Module, group: ChannelGroup, *, scale: bool = False
     for Fold-AR, so that no single tensor dominates the distances. The matrix is filled block by block (no list
     of copies and no concatenation: VGG-16's 4096-wide classifier group alone is 0.5 GB).
     """
-    modules = dict(model.named_modules())
     n = group.channels
-    sources = []
-    for mem in group.members:
-        if mem.module in modules:
-            sources.extend(_member_sources(modules[mem.module], mem.side, mem.idxs, mem.root_idxs))
-    widths = [len(idx) * src[0].numel() // n for src, idx in sources]
+    sources = _sources(model, group)
+    widths = [m * src[0].numel() for src, _idx, m in sources]
     x = torch.empty((n, sum(widths)), dtype=torch.float32, device=sources[0][0].device if sources else None)
     col = 0
-    for (src, idx), w in zip(sources, widths):
-        m = len(idx) // n  # member rows per group channel (e.g. 49 for a conv flattened into a Linear)
+    for (src, idx, m), w in zip(sources, widths):  # m: member rows per channel (e.g. 49 for a conv -> Linear)
         step = max(1, FILL_CHUNK_BYTES // max(1, w * 4))
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             x[c0:c1, col:col + w] = src.index_select(0, idx[c0 * m:c1 * m]).reshape(c1 - c0, -1)
         col += w
     return _robust_scale_(x) if scale else x
+
+
+def feature_blocks(model: nn.Module, group: ChannelGroup, cols: int, *, scale: bool = False):
+    """The columns of ``group_features(model, group, scale=scale)`` as contiguous float32 blocks (n, <= cols), left
+    to right, without ever holding the whole matrix: the fold's k-means needs only the Gram matrix, which these
+    blocks accumulate (VGG-16's classifier group would otherwise be a 0.5 GB matrix). Every value equals the
+    corresponding entry of :func:`group_features` exactly (scaling is per column)."""
+    n = group.channels
+    sources = _sources(model, group)
+    width = sum(m * src[0].numel() for src, _idx, m in sources)
+    # (first global column, last global column) of each source, to cut the global block [j0, j1) from them
+    spans, col = [], 0
+    for src, idx, m in sources:
+        spans.append((col, col + m * src[0].numel()))
+        col += m * src[0].numel()
+    # (rows, row width): a view for Linear weights and contiguous convs; transposed conv consumers copy once here
+    flats = [src.reshape(src.shape[0], -1) for src, _idx, _m in sources]
+    for j0 in range(0, width, cols):
+        j1 = min(width, j0 + cols)
+        blk = torch.empty((n, j1 - j0), dtype=torch.float32, device=sources[0][0].device)
+        for (_src, idx, m), flat, (a, b) in zip(sources, flats, spans):
+            lo, hi = max(a, j0), min(b, j1)
+            if lo >= hi:
+                continue
+            rw = flat.shape[1]
+            per_channel = idx.view(n, m)          # (n, m): the member rows of each group channel
+            for r in range((lo - a) // rw, (hi - a - 1) // rw + 1):  # member rows this cut touches
+                c_lo, c_hi = max(lo, a + r * rw), min(hi, a + (r + 1) * rw)  # global columns inside row r
+                # slice the columns first, then gather rows: copies (n, c_hi - c_lo), never whole rows
+                blk[:, c_lo - j0:c_hi - j0] = flat[:, c_lo - a - r * rw:c_hi - a - r * rw].index_select(
+                    0, per_channel[:, r])
+        yield _robust_scale_(blk) if scale else blk
 
 
 def _robust_scale_(x: torch.Tensor) -> torch.Tensor:
@@ -105,5 +144,5 @@ def redundancy(features) -> dict:
     return {"mean_cos": float(off.mean()), "max_cos": float(off.max()), "score": float(np.clip(nearest, 0, 1).mean())}
 
 
-__all__ = ["FEATURE_SPACES", "group_features", "robust_scale", "cosine_similarity",
+__all__ = ["FEATURE_SPACES", "group_features", "feature_blocks", "robust_scale", "cosine_similarity",
            "redundancy"]

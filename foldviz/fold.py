@@ -11,9 +11,9 @@ import copy
 import torch
 from torch import nn
 
-from .features import group_features
+from .features import feature_blocks, group_features
 from .groups import ChannelGroup
-from .kmeans import ClusterResult, kmeans
+from .kmeans import ClusterResult, gram_cols, kmeans, kmeans_blocks
 from .methods import DEFAULT_REPAIR
 from .plans import FoldPlan
 from .repair import REPAIRS, RepairContext, fuse_batchnorms
@@ -49,8 +49,13 @@ def cluster_group(model: nn.Module, group: ChannelGroup, k: int, plan: FoldPlan,
     ``model`` must already be in the plan's feature space (see :func:`feature_model`); pass ``features`` to reuse
     a matrix computed with ``group_features(model, group, scale=...)``.
     """
+    scale = REPAIRS[plan.repair].feature_space == "fused"
+    if features is None and not with_centroids and plan.clustering.get("algorithm", "kmeans") == "kmeans":
+        # labels only: accumulate the Gram matrix from column blocks, never the (n, d) matrix (same labels)
+        blocks = feature_blocks(model, group, gram_cols(group.channels), scale=scale)
+        return kmeans_blocks(blocks, group.channels, k, seed=plan.seed, device=device, **plan.clustering)
     if features is None:
-        features = group_features(model, group, scale=REPAIRS[plan.repair].feature_space == "fused")
+        features = group_features(model, group, scale=scale)
     return kmeans(features, k, seed=plan.seed, device=device, with_centroids=with_centroids, **plan.clustering)
 
 

@@ -59,6 +59,12 @@ METHODS: dict[str, Method] = {m.key: m for m in (
 # the repair every entry point uses when none is named (library, CLI, app, plans)
 DEFAULT_REPAIR = "dfr"
 
+# real training inputs drawn for Fold-R / REPAIR when a plan does not say (app, CLI and sweeps alike)
+DEFAULT_REPAIR_SAMPLES = 512
+
+# inputs of the report's per-layer variance measurement (one hooked forward pass of each model; 0 skips it)
+VARIANCE_SAMPLES = 128
+
 
 def fold_keys() -> tuple[str, ...]:
     """Keys of the fold family, i.e. the values a plan's ``repair`` field takes."""
@@ -78,4 +84,4 @@ def label(key: str) -> str:
     return m.label if m else ("Original" if key == "original" else str(key))
 
 
-__all__ = ["FAMILIES", "Method", "METHODS", "DEFAULT_REPAIR", "fold_keys", "get_method", "label"]
+__all__ = ["FAMILIES", "Method", "METHODS", "DEFAULT_REPAIR", "DEFAULT_REPAIR_SAMPLES", "VARIANCE_SAMPLES", "fold_keys", "get_method", "label"]

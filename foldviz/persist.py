@@ -27,7 +27,7 @@ from torch import nn
 from .groups import _BN, _CONV
 from .checkpoints import ModelLoadError
 from .zoo import LoadedModel, build_architecture
-from .utils import atomic_dir, check_output_dir, dumps_json, state_dict_hash
+from .utils import all_finite, atomic_dir, check_output_dir, dumps_json, state_dict_hash
 
 FORMAT = "foldviz-folded-model"
 FORMAT_VERSION = 1
@@ -333,7 +333,7 @@ def load_folded(path) -> LoadedModel:
                 state[k] = f.get_tensor(k)
     except Exception as exc:
         raise ModelLoadError(f"could not read {weights}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in state.items() if v.is_floating_point() and not all_finite(v)]
     if bad:
         raise ModelLoadError(f"{weights}: {len(bad)} tensor(s) hold NaN or Inf values: {', '.join(bad[:5])}")
     try:

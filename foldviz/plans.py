@@ -16,7 +16,7 @@ import jsonschema
 import torch
 from torch import nn
 
-from .kmeans import ALGORITHMS, DEFAULT_CLUSTERING, k_for_ratio
+from .kmeans import ALGORITHMS, DEFAULT_CLUSTERING, REFINES, k_for_ratio
 from .methods import DEFAULT_REPAIR, fold_keys, label
 from .metrics import count_flops, count_params
 
@@ -60,6 +60,7 @@ SCHEMA = {
                 "algorithm": {"enum": list(ALGORITHMS)},
                 "n_init": {"type": "integer", "minimum": 1, "maximum": 100},
                 "max_iter": {"type": "integer", "minimum": 1, "maximum": 10000},
+                "refine": {"enum": list(REFINES)},
             },
         },
         "seed": {"type": "integer", "minimum": 0},

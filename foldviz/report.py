@@ -13,14 +13,13 @@ import time
 import torch
 
 from .data import evaluate, load_dataset, make_loader, sample_inputs
-from .methods import METHODS
+from .methods import METHODS, VARIANCE_SAMPLES
 from .metrics import compare, variance_ratios
 from .surgery import FoldResult
 from .utils import Progress, json_default, state_dict_hash
 from .zoo import LoadedModel
 
 REPORT_VERSION = 1
-VARIANCE_SAMPLES = 128
 REPORT_KEYS = (
     "report_version", "model", "weights_sha256", "method", "label", "family", "plan", "data", "eval_samples",
     "params_before", "params_after", "param_sparsity", "flops_before", "flops_after", "flops_unit",
@@ -43,6 +42,10 @@ def evaluate_on(model, loaded: LoadedModel, data_spec: str, eval_limit: int | No
     loader = make_loader(load_dataset(data_spec, "test", card=loaded.card), limit=eval_limit)
     ev = evaluate(model, loader, progress=progress)
     return {"accuracy": ev.accuracy, "loss": ev.loss, "samples": ev.n}
+
+
+class _Skipped(Exception):
+    """An optional measurement the caller switched off."""
 
 
 def build_report(loaded: LoadedModel, result: FoldResult, *, data_spec: str | None = None,
@@ -70,13 +73,19 @@ def build_report(loaded: LoadedModel, result: FoldResult, *, data_spec: str | No
         after = evaluate_on(result.model, loaded, data_spec, eval_limit, progress=cb)
         report.update(accuracy_before=before["accuracy"], accuracy_after=after["accuracy"],
                       loss_before=before["loss"], loss_after=after["loss"], eval_samples=after["samples"])
-    inputs, report["variance_inputs"] = variance_inputs(loaded, data_spec, variance_samples)
     notes: list[str] = []
+    if variance_samples <= 0:
+        notes.append("variance measurement skipped (variance_samples=0)")
     try:  # an optional measurement: a failure is recorded in the report and never loses the fold
+        if variance_samples <= 0:
+            raise _Skipped
+        inputs, report["variance_inputs"] = variance_inputs(loaded, data_spec, variance_samples)
         report["variance_ratio"] = variance_ratios(loaded.model, result.model, inputs, result.channel_maps,
                                                    notes=notes)
     except (KeyboardInterrupt, MemoryError):
         raise
+    except _Skipped:
+        report["variance_ratio"] = None
     except Exception as exc:  # noqa: BLE001
         report["variance_ratio"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
     report["variance_notes"] = notes[:50]

@@ -15,16 +15,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
-from .checkpoints import save_safetensors
-from .data import DIGITS_SPLIT, _tensor_transform, digits_arrays, digits_normalization, evaluate, load_dataset, make_loader
-from .metrics import count_params
-from .models import MODELS_DIR
-from .zoo import build_architecture
-from .utils import set_seed, state_dict_hash
+# torch and the engine are imported inside the functions that train: `python -m foldviz --help` and
+# argument errors must not pay for importing torch (issue #9: under 1 s)
 
 __all__ = ["PRESETS", "DEFAULT_RECIPE", "train_preset", "add_train_subparser", "run_train", "main"]
 
@@ -86,6 +83,9 @@ NUM_THREADS = 1  # results depend on the intra-op thread count; 1 is reproducibl
 
 def _shift_batch(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     """Randomly translate each image by up to ``max_shift`` pixels (zero padding); x is (N, C, H, W) in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
     n, c, h, w = x.shape
     p = max_shift
     padded = F.pad(x, (p, p, p, p))
@@ -107,6 +107,8 @@ def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 @contextlib.contextmanager
 def _deterministic(num_threads: int):
+    import torch
+
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
@@ -127,6 +129,17 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, epochs: in
     "lr"}``.  Runs on CPU with a fixed seed, 1 thread and deterministic algorithms, so the same machine
     reproduces the same weights.  Returns the card (also written as JSON).
     """
+    import torch
+    import torch.nn.functional as F
+
+    from .checkpoints import save_safetensors
+    from .data import (DIGITS_SPLIT, _tensor_transform, digits_arrays, digits_normalization, evaluate,
+                       load_dataset, make_loader)
+    from .metrics import count_params
+    from .models import MODELS_DIR
+    from .utils import set_seed, state_dict_hash
+    from .zoo import build_architecture
+
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
     preset = PRESETS[name]
@@ -235,13 +248,15 @@ def add_train_subparser(subparsers) -> argparse.ArgumentParser:
                               description="Deterministically (re)train a bundled demo model on scikit-learn's "
                                           "8×8 digits and write NAME.safetensors + NAME.json.")
     p.add_argument("--preset", required=True, choices=[*PRESETS, "all"], help="demo to train, or 'all'")
-    p.add_argument("--out", default=None, help=f"output directory (default: {MODELS_DIR})")
+    p.add_argument("--out", default=None, help="output directory (default: the bundled assets/models)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
     p.set_defaults(func=run_train)
     return p
 
 
 def run_train(args) -> int:
+    from .models import MODELS_DIR
+
     names = list(PRESETS) if args.preset == "all" else [args.preset]
     for name in names:
         def report(epoch, total, stats, _name=name):

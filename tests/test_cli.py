@@ -3,12 +3,15 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from foldviz.cli import main
 from foldviz.models import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args):
@@ -110,3 +113,33 @@ def test_cli_and_workbench_reports_agree(tmp_path):
     for key in REPORT_KEYS:
         if key != "seconds":
             assert cli[key] == app[key], key
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["fold", "--help"], ["train", "--help"], ["sweep", "--help"],
+                                  ["fold", "demo:digits-resnet", "--ratio", "2", "--out", "x"],
+                                  ["fold", "demo:digits-resnet", "--ratio", "0.3", "--device", "gpu0", "--out", "x"]])
+def test_help_and_argument_errors_never_import_torch(argv):
+    """Issue #9: `--help` and argument errors answer in well under a second, so the engine (torch, torchvision,
+    the demo models) is imported only by a command that runs."""
+    code = ("import sys\nfrom foldviz.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'numpy', 'sklearn', 'foldviz.models') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "HEAVY []" in p.stdout, p.stdout + p.stderr
+    if "--help" not in argv:
+        assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_variance_samples_zero_skips_the_measurement_and_says_so(tmp_path, capsys):
+    out = tmp_path / "f"
+    assert run("fold", "demo:digits-mlp", "--ratio", "0.3", "--repair", "none", "--variance-samples", "0",
+               "--no-latency", "--quiet", "--out", out) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["variance_ratio"] is None and rep["variance_inputs"] is None
+    assert rep["variance_notes"] == ["variance measurement skipped (variance_samples=0)"]
+    assert rep["latency"] is None and rep["params_after"] < rep["params_before"]
+    with pytest.raises(SystemExit) as e:
+        run("fold", "demo:digits-mlp", "--ratio", "0.3", "--variance-samples", "-1", "--out", tmp_path / "g")
+    assert e.value.code == 2
+    assert "whole number >= 0" in capsys.readouterr().err

@@ -67,11 +67,29 @@ def test_labels_are_canonical_and_seeded():
     assert np.array_equal(_canonical(np.array([5, 5, 2, 9, 2])), np.array([0, 0, 1, 2, 1]))
 
 
-def test_more_restarts_never_increase_inertia():
+def test_more_restarts_never_increase_inertia_and_hartigan_never_hurts():
     x = np.random.default_rng(4).normal(size=(120, 10)).astype(np.float32)
-    one = kmeans(x, 30, seed=0, n_init=1).inertia
-    ten = kmeans(x, 30, seed=0, n_init=10).inertia
+    one = kmeans(x, 30, seed=0, n_init=1, refine="none").inertia
+    ten = kmeans(x, 30, seed=0, n_init=10, refine="none").inertia
     assert ten <= one + 1e-6
+    # Hartigan refines the kept Lloyd restart: never worse than it, and here strictly better
+    for n_init, lloyd in ((1, one), (10, ten)):
+        res = kmeans(x, 30, seed=0, n_init=n_init)
+        assert res.inertia <= lloyd + 1e-6 and len(np.unique(res.labels)) == 30
+    assert kmeans(x, 30, seed=0, n_init=1).inertia < one - 1e-3
+
+
+def test_hartigan_moves_a_point_that_lloyd_leaves():
+    """A Lloyd fixed point that is not a Hartigan one: points 0..3 on a line, clusters {0, 1, 2} and {3}. Lloyd
+    keeps it (point 2 is as near its own centroid 1 as centroid 3: no strict gain), Hartigan moves 2 because the inertia drops:
+    removing it saves 3/2 * 1^2 = 1.5, adding it to {3} costs 1/2 * 1^2 = 0.5."""
+    from foldviz.kmeans import _hartigan
+
+    x = np.array([[0.0], [1.0], [2.0], [3.0]])
+    g = (x - x.mean()) @ (x - x.mean()).T
+    labels, sweeps = _hartigan(g, np.array([0, 0, 0, 1]), 2)
+    np.testing.assert_array_equal(labels, [0, 0, 1, 1])
+    assert sweeps == 2  # one sweep that moves, one that confirms
 
 
 def test_inertia_matches_its_definition():
@@ -104,3 +122,47 @@ def test_robust_scale_is_median_over_iqr_and_keeps_constant_columns_finite():
 def test_cluster_order_lists_largest_clusters_first():
     labels = np.array([1, 0, 1, 2, 1, 0])
     assert cluster_order(labels).tolist() == [0, 2, 4, 1, 5, 3]
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "mlp"])
+@pytest.mark.parametrize("scale", [False, True])
+def test_feature_blocks_and_block_gram_equal_the_full_matrix_bit_for_bit(name, scale):
+    """The fold clusters from column blocks (never the whole (n, d) matrix, issue #13's memory bound); the Layer
+    explorer clusters the full matrix. Blocks cut across sources and through multi-row members (VGG's flatten
+    keeps the spatial extent) must give exactly the same features, Gram matrix and labels."""
+    from engine_models import random_demo
+
+    from foldviz.features import feature_blocks, group_features
+    from foldviz.kmeans import _gram, _gram_blocks, gram_cols, kmeans_blocks
+    from foldviz.surgery import trace
+
+    model = random_demo(name)
+    _, graph = trace(model, torch.randn(2, 1, 8, 8))
+    checked = 0
+    for g in graph.foldable:
+        x = group_features(model, g, scale=scale)
+        for cols in (7, 64, x.shape[1]):  # odd widths split member rows and straddle sources
+            blocks = list(feature_blocks(model, g, cols, scale=scale))
+            assert [b.shape[1] for b in blocks[:-1]] == [cols] * (len(blocks) - 1)
+            assert torch.equal(torch.cat(blocks, dim=1), x)
+        step = gram_cols(g.channels)
+        assert torch.equal(_gram_blocks(feature_blocks(model, g, step, scale=scale), torch.float32),
+                           _gram(x, torch.float32))
+        k = max(1, g.channels // 2)
+        res = kmeans_blocks(feature_blocks(model, g, step, scale=scale), g.channels, k, seed=3, n_init=3)
+        full = kmeans(x, k, seed=3, n_init=3, with_centroids=False)
+        np.testing.assert_array_equal(res.labels, full.labels)
+        assert res.inertia == full.inertia and res.k == k and res.centroids is None
+        checked += 1
+    assert checked >= 2
+
+
+def test_kmeans_blocks_refuses_non_finite_features_and_other_algorithms():
+    from foldviz.kmeans import kmeans_blocks
+
+    x = torch.randn(6, 5)
+    x[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kmeans_blocks([x[:, :2], x[:, 2:]], 6, 3)
+    with pytest.raises(ValueError, match="Gram k-means only"):
+        kmeans_blocks([x], 6, 3, algorithm="ward")
