@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from foldviz.apply import apply_method  # noqa: E402
 from foldviz.data import _tensor_transform, digits_arrays, sample_inputs  # noqa: E402
 from foldviz.fold import _cluster_selector  # noqa: E402
 from foldviz.groups import _BN  # noqa: E402
@@ -52,7 +53,13 @@ CANDIDATES = {
                                                            linear_repair=False)),
     "DFR a: stats propagation (no forward pass)": ("dfr", StatProp()),
     "Fold-DFR (default: DI-50 x64 proxy + BN-less layer repair)": ("dfr", REPAIRS["dfr"]),
+    # baselines run through foldviz.apply.apply_method (their own selectors): (method key, None)
+    "IFM": ("ifm", None),
+    "L1 + REPAIR (real data)": ("l1+r", None),
 }
+# the panel of issue #12 (README 3b): the columns the issue names, Fold-DIR aside (minutes per fold on CPU)
+MAIN_PANEL = ["Fold-Naive", "Fold-R (real data)", "Fold-AR (authors, whole group)",
+              "Fold-DFR (default: DI-50 x64 proxy + BN-less layer repair)", "IFM", "L1 + REPAIR (real data)"]
 MODELS = ("digits-mlp", "digits-vgg", "digits-resnet", "digits-resnet-2x", "digits-resnet18")
 
 
@@ -130,9 +137,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5, 0.7])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
+    ap.add_argument("--main", action="store_true", help="only the issue's panel columns (MAIN_PANEL)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "repair_panel"))
     ap.add_argument("--append", action="store_true", help="keep the runs already in OUT.json, add the missing ones")
     args = ap.parse_args(argv)
+    if args.main:
+        args.candidates = MAIN_PANEL
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     t_start = time.time()
@@ -155,9 +165,12 @@ def main(argv=None) -> int:
                     if (name, ratio, label, seed) in have:
                         continue
                     t = time.perf_counter()
-                    res = compress(lm.model, FoldPlan(default_ratio=ratio, repair=key, seed=seed), _cluster_selector,
-                                   method=key, repair=repair, example_input=lm.example_input(1), repair_data=real,
-                                   num_classes=lm.num_classes)
+                    if repair is None:
+                        res = apply_method(lm, FoldPlan(default_ratio=ratio, seed=seed), key, repair_data=real)
+                    else:
+                        res = compress(lm.model, FoldPlan(default_ratio=ratio, repair=key, seed=seed),
+                                       _cluster_selector, method=key, repair=repair, example_input=lm.example_input(1),
+                                       repair_data=real, num_classes=lm.num_classes)
                     secs = time.perf_counter() - t
                     with torch.no_grad():
                         acc = float((res.model(x_test).argmax(1) == yt).float().mean())

@@ -4,7 +4,8 @@ The feature vector of channel i concatenates everything the group stores for it 
 producers' fan-in rows and biases, BatchNorm gamma/beta, and the consumers' fan-out columns. Running statistics
 are left out. Which *feature space* a fold clusters in depends on its repair (see
 :attr:`foldviz.repair.Repair.feature_space`): ``"raw"`` reads the model as it is; ``"fused"`` reads it after BatchNorm
-fusion with robust per-column scaling (the authors' Fold-AR features).
+fusion with robust per-column scaling (the authors' Fold-AR features); ``"fused-linear"`` fuses and scales only
+groups whose producers are Linear layers with a BatchNorm (Fold-DFR) and reads convolutions raw.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from .groups import ChannelGroup
 
-FEATURE_SPACES = ("raw", "fused")
+FEATURE_SPACES = ("raw", "fused", "fused-linear")
 
 
 def _member_sources(module: nn.Module, side: str, idxs: list[int], root_idxs: list[int]):

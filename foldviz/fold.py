@@ -16,11 +16,11 @@ from .groups import ChannelGroup
 from .kmeans import ClusterResult, gram_cols, kmeans, kmeans_blocks
 from .methods import DEFAULT_REPAIR
 from .plans import FoldPlan
-from .repair import REPAIRS, RepairContext, fuse_batchnorms
-from .surgery import Decision, FoldResult, compress, merge_decision, trace
+from .repair import REPAIRS, RepairContext, fuse_batchnorms, linear_bns
+from .surgery import Decision, FoldResult, compress, folded_groups, merge_decision, trace
 from .utils import Progress
 
-__all__ = ["fold", "FoldResult", "cluster_group", "feature_model", "as_plan"]
+__all__ = ["fold", "FoldResult", "cluster_group", "feature_model", "feature_scaling", "fused_bns", "as_plan"]
 
 
 def as_plan(plan: FoldPlan | float, repair: str | None = None) -> FoldPlan:
@@ -31,15 +31,37 @@ def as_plan(plan: FoldPlan | float, repair: str | None = None) -> FoldPlan:
 
 
 @torch.no_grad()
-def feature_model(model: nn.Module, example_input: torch.Tensor, repair: str) -> nn.Module:
+def feature_model(model: nn.Module, example_input: torch.Tensor, repair: str,
+                  bns: frozenset[str] | None = None) -> nn.Module:
     """``model`` as the fold reads features for ``repair``: itself for the raw space, a BatchNorm-fused copy for
-    the fused space (module names and channel order unchanged)."""
-    if REPAIRS[repair].feature_space == "raw":
+    the fused space (module names and channel order unchanged). In the "fused-linear" space only the BNs
+    ``bns`` are fused (see :func:`fused_bns`; default: those of every foldable group)."""
+    space = REPAIRS[repair].feature_space
+    if space == "raw":
         return model
     work = copy.deepcopy(model).eval()
-    dg, _ = trace(work, example_input)
-    fuse_batchnorms(work, dg)
+    dg, graph = trace(work, example_input)
+    if space == "fused-linear":
+        bns = linear_bns(work, graph.foldable) if bns is None else set(bns)
+        if not bns:
+            return model
+    fuse_batchnorms(work, dg, only=None if space == "fused" else set(bns))
     return work
+
+
+def fused_bns(model: nn.Module, graph, plan: FoldPlan, extra: str | None = None) -> frozenset[str] | None:
+    """The BNs a fold under ``plan`` fuses before clustering in the "fused-linear" space (those of the Linear
+    groups it folds, plus group ``extra``, e.g. the one the explorer shows); None in the other spaces."""
+    if REPAIRS[plan.repair].feature_space != "fused-linear":
+        return None
+    groups = [g for g, _k in folded_groups(graph, plan)] + [g for g in graph.groups if g.id == extra]
+    return frozenset(linear_bns(model, groups))
+
+
+def feature_scaling(model: nn.Module, group: ChannelGroup, repair: str) -> bool:
+    """Whether ``group``'s features are robust-scaled in ``repair``'s feature space."""
+    space = REPAIRS[repair].feature_space
+    return space == "fused" or (space == "fused-linear" and bool(linear_bns(model, [group])))
 
 
 def cluster_group(model: nn.Module, group: ChannelGroup, k: int, plan: FoldPlan, *, device=None,
@@ -49,7 +71,7 @@ def cluster_group(model: nn.Module, group: ChannelGroup, k: int, plan: FoldPlan,
     ``model`` must already be in the plan's feature space (see :func:`feature_model`); pass ``features`` to reuse
     a matrix computed with ``group_features(model, group, scale=...)``.
     """
-    scale = REPAIRS[plan.repair].feature_space == "fused"
+    scale = feature_scaling(model, group, plan.repair)
     if features is None and not with_centroids and plan.clustering.get("algorithm", "kmeans") == "kmeans":
         # labels only: accumulate the Gram matrix from column blocks, never the (n, d) matrix (same labels)
         blocks = feature_blocks(model, group, gram_cols(group.channels), scale=scale)

@@ -36,7 +36,7 @@ from .checkpoints import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 from .embedding import embed
 from .executors import make_executor
 from .features import cosine_similarity, group_features, redundancy
-from .fold import cluster_group, feature_model
+from .fold import cluster_group, feature_model, feature_scaling, fused_bns
 from .groups import GroupGraph, find_groups
 from .kmeans import ClusterResult, cluster_order, inertia_curve, k_for_ratio
 from .methods import DEFAULT_REPAIR, METHODS
@@ -250,28 +250,44 @@ class Workbench:
             raise WorkbenchError(str(exc)) from None
 
     # ---- features and clusters, in the fold's own feature space -------------------------------------
-    def feature_model(self, repair: str) -> nn.Module:
-        return self._get(("fmodel", _space(repair)),
-                         lambda: feature_model(self.model, self.example_input(1), repair))
+    def _bns(self, group_id: str, plan: FoldPlan | None, repair: str) -> frozenset | None:
+        """The BNs fused before clustering ``group_id`` (Fold-DFR's "fused-linear" space), as the fold under
+        ``plan`` fuses them; without a plan, those of every foldable Linear group. None in the other spaces."""
+        if _space(repair) != "fused-linear":
+            return None
+        if plan is None:
+            return fused_bns(self.model, self.graph, FoldPlan(default_ratio=0.5, repair=repair), extra=group_id)
+        return fused_bns(self.model, self.graph, plan if plan.repair == repair else plan.with_changes(repair=repair),
+                         extra=group_id)
 
-    def features(self, group_id: str, repair: str = "none") -> np.ndarray:
-        """(channels, d) features of a group in the space ``repair`` clusters in."""
-        space = _space(repair)
-        return self._get(("features", group_id, space), lambda: group_features(
-            self.feature_model(repair), self.group(group_id), scale=space == "fused").numpy())
+    def feature_model(self, repair: str, bns: frozenset | None = None) -> nn.Module:
+        return self._get(("fmodel", _space(repair), bns),
+                         lambda: feature_model(self.model, self.example_input(1), repair, bns))
 
-    def similarity(self, group_id: str, repair: str = "none") -> np.ndarray:
-        return self._get(("sim", group_id, _space(repair)),
-                         lambda: cosine_similarity(self.features(group_id, repair)))
+    def features(self, group_id: str, repair: str = "none", plan: FoldPlan | None = None) -> np.ndarray:
+        """(channels, d) features of a group in the space ``repair`` clusters in (under ``plan``, which decides
+        the fused BNs of Fold-DFR's space)."""
+        bns = self._bns(group_id, plan, repair)
+
+        def compute():
+            fm, g = self.feature_model(repair, bns), self.group(group_id)
+            return group_features(fm, g, scale=feature_scaling(fm, g, repair)).numpy()
+
+        return self._get(("features", group_id, _space(repair), bns), compute)
+
+    def similarity(self, group_id: str, repair: str = "none", plan: FoldPlan | None = None) -> np.ndarray:
+        return self._get(("sim", group_id, _space(repair), self._bns(group_id, plan, repair)),
+                         lambda: cosine_similarity(self.features(group_id, repair, plan)))
 
     def cluster(self, group_id: str, plan: FoldPlan, ratio: float | None = None) -> ClusterResult:
         """The clusters :func:`foldviz.fold.fold` forms for this group under ``plan`` (at ``ratio``, default the
         plan's ratio for the group)."""
         g = self.group(group_id)
         k = k_for_ratio(g.channels, plan.ratio_for(group_id) if ratio is None else float(ratio))
-        key = ("cluster", group_id, k, _space(plan.repair), plan.seed, json.dumps(plan.clustering, sort_keys=True))
-        return self._get(key, lambda: cluster_group(self.feature_model(plan.repair), g, k, plan,
-                                                    features=torch.as_tensor(self.features(group_id, plan.repair))))
+        bns = self._bns(group_id, plan, plan.repair)
+        key = ("cluster", group_id, k, _space(plan.repair), bns, plan.seed, json.dumps(plan.clustering, sort_keys=True))
+        return self._get(key, lambda: cluster_group(self.feature_model(plan.repair, bns), g, k, plan, features=
+                                                    torch.as_tensor(self.features(group_id, plan.repair, plan))))
 
     def redundancy(self, group_id: str) -> dict:
         return self._get(("redundancy", group_id), lambda: redundancy(self.features(group_id)))
@@ -288,7 +304,7 @@ class Workbench:
         return rows
 
     def inertia_curve(self, group_id: str, plan: FoldPlan, ratios: Sequence[float] = tuple(np.arange(10) / 10)):
-        pts = inertia_curve(self.features(group_id, plan.repair), list(ratios), seed=plan.seed)
+        pts = inertia_curve(self.features(group_id, plan.repair, plan), list(ratios), seed=plan.seed)
         return [(p["ratio"], p["k"], p["relative_inertia"]) for p in pts]
 
     def group_detail(self, group_id: str, plan: FoldPlan, ratio: float | None = None, *,
@@ -298,24 +314,27 @@ class Workbench:
         if not g.foldable:
             raise WorkbenchError(f"group {group_id} is not foldable: {g.reason}")
         ratio = plan.ratio_for(group_id) if ratio is None else float(ratio)
-        x = self.features(group_id, plan.repair)
+        x = self.features(group_id, plan.repair, plan)
         res = self.cluster(group_id, plan, ratio)
-        emb = self._get(("embed", group_id, _space(plan.repair), embed_method, plan.seed),
+        emb = self._get(("embed", group_id, _space(plan.repair), self._bns(group_id, plan, plan.repair), embed_method,
+                         plan.seed),
                         lambda: embed(x, embed_method, seed=plan.seed))
         pw = explain.producer_weight(self.model, g)
         return {
             "id": group_id, "channels": g.channels, "ratio": ratio, "k": int(res.k), "labels": res.labels,
             "order": cluster_order(res.labels), "sizes": res.sizes, "inertia": float(res.inertia),
-            "n_iter": res.n_iter, "similarity": self.similarity(group_id, plan.repair), "coords": emb.coords,
+            "n_iter": res.n_iter, "similarity": self.similarity(group_id, plan.repair, plan), "coords": emb.coords,
             "embedding": emb.label, "embedding_note": emb.note, "features_dim": int(x.shape[1]),
-            "feature_space": _space(plan.repair), "weight_module": pw[0] if pw else None,
+            "feature_space": _space(plan.repair), "features_fused": bool(self._bns(group_id, plan, plan.repair) and
+                                                                         feature_scaling(self.model, g, plan.repair))
+            or _space(plan.repair) == "fused", "weight_module": pw[0] if pw else None,
             "weight": pw[1] if pw else None, "producers": list(g.producers), "consumers": list(g.consumers),
             **self.redundancy(group_id),
         }
 
     def neighbours(self, group_id: str, channel: int, plan: FoldPlan, k: int = 5) -> list[dict]:
         try:
-            return explain.neighbours(self.similarity(group_id, plan.repair), channel, k)
+            return explain.neighbours(self.similarity(group_id, plan.repair, plan), channel, k)
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None
 

@@ -212,6 +212,12 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[object, GroupG
     return dg, graph
 
 
+def folded_groups(graph: GroupGraph, plan: FoldPlan) -> list[tuple[ChannelGroup, int]]:
+    """(group, k) for every group ``plan`` shrinks: foldable, ratio > 0 and k < channels."""
+    todo = [(g, k_for_ratio(g.channels, plan.ratio_for(g.id))) for g in graph.foldable if plan.ratio_for(g.id) > 0]
+    return [(g, k) for g, k in todo if k < g.channels]
+
+
 def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str, repair: str | Repair,
              example_input: torch.Tensor, repair_data: torch.Tensor | None = None, progress: Progress = None,
              device=None, num_classes: int | None = None) -> FoldResult:
@@ -227,6 +233,8 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     dg, graph = trace(work, x)
     plan.validate(graph)
     ctx = RepairContext(model, work, dg, x, plan, dev, repair_data, num_classes, progress)
+    todo = folded_groups(graph, plan)
+    ctx.folded = [g for g, _k in todo]
     seconds["graph"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -235,8 +243,6 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
 
     # 1. decide every group on the unmerged weights
     t = time.perf_counter()
-    todo = [(g, k_for_ratio(g.channels, plan.ratio_for(g.id))) for g in graph.foldable if plan.ratio_for(g.id) > 0]
-    todo = [(g, k) for g, k in todo if k < g.channels]
     decisions: dict[str, Decision] = {}
     for i, (g, k) in enumerate(todo):
         d = decisions[g.id] = select(ctx, g, k)

@@ -71,7 +71,7 @@ def _detail() -> None:
     m[4].metric("k-means inertia", f"{d['inertia']:.3g}", help="sum of squared distances to the cluster centres")
     st.caption(f"Producers: {', '.join(d['producers'])} · consumers: {', '.join(d['consumers']) or '—'} · "
                f"feature vector per channel: {d['features_dim']} numbers (fan-in rows, biases, BatchNorm γ/β, fan-out columns"
-               + (", BatchNorm-fused and robust-scaled" if d["feature_space"] == "fused" else "")
+               + (", BatchNorm-fused and robust-scaled" if d["features_fused"] else "")
                + f"). These are the clusters {method_label(plan.repair)} merges when you run the fold.")
     if abs(ratio - plan_ratio) > 1e-9:
         if st.button(f"Use {100 * ratio:.0f}% for {gid} in the plan", key="le_apply"):

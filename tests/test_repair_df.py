@@ -173,3 +173,21 @@ def test_concatenated_groups_fold_with_every_data_free_repair(repair):
     assert res.model.conv2.in_channels == res.model.conv0.out_channels + res.model.conv1.out_channels == 4 + 3
     out = res.model(x)
     assert out.shape == (16, 4) and torch.isfinite(out).all()
+
+
+def test_dfr_proxy_samples_scale_down_with_input_area():
+    """Issue #13: the Deep Inversion proxy at 224x224 with 64 samples took 418 s and 2.9 GiB for resnet18; larger
+    inputs get proportionally fewer samples (floor 4) unless the plan sets them."""
+    from foldviz.plans import FoldPlan
+    from foldviz.repair import dfr_samples
+
+    assert [dfr_samples(s) for s in [(64,), (1, 8, 8), (3, 32, 32), (3, 64, 64), (3, 224, 224)]] == [64, 64, 64, 16, 4]
+    assert dfr_samples((3, 64, 64), 32) == 8 and dfr_samples((3, 32, 32), 12) == 12
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert fold(net, FoldPlan(default_ratio=0.5), example_input=x, num_classes=4).repair_samples == 16
+    chosen = FoldPlan(default_ratio=0.5, repair_settings={"samples": 24})
+    assert fold(net, chosen, example_input=x, num_classes=4).repair_samples == 24

@@ -182,3 +182,24 @@ def test_upload_is_bounded_and_keeps_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(WorkbenchError, match="upload a .safetensors file"):
         save_upload(b"x" * 10, "model.pkl", tmp_path)
+
+
+@pytest.mark.parametrize("skip", [[], ["fc2"]])
+def test_explorer_matches_the_fold_in_dfr_fused_linear_space(skip):
+    """Fold-DFR fuses the BatchNorm1d of the hidden FC groups it folds (and only those): on the MLP demo the
+    explorer's clusters equal the fold's, with and without a skipped group, and a skipped group's weights are
+    left exactly as they were."""
+    from foldviz.fold import fold
+
+    wb = Workbench.load("demo:digits-mlp")
+    plan = wb.default_plan(0.4, "dfr", seed=2).with_changes(skip=skip)
+    res = fold(wb.model, plan, example_input=wb.example_input(2))
+    assert set(res.labels) == set(wb.foldable_ids()) - set(skip)
+    for gid, labels in res.labels.items():
+        assert np.array_equal(wb.group_detail(gid, plan)["labels"], labels), gid
+        assert wb.group_detail(gid, plan)["features_fused"]
+    before, after = dict(wb.model.named_modules()), dict(res.model.named_modules())
+    for name in skip:  # a skipped group is not re-parametrised: its own bias and BN affine stay exactly
+        bn = name.replace("fc", "bn")
+        assert torch.equal(after[name].bias, before[name].bias)
+        assert torch.equal(after[bn].weight, before[bn].weight) and torch.equal(after[bn].bias, before[bn].bias)

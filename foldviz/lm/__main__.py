@@ -64,7 +64,7 @@ def cmd_fold(a) -> int:
         plan = FoldPlan.load(a.plan)
     else:
         plan = lm_plan(a.ratio, seed=a.seed, clustering={"algorithm": a.algorithm, "n_init": a.n_init,
-                                                         "max_iter": 100, "refine": "none"})
+                                                         "max_iter": 100})
     report = {"spec": a.spec, "method": a.method}
     if a.eval:
         report["perplexity_before"] = _eval(lm, lm.model, a.eval, a.max_windows)
