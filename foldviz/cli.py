@@ -310,6 +310,19 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 1000 else text[:997] + "..."
 
 
+def _release_freed_memory() -> None:
+    """Serve large allocations from mmap (returned to the OS when freed) instead of the glibc heap. glibc raises its
+    mmap threshold after the first large free, after which freed activations and feature blocks stay in the
+    process: the same fold of densenet121 peaked anywhere from 1.30 to 1.68 GiB (issue #13's bound is 1.56 GiB); with a
+    fixed 1 MiB threshold, 1.09 GiB every time, for about 10-25 % more wall time."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed (no dynamic raise)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def main(argv=None) -> int:
     """Run the CLI. Failures: one ``error: ...`` line on stderr and exit 2 (unexpected exceptions too, with a hint;
     ``FOLDVIZ_DEBUG=1`` shows the traceback); Ctrl+C: exit 130, quietly; a closed stdout pipe: quiet exit 1."""
@@ -319,6 +332,7 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        _release_freed_memory()
         if args.command == "train":
             from .train import run_train
 

@@ -6,6 +6,7 @@ possible, e.g. accuracy without data), so reports from different entry points co
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import time
@@ -54,6 +55,7 @@ def build_report(loaded: LoadedModel, result: FoldResult, *, data_spec: str | No
     """The report of one fold. ``baseline`` (an :func:`evaluate_on` result for the original model on the same
     data) saves re-evaluating it; ``latency=False`` skips the timing."""
     t = time.perf_counter()
+    gc.collect()  # the fold's traced dependency graphs are reference cycles holding tensors: free them first
     cmp = compare(loaded.model, result.model, loaded.example_input(1), latency=latency)
     m = METHODS[result.method]
     report = dict.fromkeys(REPORT_KEYS)

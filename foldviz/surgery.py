@@ -15,6 +15,7 @@ unmerged weights, so the result does not depend on group order.
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -263,6 +264,7 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     seconds["merge"] = time.perf_counter() - t
 
     # 3. repair statistics
+    gc.collect()  # traced graphs (reference cycles) of the selection phase still hold tensors
     t = time.perf_counter()
     rep.finish(ctx)
     seconds["repair"] = time.perf_counter() - t + seconds.pop("prepare")
