@@ -306,9 +306,14 @@ DI_CHUNK_PIXELS = 2 * 224 * 224
 DFR_FULL_PIXELS = 32 * 32
 
 
+def _pixels(input_shape) -> int:
+    """Spatial positions of one input of ``input_shape`` ((C, H, W, ...), or 1 for a feature vector)."""
+    return int(np.prod(input_shape[1:])) if len(input_shape) >= 3 else 1
+
+
 def dfr_samples(input_shape, samples: int = DFR_DEFAULTS["samples"]) -> int:
     """Proxy samples Fold-DFR draws for inputs of ``input_shape`` (C, H, W) or (features,) by default."""
-    pixels = int(np.prod(input_shape[1:])) if len(input_shape) >= 3 else 1
+    pixels = _pixels(input_shape)
     if pixels <= DFR_FULL_PIXELS:
         return int(samples)
     return max(DFR_MIN_SAMPLES, min(int(samples), int(round(samples * DFR_FULL_PIXELS / pixels))))
@@ -369,10 +374,9 @@ def proxy_batch(input_shape, n: int = 256, *, kind: str = "noise", seed: int = 0
         return (x - x.mean()) / x.std()
     if kind.startswith("di"):  # "di" = 50 steps, "di20" = 20 steps ...
         steps = int(kind[2:] or 50)
-        pixels = int(np.prod(input_shape[1:])) if len(input_shape) >= 3 else 1
         return deep_inversion(model, tuple(input_shape), num_classes=num_classes, batch_size=int(n), iterations=steps,
                               lr=0.1, bn_weight=1.0, tv_weight=1e-4, l2_weight=1e-5, jitter=1, seed=seed,
-                              chunk=max(1, DI_CHUNK_PIXELS // pixels))
+                              chunk=max(1, DI_CHUNK_PIXELS // _pixels(input_shape)))
     raise ValueError(f"unknown proxy kind {kind!r}")
 
 
