@@ -79,8 +79,9 @@ with st.container(border=True):
         archs = demos + [f"torchvision:{a}" for a in _torchvision_archs()]
         c1, c2 = st.columns([2, 1])
         target = c1.selectbox("Architecture of the checkpoint", archs, key="md_up_arch",
+                              index=archs.index(cur.spec) if cur.spec in archs else 0,  # the loaded model's
                               help="The state dict must match this architecture's parameter names and shapes.")
-        stem = c2.checkbox("CIFAR stem (32×32)", value=False, key="md_up_stem",
+        stem = c2.checkbox("CIFAR stem (32×32)", value=bool(cur.cifar_stem), key="md_up_stem",
                            disabled=not target.startswith("torchvision:"))
         up = st.file_uploader(
             f"Checkpoint (.safetensors, or a weights-only state dict {'/'.join(TORCH_SUFFIXES)}; at most "
