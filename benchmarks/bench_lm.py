@@ -71,7 +71,8 @@ def part_ppl(demo: str = "demo:shakespeare-llama") -> dict:
     out = {"model": demo, "card": lm.card, "base": base, "rows": rows, "generations": gens, "prompt": PROMPT,
            "loadavg_end": _load(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lm_ppl.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    stem = "lm_ppl" if demo == "demo:shakespeare-llama" else "lm_ppl_" + demo.split(":", 1)[1]
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
 
     # markdown
     def agg(r, m):
@@ -97,8 +98,8 @@ def part_ppl(demo: str = "demo:shakespeare-llama") -> dict:
         lines.append(f"- **{k}**: `{v!r}`")
     lines += ["", f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average at the end "
               f"{', '.join(f'{x:.2f}' for x in out['loadavg_end'])}. Command: "
-              "`OMP_NUM_THREADS=1 python benchmarks/bench_lm.py --part ppl`.", ""]
-    (RESULTS / "lm_ppl.md").write_text("\n".join(lines))
+              f"`OMP_NUM_THREADS=1 python benchmarks/bench_lm.py --part ppl --demo {demo}`.", ""]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     return out
 
 
@@ -197,13 +198,14 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--n-init", type=int, default=1)
     p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--demo", default="demo:shakespeare-llama", help="the bundled LM for --part ppl")
     p.add_argument("--child-cost", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child_cost:
         print(json.dumps(cost_child(a.ratio, a.n_init, a.layers)))
         return 0
     if a.part in ("ppl", "all"):
-        part_ppl()
+        part_ppl(a.demo)
     if a.part in ("cost", "all"):
         part_cost(a.ratio, a.n_init, a.layers)
     return 0

@@ -21,7 +21,7 @@ FEATURE_SPACES = ("raw", "fused", "fused-linear")
 def _member_sources(module: nn.Module, side: str, idxs: list[int], root_idxs: list[int]):
     """(tensor whose dim-0 rows are the member's slices, member indices sorted by group channel) per block."""
     order = torch.as_tensor(np.argsort(np.asarray(root_idxs), kind="stable"))
-    idx = torch.as_tensor(idxs)[order]   # member indices sorted by group channel, stable within a channel
+    idx = torch.as_tensor(idxs)[order].to(module.weight.device)  # sorted by group channel, stable within one
     if side == "out":  # conv/linear rows + bias, or BatchNorm gamma + beta
         return [(t.detach(), idx) for t in (module.weight, module.bias) if t is not None]
     return [(module.weight.detach().transpose(0, 1), idx)]  # consumer: its input columns, as rows

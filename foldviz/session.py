@@ -48,7 +48,7 @@ from .repair import REPAIRS
 from .report import build_report, evaluate_on, report_json, variance_inputs
 from .surgery import FoldResult
 from .sweep import sweep
-from .utils import Progress, atomic_write_bytes, state_dict_hash
+from .utils import Progress, atomic_write_bytes, resolve_device, state_dict_hash
 from .zoo import LoadedModel
 
 DEFAULT_MODEL = "demo:digits-resnet"
@@ -165,6 +165,9 @@ class Workbench:
         self.loaded = loaded
         self.source = source or ModelSource(loaded.spec)
         self.weights_sha256 = state_dict_hash(loaded.model)
+        # one device for the explorer's clusterings and the fold: a GPU's float32 Gram rounds differently from
+        # the CPU's, so clustering on one and folding on the other could break near-ties differently
+        self.device = resolve_device(None)
         self._lock = threading.RLock()
         self._memo: dict[tuple, object] = {}
 
@@ -287,7 +290,8 @@ class Workbench:
         bns = self._bns(group_id, plan, plan.repair)
         key = ("cluster", group_id, k, _space(plan.repair), bns, plan.seed, json.dumps(plan.clustering, sort_keys=True))
         return self._get(key, lambda: cluster_group(self.feature_model(plan.repair, bns), g, k, plan, features=
-                                                    torch.as_tensor(self.features(group_id, plan.repair, plan))))
+                                                    torch.as_tensor(self.features(group_id, plan.repair, plan)),
+                                                    device=self.device))
 
     def redundancy(self, group_id: str) -> dict:
         return self._get(("redundancy", group_id), lambda: redundancy(self.features(group_id)))
@@ -413,7 +417,7 @@ class Workbench:
             raise WorkbenchError(f"{METHODS[method].label} needs real data: pick a dataset on the Model & data page")
         try:
             return apply_method(self.loaded, plan, method, repair_data=self.repair_inputs(data, plan.seed),
-                                progress=progress)
+                                progress=progress, device=self.device)
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None
 

@@ -197,4 +197,5 @@ def test_gpu_and_cpu_agree():
         cpu = fold(m, plan, example_input=X8[:1], repair_data=X8, device="cpu")
         gpu = fold(m, plan, example_input=X8[:1], repair_data=X8, device="cuda")
         assert all(np.array_equal(cpu.labels[g], gpu.labels[g]) for g in cpu.labels)
-        assert torch.allclose(cpu.model(X8), gpu.model(X8), atol=1e-4)
+        # same clusters; the weights differ only by float32 rounding (cuDNN may use TF32 for convolutions)
+        assert torch.allclose(cpu.model(X8), gpu.model(X8), rtol=1e-3, atol=1e-3)

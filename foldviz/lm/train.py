@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..models import MODELS_DIR
-from .corpus import EOS, TEST_PLAYS, TRAIN_PLAYS, read_plays
+from .corpus import EOS, TEST_PLAYS, TRAIN_SETS, read_plays
 
 __all__ = ["PRESETS", "train_tokenizer", "train_preset", "main"]
 
@@ -31,6 +31,7 @@ PRESETS: dict[str, dict] = {
     "shakespeare-llama": {
         "description": "4-layer GQA Llama (hidden 192, 8 query heads of 24, 2 KV heads, MLP 512, context 128) on 11 Shakespeare plays",
         "vocab_size": 2048,
+        "train_set": "plays11",
         "config": {
             "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
             "num_key_value_heads": 2, "head_dim": 24, "max_position_embeddings": 128, "rope_theta": 10000.0,
@@ -41,6 +42,25 @@ PRESETS: dict[str, dict] = {
             "warmup_steps": 50, "weight_decay": 0.1, "betas": [0.9, 0.95], "grad_clip": 1.0,
             "optimizer": "AdamW", "schedule": "linear warm-up, then cosine to min_lr_frac·lr",
             "sampling": "random windows of seq_len+1 tokens from the joined training plays (seeded generator)",
+        },
+    },
+    # wider and deeper, on every work but the two test plays (~3x the text): more redundancy per layer to fold
+    "shakespeare-llama-wide": {
+        "description": "6-layer GQA Llama (hidden 256, 8 query heads of 32, 2 KV heads, MLP 1024, context 256) on "
+                       "40 Shakespeare works",
+        "vocab_size": 4096,
+        "train_set": "all-but-test",
+        "save_dtype": "bfloat16",
+        "config": {
+            "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 256, "rope_theta": 10000.0,
+            "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "attention_bias": False, "mlp_bias": False,
+        },
+        "recipe": {
+            "seed": 0, "steps": 1500, "batch_size": 32, "seq_len": 256, "lr": 2e-3, "min_lr_frac": 0.1,
+            "warmup_steps": 100, "weight_decay": 0.1, "betas": [0.9, 0.95], "grad_clip": 1.0,
+            "optimizer": "AdamW", "schedule": "linear warm-up, then cosine to min_lr_frac·lr",
+            "sampling": "random windows of seq_len+1 tokens from the joined training works (seeded generator)",
         },
     },
 }
@@ -72,7 +92,7 @@ def _lr(step: int, r: dict) -> float:
 
 
 def train_preset(name: str, out_dir: str | os.PathLike | None = None, *, steps: int | None = None,
-                 log=print) -> Path:
+                 device: str = "cpu", log=print) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .evaluate import perplexity
@@ -84,7 +104,8 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, *, steps: 
     out = Path(out_dir) if out_dir else MODELS_DIR / name
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    train_docs, test_docs = read_plays(TRAIN_PLAYS), read_plays(TEST_PLAYS)
+    train_names = TRAIN_SETS[preset.get("train_set", "plays11")]
+    train_docs, test_docs = read_plays(train_names), read_plays(TEST_PLAYS)
     tok = train_tokenizer(train_docs, preset["vocab_size"])
     train_ids, test_ids = _encode(tok, train_docs), _encode(tok, test_docs)
     log(f"tokenizer: vocab {tok.get_vocab_size()}, train tokens {train_ids.numel()}, test tokens {test_ids.numel()}")
@@ -92,7 +113,7 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, *, steps: 
     torch.manual_seed(r["seed"])
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), bos_token_id=None, eos_token_id=tok.token_to_id(EOS),
                       pad_token_id=None, **preset["config"])
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(device)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -106,7 +127,7 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, *, steps: 
         for g in opt.param_groups:
             g["lr"] = _lr(step, r)
         starts = torch.randint(0, train_ids.numel() - L - 1, (B,), generator=gen)
-        batch = torch.stack([train_ids[s:s + L + 1] for s in starts.tolist()])
+        batch = torch.stack([train_ids[s:s + L + 1] for s in starts.tolist()]).to(device)
         out_ = model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone(), use_cache=False)
         # labels are shifted inside the model: predicting batch[:, 1:L] from batch[:, :L-1]
         loss = out_.loss
@@ -120,12 +141,20 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, *, steps: 
             log(f"step {step:5d}/{r['steps']}  loss {loss.item():.3f}  ema {ema:.3f}  lr {_lr(step, r):.2e}  "
                 f"{el:7.1f}s  {(step + 1) * B * L / max(el, 1e-9):.0f} tok/s")
     train_seconds = time.time() - t0
+    model = model.cpu()
+    if preset.get("save_dtype") == "bfloat16":
+        # ship half the bytes; the card's perplexity is measured on the rounded weights that are shipped
+        model = model.to(torch.bfloat16).float()
     model.eval()
     ppl = perplexity(model, test_ids, seq_len=cfg.max_position_embeddings)
     train_ppl = perplexity(model, train_ids[: test_ids.numel()], seq_len=cfg.max_position_embeddings)
     log(f"held-out perplexity {ppl['perplexity']:.2f} (train subset {train_ppl['perplexity']:.2f})")
 
-    model.save_pretrained(out, safe_serialization=True)
+    if preset.get("save_dtype") == "bfloat16":
+        model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+        model.float()
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     tok.save(str(out / "tokenizer.json"))
     n_params = sum(p.numel() for p in model.parameters())
     sha = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()[:16]
@@ -140,7 +169,9 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, *, steps: 
         "vocab_size": tok.get_vocab_size(),
         "tokenizer": "byte-level BPE trained with `tokenizers` on the training plays (tokenizer.json)",
         "recipe": r,
-        "train_plays": list(TRAIN_PLAYS),
+        "train_plays": list(train_names),
+        "train_device": str(device),
+        "saved_dtype": preset.get("save_dtype", "float32"),
         "test_plays": list(TEST_PLAYS),
         "train_tokens_corpus": int(train_ids.numel()),
         "train_tokens_seen": int(r["steps"] * B * L),
@@ -169,8 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="shakespeare-llama", choices=sorted(PRESETS))
     p.add_argument("--out", default=None, help="output directory (default assets/models/PRESET)")
     p.add_argument("--steps", type=int, default=None, help="override the number of optimisation steps")
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...)")
     a = p.parse_args(argv)
-    train_preset(a.preset, a.out, steps=a.steps, log=lambda s: print(s, flush=True))
+    train_preset(a.preset, a.out, steps=a.steps, device=a.device, log=lambda s: print(s, flush=True))
     return 0
 
 
