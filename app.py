@@ -15,6 +15,7 @@ st.set_page_config(page_title="foldviz — fold a network", page_icon=":material
                    initial_sidebar_state="expanded")
 
 _ui.init_state()
+_ui.restore_from_url()
 
 PAGES = [
     st.Page("pages/model_data.py", title="Model & data", icon=":material/inventory_2:", default=True, url_path="model"),
@@ -37,4 +38,7 @@ except Exception:  # the page itself reports load failures
     _wb = None
 _ui.sidebar(_wb)
 _ui.show_flash()
-page.run()
+try:
+    page.run()
+finally:  # also after st.stop()/st.rerun(): the URL always carries the plan the page left behind
+    _ui.write_url()

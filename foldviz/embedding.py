@@ -40,7 +40,12 @@ def _normalise(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def _pca(x: np.ndarray) -> tuple[np.ndarray, list[float]]:
+#: above this many matrix entries PCA uses the seeded randomized SVD (a full SVD of ResNet-50's 2048-channel
+#: groups takes seconds; two components converge in a few power iterations)
+PCA_FULL_MAX = 2_000_000
+
+
+def _pca(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, list[float]]:
     from sklearn.decomposition import PCA
 
     n, d = x.shape
@@ -48,7 +53,9 @@ def _pca(x: np.ndarray) -> tuple[np.ndarray, list[float]]:
     out = np.zeros((n, 2))
     if comps == 0 or np.allclose(x, x[:1]):
         return out, []
-    pca = PCA(n_components=comps, svd_solver="full")
+    big = n * d > PCA_FULL_MAX and comps < min(n, d)
+    pca = PCA(n_components=comps, svd_solver="randomized" if big else "full", random_state=int(seed),
+              **({"iterated_power": 7} if big else {}))
     out[:, :comps] = pca.fit_transform(x)
     return out, [float(v) for v in pca.explained_variance_ratio_]
 
@@ -70,7 +77,7 @@ def embed(features: np.ndarray, method: str = "pca", *, seed: int = 0, normalize
         return Embedding(coords, "trivial", method, seed, note=f"only {n} channel(s): laid out on a line")
     if method == "umap":
         if n < 6:
-            coords, ev = _pca(x)
+            coords, ev = _pca(x, seed)
             return Embedding(coords, "pca", method, seed, note=f"UMAP needs more than 5 channels (got {n}); used PCA",
                              explained=ev)
         import warnings
@@ -85,5 +92,12 @@ def embed(features: np.ndarray, method: str = "pca", *, seed: int = 0, normalize
                                 n_jobs=1)
             coords = np.asarray(reducer.fit_transform(x), dtype=np.float64)
         return Embedding(coords, "umap", method, seed)
-    coords, ev = _pca(x)
+    coords, ev = _pca(x, seed)
     return Embedding(coords, "pca", method, seed, explained=ev)
+
+
+def warm_up() -> None:
+    """Compile UMAP's numba kernels on a tiny input (~10-30 s once per process; numba's disk cache makes later
+    processes faster). The app calls this in a background thread when the Layer explorer opens, so the first
+    real UMAP does not pay for the compilation."""
+    embed(np.random.default_rng(0).normal(size=(40, 6)), "umap")

@@ -43,6 +43,35 @@ def neighbours(sim: np.ndarray, channel: int, k: int = 5) -> list[dict]:
 
 
 @torch.no_grad()
+def selection_stats(labels: np.ndarray, sim: np.ndarray, channels) -> dict:
+    """Cluster statistics of a selected set of channels (e.g. lassoed in the embedding).
+
+    ``labels`` (n,) the fold's clusters, ``sim`` (n, n) cosine similarity, ``channels`` the selected ids.
+    Returns the selection size, the clusters it touches with how many selected / total members each (largest
+    share first), the mean pairwise cosine inside the selection and over the whole group, and the fraction of
+    selected pairs that share a cluster (1.0: the selection merges only among itself).
+    """
+    lab = np.asarray(labels)
+    n = len(lab)
+    sel = np.unique(np.asarray(list(channels), dtype=np.int64))
+    if sel.size == 0:
+        raise ValueError("select at least one channel")
+    if sel.min() < 0 or sel.max() >= n:
+        raise ValueError(f"selected channels must be between 0 and {n - 1}")
+    ids, cnt = np.unique(lab[sel], return_counts=True)
+    total = np.bincount(lab, minlength=int(lab.max()) + 1)
+    order = np.lexsort((ids, -cnt))
+    clusters = [{"cluster": int(ids[i]), "selected": int(cnt[i]), "size": int(total[ids[i]])} for i in order]
+    off = ~np.eye(n, dtype=bool)
+    sub = sim[np.ix_(sel, sel)]
+    pairs = sel.size * (sel.size - 1)
+    same = int((lab[sel][:, None] == lab[sel][None, :]).sum() - sel.size)
+    return {"channels": int(sel.size), "clusters": clusters, "n_clusters": len(clusters),
+            "mean_cos_selection": float(sub[~np.eye(sel.size, dtype=bool)].mean()) if pairs else None,
+            "mean_cos_group": float(sim[off].mean()) if n > 1 else None,
+            "same_cluster_pairs": same / pairs if pairs else None}
+
+
 def activations(model: nn.Module, module_name: str, inputs: torch.Tensor) -> torch.Tensor:
     """Output of ``module_name`` on ``inputs`` as (samples x positions, channels)."""
     store = {}

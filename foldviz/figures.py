@@ -48,16 +48,36 @@ def method_label(method: str) -> str:
     return label(method)
 
 
+OTHER_COLOR = "#b8b8b8"   # clusters beyond the palette, and singletons (a channel that merges with nothing)
+
+
 def cluster_color(c: int) -> str:
     return CLUSTER_COLORS[int(c) % len(CLUSTER_COLORS)]
 
 
+def cluster_palette(labels: Sequence[int] | np.ndarray) -> dict[int, str]:
+    """One categorical colour per cluster, the same in every Layer-explorer view.
+
+    Multi-member clusters get the palette's distinct colours, largest first; singletons and clusters beyond the
+    palette's 20 colours share :data:`OTHER_COLOR` (a continuous scale is unreadable past ~10 clusters)."""
+    ids, counts = np.unique(np.asarray(labels), return_counts=True)
+    out, free = {}, iter(CLUSTER_COLORS)
+    for i in np.lexsort((ids, -counts)):
+        out[int(ids[i])] = (next(free, OTHER_COLOR) if counts[i] > 1 else OTHER_COLOR)
+    return out
+
+
 def _layout(fig: go.Figure, *, title: str, x: str | None = None, y: str | None = None,
-            height: int = _HEIGHT, figure: str, **meta) -> go.Figure:
+            height: int = _HEIGHT, figure: str, subtitle: str | None = None, **meta) -> go.Figure:
+    # the modebar (top right) appears on hover: titles sit top left, and long ones wrap into a subtitle line so
+    # that neither is cut off at half-page width
+    if subtitle is None and len(title) > 52 and " — " in title:
+        title, subtitle = title.split(" — ", 1)
     fig.update_layout(
-        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=16)),
+        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=16),
+                   subtitle=dict(text=subtitle, font=dict(size=12, color="#555")) if subtitle else None),
         height=height,
-        margin=_MARGIN,
+        margin=dict(_MARGIN, t=_MARGIN["t"] + (22 if subtitle else 0)),
         template="plotly_white",
         meta={"figure": figure, **meta},
         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
@@ -103,7 +123,8 @@ def order_by_cluster(labels: Sequence[int] | np.ndarray) -> np.ndarray:
 
 def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | None = None, *,
                        order: Sequence[int] | np.ndarray | None = None, group: str = "",
-                       max_channels: int = 256, zrange: str = "auto", title: str | None = None) -> go.Figure:
+                       max_channels: int = 256, zrange: str = "auto", title: str | None = None,
+                       highlight: int | None = None) -> go.Figure:
     """Cosine similarity between the channels of one group, ordered by cluster.
 
     ``sim`` is (n, n); ``labels`` (n,) cluster ids; ``order`` overrides the permutation
@@ -111,7 +132,8 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
     as a square block on the diagonal.  ``zrange="auto"`` scales the colours to the largest
     off-diagonal |cosine| (so weak structure stays visible; the diagonal saturates), ``"full"``
     uses [-1, 1].  Layers wider than ``max_channels`` are thinned evenly along the ordered axis
-    so the browser stays responsive (the title says so).
+    so the browser stays responsive (the title says so). Block outlines take the clusters' colours
+    (:func:`cluster_palette`); ``highlight`` draws a crosshair through one channel's row and column.
     """
     sim = np.asarray(sim, dtype=float)
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
@@ -149,10 +171,21 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
                 blocks.append((start, i - 1))
             start = i
     k = len(np.unique(lab))
+    pal = cluster_palette(lab)
     if len(blocks) <= 300:
         for a, b in blocks:
+            c = pal[int(lab_shown[a])]
             fig.add_shape(type="rect", x0=a - 0.5, x1=b + 0.5, y0=a - 0.5, y1=b + 0.5,
-                          line=dict(color="rgba(20,20,20,0.85)", width=1.5))
+                          line=dict(color="rgba(20,20,20,0.85)" if c == OTHER_COLOR else c, width=2))
+    hl_pos = None
+    if highlight is not None and 0 <= int(highlight) < n:
+        where = np.where(shown == int(highlight))[0]
+        # thinned: the nearest shown position along the cluster order
+        hl_pos = int(where[0]) if where.size else int(np.where(perm == int(highlight))[0][0] // step)
+        for kw in (dict(x0=hl_pos, x1=hl_pos, y0=-0.5, y1=m - 0.5), dict(x0=-0.5, x1=m - 0.5, y0=hl_pos, y1=hl_pos)):
+            fig.add_shape(type="line", line=dict(color="#111", width=1.5, dash="dot"), name="highlight", **kw)
+        fig.add_annotation(x=hl_pos, y=-0.5, yanchor="bottom", text=f"channel {int(highlight)}", showarrow=False,
+                           font=dict(size=11, color="#111"), bgcolor="rgba(255,255,255,0.8)", name="highlight")
     thin = f" (every {step}th channel shown)" if step > 1 else ""
     name = f" — {group}" if group else ""
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
@@ -160,18 +193,21 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
     return _layout(fig, title=title or f"Filter cosine similarity, ordered by cluster{name}{thin}",
                    x="channel (ordered by cluster)", y="channel (ordered by cluster)",
                    height=520, figure="similarity_heatmap", channels=n, clusters=k, step=step,
-                   blocks=len(blocks), zlim=lim)
+                   blocks=len(blocks), zlim=lim, highlight=None if highlight is None else int(highlight),
+                   highlight_pos=hl_pos)
 
 
 def embedding_scatter(coords: np.ndarray, labels: Sequence[int] | np.ndarray, *,
                       method: str = "PCA", group: str = "", channel_ids: Sequence[int] | None = None,
-                      highlight: Sequence[int] | None = None, max_legend_clusters: int = 12,
+                      highlight: Sequence[int] | None = None, max_legend_clusters: int = len(CLUSTER_COLORS),
                       title: str | None = None) -> go.Figure:
-    """Channels of one group in a 2-D embedding, coloured by k-means cluster.
+    """Channels of one group in a 2-D embedding, coloured by k-means cluster (categorical colours).
 
-    Hovering a point shows ``channel 17 · cluster 3``.  With up to ``max_legend_clusters``
-    clusters there is one trace per cluster (legend entries "cluster c (m ch)"); with more
-    there is a single trace coloured by cluster id.  ``highlight`` channels get a black ring.
+    Hovering a point shows ``channel 17 · cluster 3``. The largest multi-member clusters (up to
+    ``max_legend_clusters``) get one trace and one distinct colour each (:func:`cluster_palette`, shared with the
+    heatmap and the filter grid); the remaining clusters and the singletons share one grey trace.
+    ``highlight`` channels get a black ring (trace "selected"). Points carry ``customdata = [channel, cluster]``,
+    so a click or lasso selection in the app reads channel ids directly.
     """
     xy = np.asarray(coords, dtype=float)
     if xy.ndim != 2 or xy.shape[1] != 2:
@@ -180,37 +216,43 @@ def embedding_scatter(coords: np.ndarray, labels: Sequence[int] | np.ndarray, *,
     lab = _as_labels(labels, n)
     ids = np.asarray(channel_ids if channel_ids is not None else np.arange(n), dtype=int)
     clusters = np.unique(lab)
+    pal = cluster_palette(lab)
     Scatter = go.Scattergl if n > 1500 else go.Scatter
     fig = go.Figure()
     hover = "channel %{customdata[0]} · cluster %{customdata[1]}<extra></extra>"
-    if len(clusters) <= max_legend_clusters:
-        for c in clusters:
-            idx = np.where(lab == c)[0]
-            fig.add_trace(Scatter(
-                x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=f"cluster {int(c)} ({len(idx)} ch)",
-                marker=dict(size=9, color=cluster_color(c), line=dict(width=0.5, color="white")),
-                customdata=np.stack([ids[idx], np.full(len(idx), int(c))], axis=1),
-                hovertemplate=hover,
-            ))
-    else:
+    sizes = {int(c): int((lab == c).sum()) for c in clusters}
+    coloured = [c for c in sorted(pal, key=lambda c: (-sizes[c], c)) if pal[c] != OTHER_COLOR][:max_legend_clusters]
+    rest = np.where(~np.isin(lab, coloured))[0]
+    if rest.size:  # drawn first, underneath
+        singles = sum(1 for c in clusters if sizes[int(c)] == 1)
         fig.add_trace(Scatter(
-            x=xy[:, 0], y=xy[:, 1], mode="markers", name="channels",
-            marker=dict(size=7, color=lab, colorscale="Turbo", showscale=True,
-                        colorbar=dict(title=dict(text="cluster"))),
-            customdata=np.stack([ids, lab], axis=1), hovertemplate=hover,
+            x=xy[rest, 0], y=xy[rest, 1], mode="markers", name=f"other ({singles} singletons, "
+            f"{len(clusters) - len(coloured) - singles} small clusters)" if len(clusters) > len(coloured) else "other",
+            marker=dict(size=7, color=OTHER_COLOR, line=dict(width=0.5, color="white")),
+            customdata=np.stack([ids[rest], lab[rest]], axis=1), hovertemplate=hover))
+    for c in coloured:
+        idx = np.where(lab == c)[0]
+        fig.add_trace(Scatter(
+            x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=f"cluster {int(c)} ({len(idx)} ch)",
+            marker=dict(size=9, color=pal[c], line=dict(width=0.5, color="white")),
+            customdata=np.stack([ids[idx], np.full(len(idx), int(c))], axis=1),
+            hovertemplate=hover,
         ))
     if highlight is not None and len(highlight):
         h = np.asarray(list(highlight), dtype=int)
         pos = np.where(np.isin(ids, h))[0]
         fig.add_trace(Scatter(
             x=xy[pos, 0], y=xy[pos, 1], mode="markers", name="selected",
-            marker=dict(size=15, color="rgba(0,0,0,0)", line=dict(width=2, color="black")),
+            marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(width=2.5, color="black")),
             customdata=np.stack([ids[pos], lab[pos]], axis=1), hovertemplate=hover,
         ))
     name = f" — {group}" if group else ""
-    return _layout(fig, title=title or f"Channels in 2-D ({method}), coloured by cluster{name}",
-                   x=f"{method} 1 (a.u.)", y=f"{method} 2 (a.u.)", height=480,
-                   figure="embedding_scatter", method=method, channels=n, clusters=int(len(clusters)))
+    _layout(fig, title=title or f"Channels in 2-D ({method}), coloured by cluster{name}",
+            x=f"{method} 1 (a.u.)", y=f"{method} 2 (a.u.)", height=480,
+            figure="embedding_scatter", method=method, channels=n, clusters=int(len(clusters)), coloured=len(coloured))
+    # legend on the right (a long cluster list never covers the title); lasso by default: select channels
+    fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02), dragmode="lasso")
+    return fig
 
 
 def _near_square(d: int) -> tuple[int, int]:
@@ -259,18 +301,27 @@ def filter_images(weight: np.ndarray) -> tuple[np.ndarray, str]:
 
 def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group: str = "",
                 module: str = "", max_clusters: int = 12, max_per_cluster: int = 12,
-                centroids: bool = True, title: str | None = None) -> go.Figure:
+                centroids: bool = True, title: str | None = None, start: int = 0,
+                highlight: int | None = None) -> go.Figure:
     """Filters drawn as small images, one row per cluster (largest clusters first).
 
-    With ``centroids`` the first tile of each row is the cluster mean, i.e. the merged filter
-    folding produces, followed (after a gap) by up to ``max_per_cluster`` member filters.
+    With ``centroids`` the first (leftmost) tile of each row is the cluster mean, i.e. the merged filter
+    folding produces, followed (after a gap) by up to ``max_per_cluster`` member filters. Rows show the
+    clusters ranked ``start`` to ``start + max_clusters - 1`` by size (the title says which of how many);
+    row labels take the clusters' colours (:func:`cluster_palette`). ``highlight`` outlines one channel's
+    tile and its row's merged tile (its cluster's row is shown whatever ``start`` is).
     Hover names the channel and its cluster.
     """
     images, mode = filter_images(weight)
     n = images.shape[0]
     lab = _as_labels(labels, n)
     ids, counts = np.unique(lab, return_counts=True)
-    order = ids[np.lexsort((ids, -counts))][:max_clusters]
+    ranked = ids[np.lexsort((ids, -counts))]
+    start = int(max(0, min(int(start), max(0, len(ranked) - 1))))
+    order = ranked[start:start + max_clusters]
+    if highlight is not None and 0 <= int(highlight) < n and lab[int(highlight)] not in order:
+        order = np.concatenate([order[:max(0, max_clusters - 1)], [lab[int(highlight)]]])  # keep it visible
+    pal = cluster_palette(lab)
     rgb = images.ndim == 4
     h, w = images.shape[1], images.shape[2]
     gap = 1
@@ -320,8 +371,22 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
                                          colorbar=dict(title=dict(text="weight" if signed else "‖w‖"))))
     fig.update_yaxes(autorange="reversed", showticklabels=True, scaleanchor="x", constrain="domain",
                      tickmode="array", tickvals=[r * (h + gap) + (h - 1) / 2 for r in range(len(order))],
-                     ticktext=[f"cluster {int(c)} ({int(counts[ids == c][0])})" for c in order],
+                     ticktext=[f"<span style='color:{pal[int(c)] if pal[int(c)] != OTHER_COLOR else '#555'}'>"
+                               f"<b>cluster {int(c)}</b> ({int(counts[ids == c][0])})</span>" for c in order],
                      showgrid=False, zeroline=False)
+    hl = None
+    if highlight is not None and 0 <= int(highlight) < n:
+        ch = int(highlight)
+        r = int(np.where(order == lab[ch])[0][0])
+        members = np.where(lab == lab[ch])[0][:max_per_cluster]
+        y0 = r * (h + gap)
+        boxes = [0] if centroids else []
+        if ch in members:
+            boxes.append((first + int(np.where(members == ch)[0][0])) * (w + gap))
+        for x0 in boxes:
+            fig.add_shape(type="rect", x0=x0 - 0.5, x1=x0 + w - 0.5, y0=y0 - 0.5, y1=y0 + h - 0.5,
+                          line=dict(color="#111", width=2.5), name="highlight")
+        hl = {"channel": ch, "row": r, "tile_shown": ch in members}
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain")
     if centroids and len(order):
         fig.add_annotation(x=(w - 1) / 2, y=0, yref="paper", xref="x", text="merged", showarrow=False,
@@ -332,9 +397,14 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
                  "fan-in": "fan-in weights as images"}[mode]
     src = f" of {module}" if module else ""
     height = int(min(900, max(260, 90 + len(order) * 44)))
-    return _layout(fig, title=title or f"Filters{src} grouped by cluster ({mode_text})",
+    which = (f"clusters {start + 1}–{start + len(order)} of {len(ranked)} by size" if len(order) < len(ranked)
+             else f"all {len(ranked)} clusters by size")
+    more = f"; at most {max_per_cluster} members per row" if int(counts.max()) > max_per_cluster else ""
+    return _layout(fig, title=title or f"Filters{src} grouped by cluster",
+                   subtitle=f"{mode_text}; leftmost tile = the merged filter; {which}{more}",
                    x=None, y="cluster (size)", height=height, figure="filter_grid", mode=mode, shown=shown,
-                   clusters=int(len(order)), group=group)
+                   clusters=int(len(order)), total_clusters=int(len(ranked)), start=start, group=group,
+                   highlight=hl)
 
 
 def filter_gallery(weight: np.ndarray, *, module: str = "", columns: int = 8, max_filters: int = 64,

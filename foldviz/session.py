@@ -158,6 +158,10 @@ def _space(repair: str) -> str:
     return REPAIRS[repair].feature_space
 
 
+#: the Layer explorer's ratio slider stops (0 to 0.95 in steps of 0.05)
+SLIDER_RATIOS = tuple(round(0.05 * i, 2) for i in range(20))
+
+
 class Workbench:
     """A loaded base model with its channel groups and memoised per-group analyses."""
 
@@ -170,6 +174,8 @@ class Workbench:
         self.device = resolve_device(None)
         self._lock = threading.RLock()
         self._memo: dict[tuple, object] = {}
+        self._pending: dict[tuple, threading.Event] = {}   # keys being computed (by another thread)
+        self._background = None                             # one worker thread for precomputations
 
     @classmethod
     def load(cls, source: ModelSource | str) -> "Workbench":
@@ -182,10 +188,28 @@ class Workbench:
         return cls(loaded, source)
 
     def _get(self, key: tuple, fn):
-        with self._lock:
-            if key not in self._memo:
-                self._memo[key] = fn()
-            return self._memo[key]
+        """Memoised ``fn()``. The lock is not held while computing, so a background precomputation never blocks
+        the page; a key already being computed elsewhere is waited for, never computed twice."""
+        while True:
+            with self._lock:
+                if key in self._memo:
+                    return self._memo[key]
+                ev = self._pending.get(key)
+                owner = ev is None
+                if owner:
+                    ev = self._pending[key] = threading.Event()
+            if not owner:
+                ev.wait()
+                continue  # computed (or failed: then this thread tries itself)
+            try:
+                value = fn()
+                with self._lock:
+                    self._memo[key] = value
+                return value
+            finally:
+                with self._lock:
+                    self._pending.pop(key, None)
+                ev.set()
 
     # ---- the model ------------------------------------------------------------------------------------
     @property
@@ -288,10 +312,60 @@ class Workbench:
         g = self.group(group_id)
         k = k_for_ratio(g.channels, plan.ratio_for(group_id) if ratio is None else float(ratio))
         bns = self._bns(group_id, plan, plan.repair)
-        key = ("cluster", group_id, k, _space(plan.repair), bns, plan.seed, json.dumps(plan.clustering, sort_keys=True))
-        return self._get(key, lambda: cluster_group(self.feature_model(plan.repair, bns), g, k, plan, features=
+        return self._get(self._cluster_key(group_id, plan, ratio), lambda: cluster_group(self.feature_model(plan.repair, bns), g, k, plan, features=
                                                     torch.as_tensor(self.features(group_id, plan.repair, plan)),
                                                     device=self.device))
+
+    def slider_ks(self, group_id: str, ratios: Sequence[float] = SLIDER_RATIOS) -> dict[float, int]:
+        """k = round(n (1 - r)) at each slider stop ``r`` (several stops can share one k)."""
+        n = self.group(group_id).channels
+        return {round(float(r), 4): k_for_ratio(n, float(r)) for r in ratios}
+
+    def cluster_path(self, group_id: str, plan: FoldPlan, ratios: Sequence[float] = SLIDER_RATIOS, *,
+                     background: bool = False) -> dict:
+        """The fold's clusters at every slider stop, so that moving the ratio is instant once they exist.
+
+        Each k is computed once by :meth:`cluster` (the same code and cache the fold's explorer uses), distinct ks
+        only, the plan's own ratio first. ``background=True`` starts the computation in this workbench's worker
+        thread and returns at once. Returns ``{"ready": [ratios done], "total": stops}``.
+        """
+        stops = self.slider_ks(group_id, ratios)
+        first = round(float(plan.ratio_for(group_id)), 4)
+        todo = sorted(stops, key=lambda r: (r != first, abs(r - first)))
+
+        def run():
+            for r in todo:
+                self.cluster(group_id, plan, r)
+
+        if background:
+            with self._lock:
+                if self._background is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._background = ThreadPoolExecutor(1, thread_name_prefix="foldviz-precompute")
+            self._background.submit(run)
+        else:
+            run()
+        return self.path_status(group_id, plan, ratios)
+
+    def path_status(self, group_id: str, plan: FoldPlan, ratios: Sequence[float] = SLIDER_RATIOS) -> dict:
+        """Which slider stops of ``group_id`` already have their clusters cached."""
+        ready = [r for r in self.slider_ks(group_id, ratios) if self._cluster_key(group_id, plan, r) in self._memo]
+        return {"ready": ready, "total": len(ratios)}
+
+    def _cluster_key(self, group_id: str, plan: FoldPlan, ratio: float | None) -> tuple:
+        g = self.group(group_id)
+        k = k_for_ratio(g.channels, plan.ratio_for(group_id) if ratio is None else float(ratio))
+        return ("cluster", group_id, k, _space(plan.repair), self._bns(group_id, plan, plan.repair), plan.seed,
+                json.dumps(plan.clustering, sort_keys=True))
+
+    def selection_stats(self, group_id: str, plan: FoldPlan, channels: Sequence[int], ratio: float | None = None) -> dict:
+        """Cluster statistics of a set of channels (a lasso in the embedding); see :func:`explain.selection_stats`."""
+        try:
+            return explain.selection_stats(self.cluster(group_id, plan, ratio).labels,
+                                           self.similarity(group_id, plan.repair, plan), channels)
+        except ValueError as exc:
+            raise WorkbenchError(str(exc)) from None
 
     def redundancy(self, group_id: str) -> dict:
         return self._get(("redundancy", group_id), lambda: redundancy(self.features(group_id)))

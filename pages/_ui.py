@@ -23,6 +23,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from foldviz.methods import label as method_label
+from foldviz.share import StateError, decode_state, encode_state
 from foldviz.session import (
     DEFAULT_MODEL,
     DataSource,
@@ -67,6 +68,70 @@ def init_state() -> None:
     ss.setdefault("sweep", None)         # {"key": ..., "rows": [...]}
     ss.setdefault("compare", None)       # {"key": ..., "data": {...}}
     ss.setdefault("messages", [])        # (kind, text) shown once on the next run
+
+
+# ------------------------------------------------------------------------------------------------
+# the URL: model, data and plan survive a reload and travel in a shared link (foldviz.share)
+# ------------------------------------------------------------------------------------------------
+
+URL_KEY = "s"
+
+
+def restore_from_url() -> None:
+    """Once per session (a new tab, a reload): adopt the model, data and plan packed in the URL, if any.
+    A bad or unusable link gives a one-line warning and the defaults; nothing raises."""
+    ss = st.session_state
+    if ss.get("url_checked"):
+        return
+    ss["url_checked"] = True
+    raw = st.query_params.get(URL_KEY)
+    if not raw:
+        return
+    try:
+        state = decode_state(raw)
+    except StateError as exc:
+        flash("warning", f"This link's saved state was ignored: {exc}. Starting from the defaults.")
+        return
+    m = state["model"]
+    if m.get("upload"):
+        # a link cannot carry a file: keep the link as it is (so nothing is lost) until the user loads a model
+        ss["url_pending"] = raw
+        flash("info", f"This link was made with an uploaded checkpoint ({m['upload']}), which a link cannot carry: "
+                      f"upload it again on the Model & data page (architecture {m['spec']}).")
+        return
+    src = ModelSource(m["spec"], num_classes=m.get("num_classes"), cifar_stem=bool(m.get("cifar_stem")))
+    try:
+        wb = get_workbench(src)
+    except Exception as exc:  # noqa: BLE001 — any loader failure: keep the defaults
+        flash("warning", f"This link's model {m['spec']!r} could not be loaded ({str(exc).splitlines()[0][:160]}); "
+                         f"showing {DEFAULT_MODEL}.")
+        return
+    ss["model_source"] = src.to_dict()
+    try:
+        ss["data_source"] = DataSource.from_dict(state["data"]).to_dict() if state["data"] is not None \
+            else default_data_for(src.spec).to_dict()
+    except TypeError:
+        ss["data_source"] = default_data_for(src.spec).to_dict()
+    if state["plan"] is not None:
+        try:  # validated like any imported plan
+            ss["plan"] = dict(wb.plan_from(dict(state["plan"], model=src.spec)).to_dict(), model=src.spec)
+        except (WorkbenchError, ValueError, TypeError) as exc:
+            flash("error", f"The link's plan is not valid for this model ({str(exc).splitlines()[0][:200]}); "
+                           "starting from a default plan.")
+    reset_plan_widgets()
+
+
+def write_url() -> None:
+    """Keep the URL's state in step with the session (only when it changed: each write updates the browser)."""
+    ss = st.session_state
+    if ss.get("url_pending"):
+        return
+    try:
+        text = encode_state(ss["model_source"], ss.get("data_source"), ss.get("plan"))
+    except Exception:  # noqa: BLE001 — never let the URL break a page
+        return
+    if st.query_params.get(URL_KEY) != text:
+        st.query_params[URL_KEY] = text
 
 
 def model_source() -> ModelSource:
@@ -156,6 +221,43 @@ def group_detail(key: tuple, group_id: str, ratio: float, plan_json: str, embed_
     return wb.group_detail(group_id, wb.plan_from(json.loads(plan_json)), ratio, embed_method=embed_method)
 
 
+def group_detail_live(wb: Workbench, group_id: str, ratio: float, plan, embed_method: str) -> dict:
+    """The Layer explorer's data for one group at ``ratio``. Not st.cache_data: every part is memoised inside the
+    Workbench (shared by all sessions), and pickling a 2048 x 2048 similarity matrix on every rerun would cost
+    more than computing the view."""
+    return wb.group_detail(group_id, plan, ratio, embed_method=embed_method)
+
+
+def precompute_stops(wb: Workbench, group_id: str, plan) -> dict:
+    """Start computing the group's clusters for every slider stop in the background (once per group and plan);
+    returns how many are ready."""
+    status = wb.path_status(group_id, plan)
+    if len(status["ready"]) < status["total"]:
+        started = st.session_state.setdefault("le_precompute_started", set())
+        tag = (group_id, plan_json(plan.to_dict()))
+        if tag not in started:
+            started.add(tag)
+            wb.cluster_path(group_id, plan, background=True)
+    return status
+
+
+@st.cache_resource
+def _umap_warm() -> dict:
+    return {"started": False, "lock": threading.Lock()}
+
+
+def warm_up_umap(wb: Workbench | None = None) -> None:
+    """Compile UMAP once per server process, in a background thread, so the first real UMAP is quick."""
+    state = _umap_warm()
+    with state["lock"]:
+        if state["started"]:
+            return
+        state["started"] = True
+    from foldviz.embedding import warm_up
+
+    threading.Thread(target=warm_up, name="foldviz-umap-warmup", daemon=True).start()
+
+
 @st.cache_data(show_spinner=False, max_entries=128)
 def inertia_curve(key: tuple, group_id: str, plan_json: str) -> list:
     wb = _wb(key)
@@ -233,6 +335,7 @@ def _wb(key: tuple) -> Workbench:
 def set_model(src: ModelSource, data: DataSource | None = None) -> None:
     """Switch model (after it loaded successfully); the plan and results belong to the old model."""
     st.session_state["model_source"] = src.to_dict()
+    st.session_state.pop("url_pending", None)
     if data is not None:
         st.session_state["data_source"] = data.to_dict()
     st.session_state["plan"] = None

@@ -200,21 +200,39 @@ with st.container(border=True):
         with st.expander("Show plan JSON"):
             st.code(plan.to_json(), language="json")
     with c2:
-        up = st.file_uploader("Import a plan (foldviz plan JSON)", type=["json"], key="fp_upload")
-        pasted = st.text_area("…or paste plan JSON", key="fp_paste", height=100)
-        if st.button("Import plan", key="fp_import", disabled=up is None and not pasted.strip()):
-            text = up.getvalue() if up is not None else pasted
+        src = st.radio("Import a plan from", ["a file", "pasted JSON"], horizontal=True, key="fp_import_src",
+                       help="Only the source selected here is read, so what you import is what you see.")
+        if src == "a file":
+            up = st.file_uploader("Plan file (foldviz plan JSON)", type=["json"], key="fp_upload")
+            text, what = (up.getvalue() if up is not None else None), (f"file {up.name}" if up is not None else "")
+        else:
+            text = st.text_area("Plan JSON", key="fp_paste", height=100) or None
+            text, what = (text if text and text.strip() else None), "pasted plan"
+        if st.button("Import plan", key="fp_import", disabled=text is None):
             try:
                 new, warnings = wb.import_plan(text)
             except WorkbenchError as exc:
-                st.error(str(exc) + " — your current plan is unchanged.")
+                st.error(f"{exc} ({what}) — your current plan is unchanged.")
             else:
                 d = new.to_dict()
                 d["model"], d["weights_sha256"] = wb.spec, wb.weights_sha256
-                _ui.replace_plan(d)
-                for w in warnings:
-                    _ui.flash("warning", f"Imported, but {w}.")
-                _ui.flash("success", f"Plan imported: {METHODS[new.repair].label}, global ratio "
-                                     f"{100 * new.default_ratio:.0f}%, {len(new.ratios)} override(s), "
-                                     f"{len(new.skip)} skipped, seed {new.seed}.")
+                ss["fp_pending"] = {"plan": d, "warnings": warnings, "what": what,
+                                    "summary": f"{METHODS[new.repair].label}, global ratio {100 * new.default_ratio:.0f}%, "
+                                               f"{len(new.ratios)} override(s), {len(new.skip)} skipped, seed {new.seed}"}
+        pend = ss.get("fp_pending")
+        if pend and pend["warnings"]:  # made for another model or other weights: ask before replacing
+            st.warning(f"The {pend['what']} may not be meant for this model: {'; '.join(pend['warnings'])}. "
+                       f"Replace your current plan with it ({pend['summary']})?")
+            b1, b2 = st.columns(2)
+            if b1.button("Replace my plan", key="fp_confirm", type="primary"):
+                ss["fp_pending"]["warnings"] = []
                 st.rerun()
+            if b2.button("Cancel", key="fp_cancel"):
+                ss.pop("fp_pending")
+                _ui.flash("info", "Import cancelled: your plan is unchanged.")
+                st.rerun()
+        elif pend:
+            ss.pop("fp_pending")
+            _ui.replace_plan(pend["plan"])
+            _ui.flash("success", f"Plan imported from the {pend['what']}: {pend['summary']}.")
+            st.rerun()

@@ -25,10 +25,23 @@ try:
 except Exception as exc:  # noqa: BLE001
     _ui.report_failure(exc, "Measuring redundancy")
     st.stop()
-_ui.chart(F.group_overview(rows), key="le_overview")
-st.caption(f"Bars: mean cosine similarity between the channels' weight vectors; diamonds: the most similar pair; "
-           f"green: a suggested fold ratio that scales the plan's {100 * plan.default_ratio:.0f}% by redundancy "
-           "(the redundancy score is the mean cosine of each channel to its nearest neighbour).")
+
+
+def _pick_group() -> None:
+    """A click on a bar of the overview selects that group in the detail view below."""
+    pts = st.session_state["le_overview"]["selection"]["points"]
+    gid = next((p.get("x") for p in pts if p.get("x") in ids), None)
+    if gid is not None:
+        st.session_state["le_group"] = gid
+        st.session_state["le_group_value"] = gid
+
+
+st.plotly_chart(F.group_overview(rows), key="le_overview", on_select=_pick_group, selection_mode="points",
+                config={"displaylogo": False})
+st.caption(f"Click a bar to open that group below. Bars: mean cosine similarity between the channels' weight vectors; "
+           f"diamonds: the most similar pair; green: a suggested fold ratio that scales the plan's "
+           f"{100 * plan.default_ratio:.0f}% by redundancy (the redundancy score is the mean cosine of each channel to "
+           "its nearest neighbour).")
 df = pd.DataFrame([{"group": r["id"], "type": r["type"], "channels": r["channels"], "foldable": r["foldable"],
                     "mean cos": r["mean_cos"], "max cos": r["max_cos"], "redundancy": r["score"],
                     "suggested ratio": r["suggested_ratio"], "plan ratio": plan.ratio_for(r["id"]) if r["foldable"] else 0.0}
@@ -41,27 +54,55 @@ st.dataframe(df, hide_index=True, width="stretch", key="le_table",
 st.subheader("One group in detail")
 
 
+def _select_channel(gid: str, ch: int | None) -> None:
+    st.session_state[f"le_sel_{gid}"] = None if ch is None else int(ch)
+
+
+def _from_scatter(gid: str) -> None:
+    """One point clicked: highlight that channel; several (box or lasso): show their cluster statistics."""
+    pts = st.session_state[f"le_embedding_{gid}"]["selection"]["points"]
+    chans = sorted({int(p["customdata"][0]) for p in pts if p.get("customdata") is not None})
+    if len(chans) == 1:
+        _select_channel(gid, chans[0])
+    st.session_state[f"le_lasso_{gid}"] = chans if len(chans) > 1 else None
+
+
+def _from_table(gid: str, rows: list[int]) -> None:
+    sel = st.session_state[f"le_nbtable_{gid}"]["selection"]["rows"]
+    if sel:
+        _select_channel(gid, rows[sel[0]])
+
+
 @st.fragment
 def _detail() -> None:
-    """One group in detail. A fragment: moving the ratio or switching the group reruns only this part."""
+    """One group in detail. A fragment: moving the ratio, switching the group or selecting channels reruns only
+    this part. Selecting a channel (search box, a click in the embedding or the neighbour table) highlights it in
+    every view; a lasso in the embedding shows the selected channels' cluster statistics."""
+    ss = st.session_state
     c1, c2, c3 = st.columns([2, 2, 1])
-    default_gid = st.session_state.get("le_group_value", ids[0])
-    gid = c1.selectbox("Channel group", ids, index=ids.index(default_gid) if default_gid in ids else 0, key="le_group")
-    st.session_state["le_group_value"] = gid
+    default_gid = ss.get("le_group_value", ids[0])
+    if ss.get("le_group") not in ids:
+        ss["le_group"] = default_gid if default_gid in ids else ids[0]
+    gid = c1.selectbox("Channel group", ids, key="le_group")
+    ss["le_group_value"] = gid
     g = wb.group(gid)
     plan_ratio = plan.ratio_for(gid)
     ratio = c2.slider("Fold ratio (fraction of channels removed)", 0.0, 0.95, value=float(round(plan_ratio, 2)),
                       step=0.05, key=f"le_ratio_{gid}",
-                      help="k = round(channels × (1 − ratio)) clusters; each cluster becomes one channel.")
+                      help="k = round(channels × (1 − ratio)) clusters; each cluster becomes one channel. The "
+                           "clusters for every stop are computed in the background, so moving the slider is instant.")
     method = c3.radio("Embedding", ["PCA", "UMAP"], horizontal=False, key="le_embed",
-                      help="PCA is instant; UMAP shows neighbourhoods better (first use compiles, ~20 s).")
+                      help="PCA is instant; UMAP shows neighbourhoods better (its kernels compile in the background "
+                           "when this page opens).")
 
     try:
-        with st.spinner("Clustering…" if method == "PCA" else "Clustering and running UMAP…"):
-            d = _ui.group_detail(key, gid, float(ratio), _ui.plan_json(plan.to_dict()), method.lower())
+        with st.spinner(f"Clustering {g.channels} channels…" if method == "PCA"
+                        else f"Clustering {g.channels} channels and running UMAP…"):
+            d = _ui.group_detail_live(wb, gid, float(ratio), plan, method.lower())
     except Exception as exc:  # noqa: BLE001
         _ui.report_failure(exc, f"Analysing {gid}")
         return
+    status = _ui.precompute_stops(wb, gid, plan)
 
     m = st.columns(5)
     m[0].metric("Channels → clusters", f"{g.channels} → {d['k']}")
@@ -72,28 +113,74 @@ def _detail() -> None:
     st.caption(f"Producers: {', '.join(d['producers'])} · consumers: {', '.join(d['consumers']) or '—'} · "
                f"feature vector per channel: {d['features_dim']} numbers (fan-in rows, biases, BatchNorm γ/β, fan-out columns"
                + (", BatchNorm-fused and robust-scaled" if d["features_fused"] else "")
-               + f"). These are the clusters {method_label(plan.repair)} merges when you run the fold.")
+               + f"). These are the clusters {method_label(plan.repair)} merges when you run the fold. "
+               + (f"Slider stops ready: {len(status['ready'])}/{status['total']} (computing the rest in the background)."
+                  if len(status["ready"]) < status["total"] else "Every slider stop is precomputed."))
     if abs(ratio - plan_ratio) > 1e-9:
         if st.button(f"Use {100 * ratio:.0f}% for {gid} in the plan", key="le_apply"):
-            p = dict(st.session_state["plan"])
+            p = dict(ss["plan"])
             p["ratios"] = {**p.get("ratios", {}), gid: float(ratio)}
             p["skip"] = [s for s in p.get("skip", []) if s != gid]
             _ui.replace_plan(p)
             _ui.flash("success", f"Plan updated: {gid} folds {100 * ratio:.0f}% of its channels.")
             st.rerun()
 
+    # ---- the selected channel, linked across every view
+    labels = np.asarray(d["labels"])
+    f1, f2 = st.columns([1, 3])
+    f1.number_input("Find channel", min_value=0, max_value=g.channels - 1, value=None, step=1,
+                    key=f"le_find_{gid}", placeholder=f"0 … {g.channels - 1}",
+                    on_change=lambda: _select_channel(gid, ss[f"le_find_{gid}"]),
+                    help="Highlights the channel in the heatmap, the embedding, the filter grid and the neighbour "
+                         "table. Clicking a point in the embedding does the same; a lasso selects several.")
+    ch = ss.get(f"le_sel_{gid}")
+    ch = int(ch) if ch is not None and 0 <= int(ch) < g.channels else None
+    if ch is not None:
+        members = np.where(labels == labels[ch])[0]
+        f2.info(f"**Channel {ch}** is in cluster {int(labels[ch])} with {len(members) - 1} other channel(s)"
+                + (f": {', '.join(str(int(x)) for x in members if x != ch)[:200]}" if len(members) > 1 else "")
+                + f". After the fold it {'merges into one channel with them' if len(members) > 1 else 'stays as it is'}.")
+        f2.button("Clear selection", key=f"le_clear_{gid}", on_click=lambda: (
+            _select_channel(gid, None), ss.__setitem__(f"le_lasso_{gid}", None)))
+
     left, right = st.columns(2)
     with left:
-        _ui.chart(F.similarity_heatmap(d["similarity"], d["labels"], order=d["order"], group=gid), key="le_heatmap")
+        _ui.chart(F.similarity_heatmap(d["similarity"], d["labels"], order=d["order"], group=gid, highlight=ch),
+                  key="le_heatmap")
     with right:
-        _ui.chart(F.embedding_scatter(d["coords"], d["labels"], method=d["embedding"], group=gid), key="le_embedding")
+        st.plotly_chart(F.embedding_scatter(d["coords"], d["labels"], method=d["embedding"], group=gid,
+                                            highlight=[ch] if ch is not None else None),
+                        key=f"le_embedding_{gid}", on_select=lambda: _from_scatter(gid),
+                        selection_mode=("points", "box", "lasso"), config={"displaylogo": False})
         if d["embedding_note"]:
             st.caption(d["embedding_note"])
+    lasso = ss.get(f"le_lasso_{gid}")
+    if lasso:
+        _lasso_panel(gid, lasso, float(ratio))
 
     if d["weight"] is not None:
-        _ui.chart(F.filter_grid(d["weight"], d["labels"], group=gid, module=d["weight_module"]), key="le_filters")
-        st.caption("Each row is one cluster (largest first); the leftmost tile is the cluster mean — "
-                   "the single filter that replaces the whole row after folding.")
+        n_cl = int(labels.max()) + 1
+        start = 0
+        if n_cl > 12:
+            start = st.number_input(f"Filter grid: first cluster shown (by size, 1 … {n_cl})", 1, n_cl, 1, step=12,
+                                    key=f"le_grid_start_{gid}") - 1
+        _ui.chart(F.filter_grid(d["weight"], d["labels"], group=gid, module=d["weight_module"], start=int(start),
+                                highlight=ch), key="le_filters")
+        st.caption("Each row is one cluster, largest first; the leftmost tile is the cluster mean — the single filter "
+                   "that replaces the whole row after folding — followed by the member filters."
+                   + (f" {n_cl} clusters: page through them with the number above." if n_cl > 12 else ""))
+
+    st.markdown("**Nearest neighbours**" + (f" of channel {ch}" if ch is not None else
+                                             " (select a channel above, or click a point in the embedding)"))
+    if ch is not None:
+        nb = wb.neighbours(gid, ch, plan, k=min(8, g.channels - 1))
+        rows_ = [n["channel"] for n in nb]
+        st.dataframe(pd.DataFrame([{"channel": n["channel"], "cosine": round(n["cosine"], 4),
+                                    "cluster": int(labels[n["channel"]]),
+                                    "same cluster": bool(labels[n["channel"]] == labels[ch])} for n in nb]),
+                     hide_index=True, key=f"le_nbtable_{gid}", on_select=lambda: _from_table(gid, rows_),
+                     selection_mode="single-row")
+        st.caption("Click a row to select that neighbour instead.")
 
     left, right = st.columns(2)
     with left:
@@ -106,15 +193,27 @@ def _detail() -> None:
         except Exception as exc:  # noqa: BLE001
             _ui.report_failure(exc, "Inertia curve")
 
-    with st.expander("Nearest neighbours of one channel"):
-        ch = st.number_input("Channel", min_value=0, max_value=g.channels - 1, value=0, step=1, key="le_channel")
-        nb = wb.neighbours(gid, int(ch), plan, k=min(8, g.channels - 1))
-        labels = np.asarray(d["labels"])
-        st.dataframe(pd.DataFrame([{"channel": n["channel"], "cosine": round(n["cosine"], 4),
-                                    "same cluster": bool(labels[n["channel"]] == labels[int(ch)])} for n in nb]),
-                     hide_index=True)
-        st.caption(f"Channel {int(ch)} is in cluster {int(labels[int(ch)])} with "
-                   f"{int((labels == labels[int(ch)]).sum()) - 1} other channel(s).")
+
+def _lasso_panel(gid: str, chans: list[int], ratio: float) -> None:
+    try:
+        s = wb.selection_stats(gid, plan, chans, ratio)
+    except Exception as exc:  # noqa: BLE001
+        _ui.report_failure(exc, "Selection statistics")
+        return
+    with st.container(border=True):
+        st.markdown(f"**Selection: {s['channels']} channels in {s['n_clusters']} cluster(s)**")
+        m = st.columns(3)
+        m[0].metric("Mean cosine inside the selection", f"{s['mean_cos_selection']:.3f}",
+                    delta=f"{s['mean_cos_selection'] - s['mean_cos_group']:+.3f} vs. the group",
+                    help=f"mean over the whole group: {s['mean_cos_group']:.3f}")
+        m[1].metric("Selected pairs in the same cluster", _ui.fmt_pct(s["same_cluster_pairs"]))
+        m[2].metric("Clusters touched", s["n_clusters"])
+        st.dataframe(pd.DataFrame([{"cluster": c["cluster"], "selected": c["selected"], "cluster size": c["size"],
+                                    "share of the cluster": round(c["selected"] / c["size"], 3)}
+                                   for c in s["clusters"]]), hide_index=True, key=f"le_lasso_table_{gid}")
+        st.button("Clear the lasso selection", key=f"le_lasso_clear_{gid}",
+                  on_click=lambda: st.session_state.__setitem__(f"le_lasso_{gid}", None))
 
 
+_ui.warm_up_umap(wb)
 _detail()

@@ -226,7 +226,7 @@ def test_export_and_import_plan():
 
     # a bad plan is refused with a clear message and the current plan is kept
     bad = dict(exported, ratios={"no.such.layer": 0.5})
-    at.file_uploader(key="fp_upload").set_value(None).run()
+    at.radio(key="fp_import_src").set_value("pasted JSON").run()
     at.text_area(key="fp_paste").set_value(json.dumps(bad)).run()
     at.button(key="fp_import").click().run()
     assert not at.exception
@@ -236,6 +236,25 @@ def test_export_and_import_plan():
     at.button(key="fp_import").click().run()
     assert any("JSON" in e.value for e in at.error)
     assert plan(at) == p
+
+    # the file still sitting in the uploader is not read while "pasted JSON" is selected, and vice versa
+    at.text_area(key="fp_paste").set_value(json.dumps(dict(exported, default_ratio=0.15))).run()
+    at.button(key="fp_import").click().run()
+    assert plan(at)["default_ratio"] == 0.15 and any("pasted plan" in s.value for s in at.success)
+
+    # a plan made for another model: nothing changes until the user confirms
+    before = plan(at)
+    other = dict(exported, model="demo:digits-vgg", default_ratio=0.65, ratios={})
+    at.text_area(key="fp_paste").set_value(json.dumps(other)).run()
+    at.button(key="fp_import").click().run()
+    assert any("demo:digits-vgg" in w.value and "Replace your current plan" in w.value for w in at.warning)
+    assert plan(at) == before
+    at.button(key="fp_cancel").click().run()
+    assert plan(at) == before and any("cancelled" in i.value for i in at.info)
+    at.button(key="fp_import").click().run()
+    at.button(key="fp_confirm").click().run()
+    assert_clean(at)
+    assert plan(at)["default_ratio"] == 0.65 and plan(at)["model"] == "demo:digits-resnet"
 
 
 def test_suggest_plan_allocates_by_redundancy():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import re
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -27,7 +29,9 @@ def _spec(fig: go.Figure) -> dict:
 
 def _titles(spec: dict) -> tuple[str, str, str]:
     lay = spec["layout"]
-    return (lay["title"]["text"], lay.get("xaxis", {}).get("title", {}).get("text", ""),
+    t = lay["title"]  # what a person reads: the title and its subtitle line (long titles wrap into it)
+    return (t["text"] + (" — " + t["subtitle"]["text"] if t.get("subtitle", {}).get("text") else ""),
+            lay.get("xaxis", {}).get("title", {}).get("text", ""),
             lay.get("yaxis", {}).get("title", {}).get("text", ""))
 
 
@@ -113,15 +117,47 @@ def test_embedding_scatter_one_trace_per_cluster_with_hover():
     assert "PCA" in title and x.startswith("PCA 1") and y.startswith("PCA 2")
 
 
-def test_embedding_scatter_many_clusters_single_trace():
+def test_embedding_scatter_many_clusters_categorical_colours_and_grey_rest():
     rng = np.random.default_rng(0)
     coords = rng.normal(size=(200, 2))
-    labels = np.arange(200) % 40
+    labels = np.arange(200) % 40                          # 40 clusters of 5
+    labels[150:] = np.arange(150, 200)                    # ... plus 50 singletons
     spec = _spec(F.embedding_scatter(coords, labels, method="UMAP"))
-    assert len(spec["data"]) == 1
-    assert spec["layout"]["meta"]["clusters"] == 40
+    assert spec["layout"]["meta"]["clusters"] == 90
+    named = [t for t in spec["data"] if t["name"].startswith("cluster ")]
+    colours = [t["marker"]["color"] for t in named]
+    assert len(named) == 20 and len(set(colours)) == 20 and F.OTHER_COLOR not in colours   # distinct, categorical
+    other = [t for t in spec["data"] if t["name"].startswith("other")]
+    assert len(other) == 1 and other[0]["marker"]["color"] == F.OTHER_COLOR and "50 singletons" in other[0]["name"]
+    # every point is drawn exactly once, with its channel id and cluster for hover and selection
+    pts = [tuple(c) for t in spec["data"] for c in np.asarray(F.decode_array(t["customdata"])).tolist()]
+    assert sorted(p[0] for p in pts) == list(range(200)) and all(labels[ch] == c for ch, c in pts)
+    # the same colours as the heatmap outlines and the filter-grid rows
+    pal = F.cluster_palette(labels)
+    assert all(t["marker"]["color"] == pal[int(t["name"].split()[1])] for t in named)
     with pytest.raises(ValueError):
         F.embedding_scatter(np.zeros((3, 3)), [0, 0, 0])
+
+
+def test_linked_highlight_in_heatmap_scatter_and_filter_grid():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(6), 4)                    # 6 clusters of 4
+    x = rng.normal(size=(24, 8))
+    sim = np.corrcoef(x)
+    heat = _spec(F.similarity_heatmap(sim, labels, highlight=9))
+    lines = [sh for sh in heat["layout"]["shapes"] if sh["type"] == "line"]
+    pos = heat["layout"]["meta"]["highlight_pos"]
+    assert len(lines) == 2 and {lines[0]["x0"], lines[1]["y0"]} == {pos} and pos == 9
+    assert any("channel 9" in a["text"] for a in heat["layout"]["annotations"])
+    sc = _spec(F.embedding_scatter(rng.normal(size=(24, 2)), labels, highlight=[9]))
+    sel = [t for t in sc["data"] if t["name"] == "selected"]
+    assert len(sel) == 1 and np.asarray(F.decode_array(sel[0]["customdata"])).tolist() == [[9, 2]]
+    grid = _spec(F.filter_grid(rng.normal(size=(24, 1, 3, 3)), labels, max_clusters=2, highlight=21))
+    meta = grid["layout"]["meta"]
+    assert meta["highlight"] == {"channel": 21, "row": 1, "tile_shown": True}     # cluster 5 kept visible
+    assert len([sh for sh in grid["layout"].get("shapes", []) if sh["type"] == "rect"]) == 2  # merged + member
+    assert "of 6 by size" in grid["layout"]["title"]["subtitle"]["text"]
+    assert "leftmost tile = the merged filter" in grid["layout"]["title"]["subtitle"]["text"]
 
 
 @pytest.mark.parametrize("shape,mode,img", [
@@ -159,7 +195,7 @@ def test_filter_grid_rows_per_cluster_and_merged_column():
     assert np.isnan(z[4:7, 12:15]).all()                     # cluster 1 has only 3 members
     assert spec["layout"]["meta"]["shown"] == 10
     ticks = spec["layout"]["yaxis"]["ticktext"]
-    assert ticks[0] == "cluster 0 (4)" and len(ticks) == 4
+    assert re.sub("<[^>]+>", "", ticks[0]) == "cluster 0 (4)" and len(ticks) == 4
     assert "channel %{customdata[0]} · cluster %{customdata[1]}" in members["hovertemplate"]
     assert "merged filter of cluster" in merged["hovertemplate"]
     assert "conv1" in spec["layout"]["title"]["text"]
