@@ -40,24 +40,37 @@ def _normalise(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-#: above this many matrix entries PCA uses the seeded randomized SVD (a full SVD of ResNet-50's 2048-channel
-#: groups takes seconds; two components converge in a few power iterations)
+#: above this many matrix entries PCA goes through the smaller of the two Gram matrices and an eigensolver for the
+#: top two eigenpairs (exact, and 7x faster than a full SVD on ResNet-50's 2048-channel groups)
 PCA_FULL_MAX = 2_000_000
 
 
 def _pca(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, list[float]]:
-    from sklearn.decomposition import PCA
-
     n, d = x.shape
     comps = min(2, n, d)
     out = np.zeros((n, 2))
     if comps == 0 or np.allclose(x, x[:1]):
         return out, []
-    big = n * d > PCA_FULL_MAX and comps < min(n, d)
-    pca = PCA(n_components=comps, svd_solver="randomized" if big else "full", random_state=int(seed),
-              **({"iterated_power": 7} if big else {}))
-    out[:, :comps] = pca.fit_transform(x)
-    return out, [float(v) for v in pca.explained_variance_ratio_]
+    if n * d <= PCA_FULL_MAX or comps < 2:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=comps, svd_solver="full")
+        out[:, :comps] = pca.fit_transform(x)
+        return out, [float(v) for v in pca.explained_variance_ratio_]
+    import scipy.linalg as sl
+
+    xc = x - x.mean(axis=0)
+    total = float((xc * xc).sum())
+    if n <= d:   # (n, n): its eigenvectors scaled by sqrt(eigenvalue) are the principal coordinates
+        w, v = sl.eigh(xc @ xc.T, subset_by_index=[n - 2, n - 1])
+        coords = v[:, ::-1] * np.sqrt(np.clip(w[::-1], 0, None))
+    else:        # (d, d) covariance: project on its top eigenvectors
+        w, v = sl.eigh(xc.T @ xc, subset_by_index=[d - 2, d - 1])
+        coords = xc @ v[:, ::-1]
+    w = w[::-1]
+    coords *= np.where(coords[np.abs(coords).argmax(axis=0), range(2)] < 0, -1.0, 1.0)  # a fixed sign per axis
+    out[:] = coords
+    return out, [float(v) / total for v in w] if total > 0 else []
 
 
 def embed(features: np.ndarray, method: str = "pca", *, seed: int = 0, normalize: bool = True,

@@ -645,8 +645,12 @@ def variance_ratio_plot(series: Mapping[str, Sequence[Mapping]], *, log_y: bool 
 
 
 def sweep_plot(rows: Sequence[Mapping], *, methods: Sequence[str] | None = None,
-               baseline_accuracy: float | None = None, title: str | None = None) -> go.Figure:
+               baseline_accuracy: float | None = None, title: str | None = None,
+               user_point: Mapping | None = None) -> go.Figure:
     """Accuracy vs. parameter sparsity, one trace per method (the paper's main figure).
+
+    ``user_point`` (``param_sparsity``, ``accuracy`` as fractions, optional ``label``) marks the user's own
+    plan — typically per-group ratios no uniform sweep point has — as a star (trace "your plan").
 
     ``rows``: the engine's sweep rows (``method``, ``ratio``, ``seed``, ``param_sparsity`` and
     ``accuracy`` as fractions).  Several seeds are averaged with min-max error bars.  A row with
@@ -682,6 +686,13 @@ def sweep_plot(rows: Sequence[Mapping], *, methods: Sequence[str] | None = None,
     if baseline_accuracy is not None:
         fig.add_hline(y=100 * float(baseline_accuracy), line=dict(color="#444", dash="dot"),
                       annotation_text="unfolded", annotation_position="bottom left")
+    if user_point is not None and user_point.get("accuracy") is not None:
+        lab = str(user_point.get("label") or "your plan")
+        fig.add_trace(go.Scatter(
+            x=[100 * float(user_point["param_sparsity"])], y=[100 * float(user_point["accuracy"])],
+            mode="markers+text", name="your plan", text=[lab], textposition="top center",
+            marker=dict(symbol="star", size=18, color="#e45756", line=dict(width=1, color="black")),
+            hovertemplate=f"{lab}<br>sparsity %{{x:.1f}}%<br>accuracy %{{y:.1f}}%<extra></extra>"))
     fig.update_xaxes(range=[0, 100])
     fig.update_yaxes(rangemode="tozero")
     return _layout(fig, title=title or "Accuracy vs. parameter sparsity",

@@ -297,6 +297,30 @@ def cached_job(name: str, key: tuple, fn: Callable[[], object], max_items: int =
     return copy.deepcopy(value)
 
 
+@st.cache_resource
+def _bg_store() -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    return {"lock": threading.Lock(), "jobs": OrderedDict(), "pool": ThreadPoolExecutor(1, thread_name_prefix="foldviz-bg")}
+
+
+def background(name: str, key: tuple, fn: Callable[[], object], max_items: int = 64) -> tuple[str, object]:
+    """Run ``fn`` once per (name, key) in a process-wide worker thread, off the script thread.
+    Returns ("done", value), ("running", None) or ("failed", exception); the page polls until done."""
+    store = _bg_store()
+    k = (name, key)
+    with store["lock"]:
+        fut = store["jobs"].get(k)
+        if fut is None:
+            fut = store["jobs"][k] = store["pool"].submit(fn)
+            while len(store["jobs"]) > max_items:
+                store["jobs"].popitem(last=False)
+    if not fut.done():
+        return "running", None
+    exc = fut.exception()
+    return ("failed", exc) if exc is not None else ("done", fut.result())
+
+
 def variance_comparison(key: tuple, dkey: tuple, plan_json: str, methods: tuple, _progress=None,
                         _known: dict | None = None) -> dict:
     def run():

@@ -25,6 +25,44 @@ foldable = wb.foldable_ids()
 data = _ui.data_source()
 
 
+def _live_accuracy(where, tag: str) -> None:
+    """Playground-style: the current plan's accuracy on a small cached test batch, next to the controls. The fold
+    runs in a background thread; while it runs, this part of the page polls and then refreshes the page."""
+    if not data.spec:
+        where.metric("Accuracy estimate", "—", help="Pick evaluation data on the Model & data page.")
+        return
+    p = _ui.current_plan(wb)
+    pj = _ui.plan_json(p.to_dict())
+    state, val = _ui.background("quick_acc", (key, _ui.data_key(data), pj), lambda: wb.quick_accuracy(p, data))
+
+    def show(state, val):
+        if state == "done":
+            where.metric(f"Accuracy estimate ({val['samples']} test samples)", _ui.fmt_pct(val["accuracy"]),
+                         delta=f"{100 * (val['accuracy'] - val['baseline']):+.1f} pts vs. unfolded",
+                         help=f"This plan folded for real ({val['seconds']:.1f} s) and evaluated on the first "
+                              f"{val['samples']} test samples of {data.spec}; Run fold on the next page measures "
+                              f"the full evaluation set.")
+        elif state == "running":
+            where.metric("Accuracy estimate", "…", help="folding this plan and evaluating it")
+            where.caption("estimating: folding this plan in the background…")
+        else:
+            where.metric("Accuracy estimate", "—")
+            where.caption(f"could not estimate: {str(val).splitlines()[0][:120]}")
+
+    if state != "running":
+        show(state, val)
+        return
+
+    @st.fragment(run_every=0.5)
+    def poll():
+        s2, v2 = _ui.background("quick_acc", (key, _ui.data_key(data), pj), lambda: None)
+        if s2 != "running":
+            st.rerun()  # the whole page, so that the timer goes away
+        show(s2, v2)
+    with where:
+        poll()
+
+
 def _set(field: str, widget: str, cast=float):
     def cb():
         _ui.update_plan(**{field: cast(ss[widget])})
@@ -34,7 +72,7 @@ def _set(field: str, widget: str, cast=float):
 # ---------------------------------------------------------------------------- global settings
 with st.container(border=True):
     st.subheader("Global settings")
-    c1, c2, c3 = st.columns([2, 2, 1])
+    c1, c2, c3, c4 = st.columns([2, 2, 1, 1.4])
     c1.slider("Global fold ratio (fraction of channels removed in every group)", 0.0, 0.95,
               **_ui.wv(K("default_ratio"), value=float(plan.default_ratio)), step=0.05, key=K("default_ratio"),
               on_change=_set("default_ratio", K("default_ratio")))
@@ -46,6 +84,7 @@ with st.container(border=True):
     c3.number_input("Seed", min_value=0, max_value=2**31 - 1, **_ui.wv(K("seed"), value=int(plan.seed)), step=1,
                     key=K("seed"),
                     on_change=_set("seed", K("seed"), int))
+    _live_accuracy(c4.container(), "global")
     rs = dict(plan.repair_settings)
     if plan.repair == "r":
         if not data.spec:
@@ -121,7 +160,7 @@ with st.container(border=True):
 # ---------------------------------------------------------------------------- per-group overrides
 with st.container(border=True):
     st.subheader("Per-group ratios")
-    c1, c2, c3 = st.columns([2, 2, 1])
+    c1, c2, c3, c4 = st.columns([2, 2, 1, 1.4])
     gid = c1.selectbox("Group", foldable, key="fp_group")
     has = gid in plan.ratios
     c2.slider(f"Ratio for {gid}", 0.0, 0.95, **_ui.wv(K("ratio", gid), value=float(plan.ratios.get(gid, plan.default_ratio))),
@@ -136,6 +175,7 @@ with st.container(border=True):
         _ui.update_plan(skip=skip)
     c3.toggle("Skip", **_ui.wv(K("skip", gid), value=gid in plan.skip), key=K("skip", gid), on_change=_skip,
               help="A skipped group keeps all of its channels.")
+    _live_accuracy(c4.container(), "group")
     if has and st.button(f"Reset {gid} to the global ratio", key="fp_reset_one"):
         _ui.replace_plan({**ss["plan"], "ratios": {g: r for g, r in plan.ratios.items() if g != gid}})
         st.rerun()

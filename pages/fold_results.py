@@ -180,6 +180,14 @@ else:
             base = _ui.baseline_eval(key, dkey)["accuracy"]
         except Exception:  # noqa: BLE001
             pass
-        _ui.chart(F.sweep_plot(sw["rows"], methods=sw["methods"], baseline_accuracy=base), key="fr_sweep")
+        mine = None
+        if outcome is not None and outcome.report.get("accuracy_after") is not None:
+            rep = outcome.report
+            mine = {"param_sparsity": rep["param_sparsity"], "accuracy": rep["accuracy_after"],
+                    "label": "your plan" + (" (earlier version)" if ss.get("outcome_plan") != pj else "")}
+        _ui.chart(F.sweep_plot(sw["rows"], methods=sw["methods"], baseline_accuracy=base, user_point=mine),
+                  key="fr_sweep")
+        st.caption("The star is your plan as last folded (its own per-group ratios), against uniform ratios."
+                   if mine else "Run the fold above to mark your plan on this plot.")
         st.download_button("Sweep (CSV)", sweep_csv(sw["rows"]), file_name="sweep.csv", mime="text/csv",
                            key="fr_dl_sweep")

@@ -322,10 +322,22 @@ def test_sweep_panel_plots_methods_and_is_cached():
     assert sw["layout"]["yaxis"]["title"]["text"] == "accuracy (%)"
     xs = F.decode_array(sw["data"][0]["x"])
     assert len(xs) == 2 and 0 < float(xs[0]) < float(xs[1]) < 100
-    t = time.perf_counter()
+    assert not [t for t in sw["data"] if t["name"] == "your plan"]   # nothing folded yet
+    rows = at.session_state["sweep"]["rows"]
+    from pages import _ui
+
+    cached = [k for k in _ui._job_store()["items"] if k[0] == "sweep"]
     at.button(key="fr_sweep_run").click().run()
-    assert time.perf_counter() - t < 10, "a repeated sweep comes from the cache"
     assert_clean(at)
+    assert at.session_state["sweep"]["rows"] == rows
+    assert [k for k in _ui._job_store()["items"] if k[0] == "sweep"] == cached   # served from the cache
+    # after a fold, the user's plan is a star on the sweep plot at its own sparsity and accuracy
+    at.button(key="fr_run").click().run()
+    rep = at.session_state["outcome"].report
+    star = [t for t in chart(at, "sweep_plot")["data"] if t["name"] == "your plan"]
+    assert len(star) == 1
+    assert F.decode_array(star[0]["x"])[0] == pytest.approx(100 * rep["param_sparsity"])
+    assert F.decode_array(star[0]["y"])[0] == pytest.approx(100 * rep["accuracy_after"])
 
 
 def test_failures_keep_model_plan_and_results():

@@ -186,3 +186,41 @@ def test_explorer_precomputes_every_slider_stop():
     assert_clean(at)
     m = [x for x in at.metric if x.label == "Channels → clusters"][0]
     assert m.value == "128 → 26"   # 128 channels at 0.8 -> round(25.6) = 26
+
+
+# ------------------------------------------------------------------------------------------------ live accuracy
+
+def _estimates(at):
+    return [m for m in at.metric if m.label.startswith("Accuracy estimate")]
+
+
+def test_plan_page_shows_a_live_accuracy_estimate_that_follows_the_plan():
+    import time
+
+    at = new_app()
+    goto(at, "fold_plan")
+
+    def settle():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            at.run()
+            ms = _estimates(at)
+            if ms and all(m.value != "…" for m in ms):
+                return ms
+            time.sleep(0.5)
+        raise AssertionError("the estimate never finished")
+
+    ms = settle()
+    assert len(ms) == 2 and ms[0].label == "Accuracy estimate (256 test samples)"
+    first = float(ms[0].value.rstrip("%"))
+    assert 0 < first <= 100 and "vs. unfolded" in ms[0].delta
+    at.slider(key="planw_default_ratio").set_value(0.9).run()
+    ms = settle()
+    assert float(ms[0].value.rstrip("%")) < first      # folding 90 % of every group costs accuracy
+    # the number is the library's: the same fold evaluated on the same 256 samples
+    from foldviz.session import DataSource, Workbench
+
+    wb = Workbench.load("demo:digits-resnet")
+    p = wb.plan_from(at.session_state["plan"])
+    est = wb.quick_accuracy(p, DataSource("digits"))
+    assert ms[0].value == f"{100 * est['accuracy']:.1f}%"
