@@ -124,7 +124,7 @@ def order_by_cluster(labels: Sequence[int] | np.ndarray) -> np.ndarray:
 def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | None = None, *,
                        order: Sequence[int] | np.ndarray | None = None, group: str = "",
                        max_channels: int = 256, zrange: str = "auto", title: str | None = None,
-                       highlight: int | None = None) -> go.Figure:
+                       highlight: int | None = None, axis_label: str | None = None) -> go.Figure:
     """Cosine similarity between the channels of one group, ordered by cluster.
 
     ``sim`` is (n, n); ``labels`` (n,) cluster ids; ``order`` overrides the permutation
@@ -191,7 +191,7 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
     fig.update_xaxes(constrain="domain")
     return _layout(fig, title=title or f"Filter cosine similarity, ordered by cluster{name}{thin}",
-                   x="channel (ordered by cluster)", y="channel (ordered by cluster)",
+                   x=axis_label or "channel (ordered by cluster)", y=axis_label or "channel (ordered by cluster)",
                    height=520, figure="similarity_heatmap", channels=n, clusters=k, step=step,
                    blocks=len(blocks), zlim=lim, highlight=None if highlight is None else int(highlight),
                    highlight_pos=hl_pos)

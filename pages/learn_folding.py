@@ -42,9 +42,21 @@ if src != cur:
     st.info(f"The walkthrough uses the bundled demo **{src.spec}** (your model, {cur.label}, is unchanged).")
 
 ids = wb.foldable_ids()
-gid = ids[0]
-g = wb.group(gid)
+if not ids:
+    st.warning(f"{src.spec} has no foldable channel groups to walk through.")
+    st.stop()
 seed = int((ss.get("plan") or {}).get("seed", 0))
+try:  # default: the most redundant group (where folding has the most to show), not simply the first conv
+    scores = {r["id"]: r["score"] for r in _ui.overview_rows(key, 0.3) if r["foldable"]}
+    most = max(ids, key=lambda i: (scores.get(i, -1.0), -ids.index(i)))
+except Exception:  # noqa: BLE001
+    most = ids[0]
+gid = st.selectbox("Layer to walk through (channel group)", ids, index=ids.index(most), key=f"learn_group_{src.spec}",
+                   format_func=lambda i: f"{i} ({wb.group(i).channels} channels"
+                                         + (", most redundant)" if i == most else ")"),
+                   help="Default: the group whose channels are most redundant (highest mean nearest-neighbour "
+                        "cosine). Every step below follows this choice.")
+g = wb.group(gid)
 
 c1, c2 = st.columns([3, 2])
 
@@ -102,7 +114,8 @@ elif step == 1:
         f"here **{d['features_dim']} numbers per channel**, and measure the angle between the vectors:")
     st.latex(r"\cos(a, b) = \frac{\langle a, b\rangle}{\lVert a\rVert \, \lVert b\rVert} \in [-1, 1]")
     _ui.chart(F.similarity_heatmap(d["similarity"], np.zeros(g.channels, dtype=int), order=np.arange(g.channels),
-                                   group=gid, title=f"Cosine similarity of the {g.channels} channels (original order)"),
+                                   group=gid, title=f"Cosine similarity of the {g.channels} channels (original order)",
+                                   axis_label="channel (original order)"),
               key="learn_sim_raw")
     st.markdown(f"Mean similarity **{d['mean_cos']:.3f}**, most similar pair **{d['max_cos']:.3f}**. "
                 "Red blocks off the diagonal are groups of look-alike channels, but in the original order "

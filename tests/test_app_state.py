@@ -224,3 +224,23 @@ def test_plan_page_shows_a_live_accuracy_estimate_that_follows_the_plan():
     p = wb.plan_from(at.session_state["plan"])
     est = wb.quick_accuracy(p, DataSource("digits"))
     assert ms[0].value == f"{100 * est['accuracy']:.1f}%"
+
+
+def test_learn_walks_through_any_layer_default_the_most_redundant():
+    from foldviz.session import Workbench
+
+    at = new_app()
+    goto(at, "learn_folding")
+    wb = Workbench.load("demo:digits-resnet")
+    rows = [r for r in wb.overview_rows(0.3) if r["foldable"]]
+    most = max(rows, key=lambda r: r["score"])["id"]
+    sel = at.selectbox(key="learn_group_demo:digits-resnet")
+    assert sel.value == most and most != wb.foldable_ids()[0]
+    at.button(key="learn_next").click().run()          # step 2: similarity in the original order
+    heat = [c for c in __import__("test_app").charts(at) if c["layout"]["meta"].get("figure") == "similarity_heatmap"][0]
+    assert heat["layout"]["meta"]["channels"] == wb.group(most).channels
+    assert "original order" in heat["layout"]["xaxis"]["title"]["text"]   # the axes agree with the title
+    sel.set_value("layer1.0.conv1").run()
+    assert_clean(at)
+    heat = [c for c in __import__("test_app").charts(at) if c["layout"]["meta"].get("figure") == "similarity_heatmap"][0]
+    assert heat["layout"]["meta"]["channels"] == 32
