@@ -90,11 +90,24 @@ def _unpickle_detail(msg: str) -> str:
         return f"it references the Python object {m.group(1)}, e.g. a whole pickled model or custom class"
     m = re.search(r"Unsupported operand \d+", msg)
     if m:
-        return f"it is not a plain weights-only pickle ({m.group(0)})"
+        return "it is a pickle, but not one written by torch.save"
     return "it is not a plain weights-only checkpoint"
 
 
+def _head(source, n: int = 4) -> bytes:
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:n]
+    with open(source, "rb") as f:
+        return f.read(n)
+
+
 def _torch_load(source, label: str):
+    head = _head(source)
+    if not head:
+        raise ModelLoadError(f"{label} is empty")
+    # torch.save writes a zip archive (PK..) or, with the legacy format, a pickle (protocol 2+: 0x80)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ModelLoadError(f"{label} is not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -102,10 +115,11 @@ def _torch_load(source, label: str):
             f"refused to unpickle {label}: {_unpickle_detail(str(exc))}; loading it would need code execution. "
             "Save a state_dict (torch.save(model.state_dict(), path)) or a safetensors file instead."
         ) from None
-    except Exception as exc:  # corrupt zip, truncated file, not a torch file at all, ...
-        msg = str(exc)
-        first = msg.splitlines()[0] if msg else type(exc).__name__
-        raise ModelLoadError(f"could not read {label} as a PyTorch checkpoint: {first}") from None
+    except Exception as exc:  # corrupt zip, truncated file, ...: a plain reason, never the library's internals
+        why = ("it is truncated (an interrupted download or copy?)" if isinstance(exc, EOFError) or
+               "central directory" in str(exc) or "truncated" in str(exc).lower()
+               else "the file is damaged")
+        raise ModelLoadError(f"could not read {label} as a PyTorch checkpoint: {why}") from None
 
 
 def _safetensors_load(path_or_bytes, label: str) -> dict:
@@ -116,8 +130,10 @@ def _safetensors_load(path_or_bytes, label: str) -> dict:
             return load(bytes(path_or_bytes))
         return load_file(str(path_or_bytes), device="cpu")
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"could not read {label} as a safetensors file: {first}") from None
+        msg = str(exc).lower()
+        why = ("its header is damaged or the file is truncated" if "header" in msg or "eof" in msg or
+               "too small" in msg else "the file is damaged")
+        raise ModelLoadError(f"could not read {label} as a safetensors file: {why}") from None
 
 
 def normalize_state_dict(obj) -> dict[str, torch.Tensor]:

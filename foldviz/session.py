@@ -187,7 +187,11 @@ class Workbench:
             loaded = load_model(source.spec, weights=source.weights, num_classes=source.num_classes,
                                 cifar_stem=source.cifar_stem)
         except (ValueError, OSError, RuntimeError) as exc:
-            raise WorkbenchError(f"could not load {source.label}: {exc}") from None
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if source.weights and source.weights_name:  # name the user's file, never foldviz's temp copy
+                msg = msg.replace(str(source.weights), source.weights_name).replace(
+                    Path(source.weights).name, source.weights_name)
+            raise WorkbenchError(f"could not load {source.label}: {msg}") from None
         return cls(loaded, source)
 
     def _get(self, key: tuple, fn):

@@ -244,3 +244,42 @@ def test_learn_walks_through_any_layer_default_the_most_redundant():
     assert_clean(at)
     heat = [c for c in __import__("test_app").charts(at) if c["layout"]["meta"].get("figure") == "similarity_heatmap"][0]
     assert heat["layout"]["meta"]["channels"] == 32
+
+
+# ------------------------------------------------------------------------------------------------ upload errors
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, data, says", [
+    ("garbage.pt", b"not a checkpoint at all", "is not a PyTorch checkpoint"),
+    ("empty.pt", b"", "is empty"),
+    ("cut.pt", None, "truncated"),
+    ("bad.safetensors", b"\xff\xff", "header is damaged"),
+    ("keys.pt", "wrongkeys", "does not match the model architecture"),
+])
+def test_checkpoint_errors_name_the_users_file_in_plain_words(name, data, says, tmp_path):
+    import torch
+
+    from foldviz.session import ModelSource, Workbench, WorkbenchError, save_upload
+
+    if data is None:
+        data = _torch_bytes({"w": torch.zeros(64)})[:200]
+    elif data == "wrongkeys":
+        data = _torch_bytes({"foo": torch.zeros(3)})
+    path = save_upload(data, name, tmp_path)
+    with pytest.raises(WorkbenchError) as e:
+        Workbench.load(ModelSource("demo:digits-resnet", weights=path, weights_name=name))
+    msg = str(e.value)
+    assert says in msg and name in msg and "\n" not in msg
+    stem = path.rsplit("/", 1)[-1].split(".")[0]
+    assert stem not in msg and str(tmp_path) not in msg   # never foldviz's hashed temp copy
+    for raw in ("Unsupported operand", "EOFError", "pop from", "deserializing", "PytorchStreamReader"):
+        assert raw not in msg
