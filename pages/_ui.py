@@ -485,7 +485,7 @@ def sidebar(wb: Workbench | None) -> None:
         st.markdown("**Model**")
         st.caption(model_source().label)
         st.markdown("**Data**")
-        st.caption(data_source().label)
+        st.caption(wb.data_label(data_source()) if wb is not None else data_source().label)
         p = ss.get("plan")
         if p:
             st.markdown("**Plan**")

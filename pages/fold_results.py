@@ -23,7 +23,7 @@ pj = _ui.plan_json(plan.to_dict())
 dkey = _ui.data_key(data)
 
 st.info(f"**Plan:** {method_label(plan.repair)} · global ratio {100 * plan.default_ratio:.0f}% · "
-        f"{len(plan.ratios)} override(s) · {len(plan.skip)} skipped · seed {plan.seed} · data: {data.label}")
+        f"{len(plan.ratios)} override(s) · {len(plan.skip)} skipped · seed {plan.seed} · data: {wb.data_label(data)}")
 
 available = [m for m in fold_keys() if data.spec or not METHODS[m].needs_data]
 default_methods = [m for m in ("none", "r", "ar") if m in available]
@@ -66,7 +66,7 @@ else:
     m = st.columns(5)
     if a.get("accuracy") is not None:
         m[0].metric("Accuracy", _ui.fmt_pct(a["accuracy"]), delta=f"{100 * (a['accuracy'] - b['accuracy']):+.1f} pts",
-                    help=f"before: {_ui.fmt_pct(b['accuracy'])} (top-1 on {data.label})")
+                    help=f"before: {_ui.fmt_pct(b['accuracy'])} (top-1 on {wb.data_label(data)})")
     else:
         m[0].metric("Accuracy", "—", help="pick evaluation data on the Model & data page")
     m[1].metric("Parameters", fmt_count(a["params"]), delta=f"{-100 * r['param_sparsity']:.1f}%", delta_color="inverse",

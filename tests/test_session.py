@@ -203,3 +203,26 @@ def test_explorer_matches_the_fold_in_dfr_fused_linear_space(skip):
         bn = name.replace("fc", "bn")
         assert torch.equal(after[name].bias, before[name].bias)
         assert torch.equal(after[bn].weight, before[bn].weight) and torch.equal(after[bn].bias, before[bn].bias)
+
+
+def test_concurrent_folds_on_one_workbench_are_safe_and_identical(wb):
+    """The app folds in a background thread (live estimate) while a page folds too: the repairs hook the base
+    model, so the workbench runs them one at a time; both give the fold's usual result."""
+    import threading
+
+    plan = wb.default_plan(0.4, "dfr")
+    out, errors = {}, []
+
+    def go(i):
+        try:
+            out[i] = wb.run(plan, "dfr", None).model.state_dict()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(torch.equal(out[0][k], out[i][k]) for i in (1, 2) for k in out[0])
