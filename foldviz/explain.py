@@ -86,6 +86,62 @@ def activations(model: nn.Module, module_name: str, inputs: torch.Tensor) -> tor
     return a.reshape(-1, a.shape[-1])
 
 
+def map_module(model: nn.Module, group: ChannelGroup) -> str | None:
+    """The module whose output shows ``group``'s channels as feature maps: its first BatchNorm producer (the
+    normalised maps the next layer reads, before the activation), else its first conv/linear producer; only
+    modules that hold every group channel once."""
+    modules = dict(model.named_modules())
+    cands = [p for p in group.producers if isinstance(modules.get(p), _BN)] + \
+            [p for p in group.producers if isinstance(modules.get(p), (nn.Conv2d, nn.Linear))]
+    return next((p for p in cands if _member_order(group, p, "out") is not None), None)
+
+
+@torch.no_grad()
+def feature_maps(original: nn.Module, folded: nn.Module, group: ChannelGroup, labels: np.ndarray,
+                 channel_map: np.ndarray, image: torch.Tensor, module: str | None = None) -> dict:
+    """One input's feature maps of ``group`` before and after a fold, cluster by cluster.
+
+    ``image`` (1, C, H, W) or (1, D); ``labels`` (n,) the fold's clusters of the group's channels;
+    ``channel_map`` the fold's map of ``module``'s output channels (old index -> new index, -1 removed; a
+    :class:`~foldviz.surgery.FoldResult`'s ``channel_maps[module]``). Returns ``{"module", "before" (n, h, w),
+    "after" (n_after, h, w), "clusters"}`` with, per cluster (largest first), its members, the folded channel
+    and how faithful the folded map is: Pearson correlation with the mean of the members' maps, and the ratio
+    of its variance (over positions) to the members' mean variance. Linear layers give 1 x 1 "maps".
+    """
+    module = module or map_module(original, group)
+    if module is None:
+        raise ValueError(f"group {group.id} has no producer whose output holds each channel once")
+    idx = _member_order(group, module, "out")           # group channel i -> module's own output index
+
+    def run(model):
+        store = {}
+        h = model.get_submodule(module).register_forward_hook(lambda _m, _i, o: store.__setitem__("o", o.detach()))
+        try:
+            model.eval()(image.to(next(model.parameters()).device))
+        finally:
+            h.remove()
+        o = store["o"][0].float().cpu()
+        return (o if o.dim() == 3 else o.reshape(-1, 1, 1)).numpy()   # (channels, h, w)
+
+    before_all, after_all = run(original), run(folded)
+    before = before_all[idx]                              # (n, h, w) in group-channel order
+    new = np.asarray(channel_map)[idx]                    # (n,) folded index of each group channel
+    lab = np.asarray(labels)
+    ids, counts = np.unique(lab, return_counts=True)
+    clusters = []
+    for c in ids[np.lexsort((ids, -counts))]:
+        members = np.flatnonzero(lab == c)
+        j = int(new[members[0]])
+        ref, out = before[members].mean(axis=0).ravel(), after_all[j].ravel()
+        corr = None
+        if ref.size > 1 and ref.std() > 1e-12 and out.std() > 1e-12:
+            corr = float(np.corrcoef(ref, out)[0, 1])
+        var_b = float(before[members].reshape(len(members), -1).var(axis=1).mean())
+        clusters.append({"cluster": int(c), "members": members.tolist(), "folded": j, "corr": corr,
+                         "var_ratio": float(out.var() / var_b) if var_b > 1e-12 else None})
+    return {"module": module, "before": before, "after": after_all, "clusters": clusters}
+
+
 def mean_pairwise_cos(x: np.ndarray) -> float:
     """Mean cosine over ordered pairs i != j of the rows of ``x`` (1 for a single row)."""
     if len(x) < 2:

@@ -407,6 +407,74 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
                    highlight=hl)
 
 
+def input_image(img: np.ndarray, *, title: str = "input") -> go.Figure:
+    """One input image: (H, W) grey (a heatmap, as the network sees it) or (H, W, 3) RGB (scaled to 0..255)."""
+    a = np.asarray(img, dtype=float)
+    if a.ndim == 3:
+        lo, hi = float(a.min()), float(a.max())
+        fig = go.Figure(go.Image(z=(a - lo) / max(hi - lo, 1e-12) * 255.0))
+    else:
+        fig = go.Figure(go.Heatmap(z=a.astype(np.float32), colorscale="Greys", showscale=False,
+                                   hovertemplate="value %{z:.2f}<extra></extra>"))
+        fig.update_yaxes(autorange="reversed", scaleanchor="x")
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False)
+    return _layout(fig, title=title, height=260, figure="input_image")
+
+
+def feature_map_grid(fm: Mapping, image: np.ndarray | None = None, *, start: int = 0, max_clusters: int = 6,
+                     max_members: int = 8, title: str | None = None) -> go.Figure:
+    """Feature maps of one input before and after folding, one row per cluster (largest first).
+
+    ``fm`` is :func:`foldviz.explain.feature_maps`' result. Each row: the folded channel's map (leftmost, "after"),
+    a gap, then up to ``max_members`` of the original members' maps ("before"). Every row shares one symmetric
+    colour range (its largest |value|), so before and after compare directly; hover gives the raw values. Row
+    labels give the correlation of the folded map with the members' mean map. ``image`` (H, W) or (H, W, 3)
+    is drawn above the grid as the input.
+    """
+    before, after, cl = np.asarray(fm["before"]), np.asarray(fm["after"]), list(fm["clusters"])
+    rows = cl[start:start + max_clusters]
+    h, w = before.shape[1], before.shape[2]
+    widest = max([min(max_members, len(r["members"])) for r in rows], default=1)
+    gap = 1
+    cols = 2 + widest
+    H, W = max(1, len(rows) * (h + gap) - gap), cols * (w + gap) - gap
+    z = np.full((H, W), np.nan)
+    raw = np.full((H, W), np.nan)
+    ch = np.full((H, W), -1, dtype=np.int32)
+    for r, row in enumerate(rows):
+        y0 = r * (h + gap)
+        tiles = [(0, after[row["folded"]], -2)] + [((2 + j) * (w + gap), before[m], m)
+                                                   for j, m in enumerate(row["members"][:max_members])]
+        lim = max(float(np.abs(t).max()) for _x, t, _c in tiles) or 1.0
+        for x0, t, c in tiles:
+            z[y0:y0 + h, x0:x0 + w] = t / lim
+            raw[y0:y0 + h, x0:x0 + w] = t
+            ch[y0:y0 + h, x0:x0 + w] = c
+    fig = go.Figure(go.Heatmap(
+        z=z.astype(np.float32), customdata=np.stack([raw, ch], axis=-1).astype(np.float32), zmin=-1, zmax=1,
+        colorscale="RdBu_r", hoverongaps=False, name="feature maps",
+        colorbar=dict(title=dict(text="value / row max"), len=0.8),
+        hovertemplate="value %{customdata[0]:.3f}<br>channel %{customdata[1]} (-2 = folded)<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain", showgrid=False, zeroline=False,
+                     tickmode="array", tickvals=[r * (h + gap) + (h - 1) / 2 for r in range(len(rows))],
+                     ticktext=[f"cluster {row['cluster']} ({len(row['members'])} ch)"
+                               + (f" · r={row['corr']:.2f}" if row["corr"] is not None else "") for row in rows])
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain")
+    if rows:
+        fig.add_annotation(x=(w - 1) / 2, y=0, yref="paper", text="after (folded)", showarrow=False, yanchor="top",
+                           yshift=-2, font=dict(size=11))
+        fig.add_annotation(x=2 * (w + gap) + (widest * (w + gap) - gap) / 2 - 0.5, y=0, yref="paper",
+                           text="before (the cluster's channels)", showarrow=False, yanchor="top", yshift=-2,
+                           font=dict(size=11))
+    which = (f"clusters {start + 1}–{start + len(rows)} of {len(cl)} by size" if len(rows) < len(cl)
+             else f"all {len(cl)} clusters")
+    return _layout(fig, title=title or f"Feature maps of {fm['module']}, before and after folding",
+                   subtitle=f"one input; {which}; each row on its own colour scale", x=None, y=None,
+                   height=int(min(900, max(280, 110 + len(rows) * 70))), figure="feature_map_grid",
+                   module=fm["module"], rows=len(rows), clusters=len(cl), start=start)
+
+
 def filter_gallery(weight: np.ndarray, *, module: str = "", columns: int = 8, max_filters: int = 64,
                    title: str | None = None) -> go.Figure:
     """All filters of a layer as small images in channel order (before any clustering).

@@ -534,6 +534,23 @@ class Workbench:
         return self._get(("vinputs", data.spec if data else None, n),
                          lambda: variance_inputs(self.loaded, data.spec if data else None, n)[0])
 
+    @_exclusive
+    def activations(self, result: FoldResult, group_id: str, image: torch.Tensor) -> dict:
+        """Feature maps of ``group_id`` for one input before and after the fold ``result`` (its own clusters and
+        channel map); see :func:`foldviz.explain.feature_maps`."""
+        g = self.group(group_id)
+        module = explain.map_module(self.model, g)
+        if module is None:
+            raise WorkbenchError(f"{group_id} has no layer whose output shows its channels one by one")
+        # a group the plan left alone (skipped, ratio 0) keeps every channel where it was
+        labels = result.labels.get(group_id, np.arange(g.channels))
+        n_out = dict(self.model.named_modules())[module].weight.shape[0]
+        cmap = result.channel_maps.get(module, np.arange(n_out))
+        try:
+            return explain.feature_maps(self.model, result.model, g, labels, cmap, image, module)
+        except ValueError as exc:
+            raise WorkbenchError(str(exc)) from None
+
     # ---- folding --------------------------------------------------------------------------------------
     @_exclusive
     def run(self, plan: FoldPlan, method: str, data: DataSource | None, progress: Progress = None) -> FoldResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import zipfile
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -34,6 +35,44 @@ methods = c1.multiselect("Repair methods to overlay in the variance plot", avail
                          format_func=method_label, key="fr_methods",
                          help="The plan is folded once per method (same clusters, same seed). Fold-DIR is slower.")
 run = c2.button("Run fold", type="primary", key="fr_run", width="stretch")
+
+def _activations_section(outcome) -> None:
+    """CNN-Explainer-style: one input's feature maps of a folded layer, before and after, cluster by cluster."""
+    res = outcome.result
+    folded = [g for g in outcome.report["groups"] if g.get("foldable", True) and g["id"] in res.labels]
+    if not folded:
+        return
+    st.subheader("See activations: one input, before and after folding")
+    most = max(folded, key=lambda g: (g["channels_before"] - g["channels_after"], -folded.index(g)))["id"]
+    ids_ = [g["id"] for g in folded]
+    c1, c2, c3 = st.columns([2, 2, 1])
+    gid = c1.selectbox("Layer (channel group)", ids_, index=ids_.index(most), key="fr_act_group",
+                       help="Default: the group that lost the most channels.")
+    batch = wb.sample_batch(data, 32)
+    idx = c2.slider("Input image", 0, int(batch.shape[0]) - 1, 0, key="fr_act_image",
+                    help=("test images of " + data.spec) if data.spec else "standard-normal inputs (no data selected)")
+    try:
+        fm = wb.activations(res, gid, batch[idx:idx + 1])
+    except Exception as exc:  # noqa: BLE001
+        _ui.report_failure(exc, "Feature maps")
+        return
+    n_cl = len(fm["clusters"])
+    start = 0
+    if n_cl > 6:
+        start = c3.number_input(f"First cluster (1 … {n_cl})", 1, n_cl, 1, step=6, key=f"fr_act_start_{gid}") - 1
+    left, right = st.columns([1, 4])
+    with left:
+        img = batch[idx].detach().cpu().numpy()
+        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        _ui.chart(F.input_image(img, title=f"input #{idx}"), key="fr_act_input")
+    with right:
+        _ui.chart(F.feature_map_grid(fm, start=int(start)), key="fr_act_maps")
+    corr = [c["corr"] for c in fm["clusters"] if c["corr"] is not None and len(c["members"]) > 1]
+    if corr:
+        st.caption(f"Merged clusters of {gid}: the folded map correlates with its members' mean map at "
+                   f"r = {np.mean(corr):.2f} on average (min {np.min(corr):.2f}). Rows show the output of "
+                   f"{fm['module']}; singletons pass through unchanged except for what upstream folds changed.")
+
 
 if run:
     with st.status("Folding…", expanded=True) as status:
@@ -107,6 +146,8 @@ else:
                  "mean variance ratio": (f"{sum(x['ratio'] for x in v['rows']) / len(v['rows']):.3f}" if v["rows"] else "—"),
                  "note": v["error"] or ""} for m_, v in comp["data"].items()]
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="fr_compare_table")
+
+    _activations_section(outcome)
 
     st.subheader("Downloads")
     c1, c2, c3 = st.columns(3)

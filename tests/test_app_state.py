@@ -283,3 +283,20 @@ def test_checkpoint_errors_name_the_users_file_in_plain_words(name, data, says, 
     assert stem not in msg and str(tmp_path) not in msg   # never foldviz's hashed temp copy
     for raw in ("Unsupported operand", "EOFError", "pop from", "deserializing", "PytorchStreamReader"):
         assert raw not in msg
+
+
+def test_results_page_shows_feature_maps_before_and_after():
+    from test_app import chart
+
+    at = new_app()
+    goto(at, "fold_results")
+    at.button(key="fr_run").click().run()
+    assert_clean(at)
+    maps = chart(at, "feature_map_grid")
+    res = at.session_state["outcome"].result
+    gid = at.selectbox(key="fr_act_group").value
+    assert gid in res.labels and maps["layout"]["meta"]["clusters"] == len(set(res.labels[gid]))
+    assert chart(at, "input_image")
+    at.slider(key="fr_act_image").set_value(3).run()
+    assert_clean(at)
+    assert "#3" in chart(at, "input_image")["layout"]["title"]["text"]

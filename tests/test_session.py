@@ -226,3 +226,43 @@ def test_concurrent_folds_on_one_workbench_are_safe_and_identical(wb):
         t.join()
     assert not errors, errors
     assert all(torch.equal(out[0][k], out[i][k]) for i in (1, 2) for k in out[0])
+
+
+def test_feature_maps_before_and_after_a_fold(wb):
+    x = wb.sample_batch(DATA, 4)[:1]
+    # ratio 0: the folded model is the original, map for map
+    res0 = wb.run(wb.default_plan(0.0, "none"), "none", None)
+    fm = wb.activations(res0, "layer1.0.conv1", x)
+    assert fm["module"] == "layer1.0.bn1" and fm["before"].shape == (32, 8, 8) == fm["after"].shape
+    assert np.allclose(fm["before"], fm["after"])
+    assert all(c["corr"] == pytest.approx(1.0) and c["var_ratio"] == pytest.approx(1.0) for c in fm["clusters"])
+    # a real fold: one folded map per cluster, in the fold's own channel order
+    res = wb.run(wb.default_plan(0.5, "none"), "none", None)
+    fm = wb.activations(res, "layer1.0.conv1", x)
+    assert fm["after"].shape == (16, 8, 8) and len(fm["clusters"]) == 16
+    assert sorted(c["folded"] for c in fm["clusters"]) == list(range(16))
+    assert sorted(m for c in fm["clusters"] for m in c["members"]) == list(range(32))
+    assert [len(c["members"]) for c in fm["clusters"]] == sorted((len(c["members"]) for c in fm["clusters"]),
+                                                                  reverse=True)
+
+
+def test_feature_maps_of_exact_duplicates_fold_back_exactly():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from widen import duplicate_channels
+
+    from foldviz.models import load_model
+    from foldviz.session import Workbench
+
+    base = load_model("demo:digits-resnet")
+    x = base.example_input(1)
+    base.model = duplicate_channels(base.model, x)
+    wb2 = Workbench(base)
+    res = wb2.run(wb2.default_plan(0.5, "none"), "none", None)
+    fm = wb2.activations(res, "layer1.0.conv1", torch.randn(1, *x.shape[1:]))
+    for c in fm["clusters"]:
+        assert len(c["members"]) == 2
+        assert np.allclose(fm["after"][c["folded"]], fm["before"][c["members"]], atol=1e-5)
+        assert c["var_ratio"] == pytest.approx(1.0, abs=1e-4)
