@@ -27,6 +27,8 @@ def apply_method(loaded: LoadedModel, plan: FoldPlan, method: str, *, repair_dat
                  progress: Progress = None, device=None) -> FoldResult:
     """Run ``method`` (a key of :data:`foldviz.methods.METHODS`) with the ratios, seed and settings of ``plan``."""
     m = get_method(method)
+    if "cnn" not in m.applies_to:
+        raise ValueError(f"{m.label} is a language-model method: fold LMs with foldviz.lm.fold_lm")
     if m.needs_data and repair_data is None:
         raise ValueError(f"{m.label} needs real data for its repair: pick a dataset (--data SPEC)")
     x = loaded.example_input(1)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 # Only the torch-free registry is imported here: `--help` and argument errors answer in well under a second;
 # each command imports the engine (torch, torchvision) when it runs.
-from .methods import DEFAULT_REPAIR, DEFAULT_REPAIR_SAMPLES, METHODS, VARIANCE_SAMPLES, fold_keys
+from .methods import DEFAULT_REPAIR, DEFAULT_REPAIR_SAMPLES, METHODS, VARIANCE_SAMPLES, fold_keys, keys_for
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ratio", type=_ratio, help="uniform fraction of channels removed per group")
     g.add_argument("--plan", help="fold plan JSON")
     p.add_argument("--repair", choices=fold_keys(), help=f"{repair_help}; default: the plan's, else {DEFAULT_REPAIR}")
-    p.add_argument("--method", choices=["fold", *[k for k, m in METHODS.items() if m.family != "fold"]],
+    p.add_argument("--method", choices=["fold", *[k for k, m in METHODS.items() if m.family != "fold" and k != "fold"]],
                    default="fold", help="fold, or a pruning baseline at the same ratios")
     p.add_argument("--data", help="evaluation/repair data: digits, cifar10:ROOT, ..., imagefolder:DIR")
     p.add_argument("--repair-samples", type=int, default=DEFAULT_REPAIR_SAMPLES,
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem without max-pool (32x32 inputs)")
     p.add_argument("--pretrained", action="store_true", help="download torchvision's pretrained weights")
     p.add_argument("--ratios", type=_ratio, nargs="+")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["none", "r", "ar", "l1", "l2"])
+    p.add_argument("--methods", nargs="+", choices=list(keys_for("cnn")), default=["none", "r", "ar", "l1", "l2"])
     p.add_argument("--data", help="evaluation/repair data: digits, cifar10:ROOT, ..., imagefolder:DIR")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--eval-limit", type=int)

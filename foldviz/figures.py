@@ -255,6 +255,25 @@ def embedding_scatter(coords: np.ndarray, labels: Sequence[int] | np.ndarray, *,
     return fig
 
 
+def selected_channels(points: Sequence[Mapping]) -> list[int]:
+    """Channel ids of the points a plotly click / box / lasso selection returned (their ``customdata[0]``),
+    sorted and without duplicates; points without customdata (e.g. heatmap cells) are skipped."""
+    out = set()
+    for pt in points or []:
+        cd = pt.get("customdata") if isinstance(pt, Mapping) else None
+        if isinstance(cd, Mapping):  # the browser sends a typed-array row as {"0": channel, "1": cluster}
+            cd = cd.get("0", cd.get(0))
+        elif isinstance(cd, (list, tuple)) and cd:
+            cd = cd[0]
+        if cd is None:
+            continue
+        try:
+            out.add(int(cd))
+        except (TypeError, ValueError):
+            continue
+    return sorted(out)
+
+
 def _near_square(d: int) -> tuple[int, int]:
     h = int(math.floor(math.sqrt(d)))
     while h > 1 and d % h:

@@ -1,4 +1,5 @@
-"""The one registry of compression methods: key, label, family, repair, whether it needs data.
+"""The one registry of compression methods: key, label, family, repair, whether it needs data, and the kind of
+model it applies to (``"cnn"``: the channel-group engine; ``"lm"``: :mod:`foldviz.lm`'s decoder folding).
 
 Every part of foldviz that names a method reads it here: plans (the ``repair`` field takes the keys of the
 ``fold`` family), the CLI's choices, the app's widgets and legends, figures, sweeps, reports and benchmarks.
@@ -22,6 +23,7 @@ class Method:
     importance: str | None = None   # prune family: foldviz.prune.IMPORTANCES key
     color: str = "#444444"
     dash: str = "solid"
+    applies_to: tuple[str, ...] = ("cnn",)   # model kinds: "cnn" (channel groups), "lm" (Llama-layout decoders)
 
 
 METHODS: dict[str, Method] = {m.key: m for m in (
@@ -52,8 +54,15 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("l2+r", "L2 pruning + REPAIR", "prune", "r", True,
            "L2 pruning, then recompute BatchNorm statistics on real inputs", importance="l2", color="#8c564b",
            dash="dashdot"),
-    Method("random", "Random pruning", "prune", "none", False, "remove randomly chosen channels (seeded)",
-           importance="random", color="#bbbbbb", dash="dash"),
+    Method("fold", "Fold (k-means)", "fold", "none", False,
+           "language models: cluster the MLP neurons of each layer and the query heads within each KV group, merge "
+           "each cluster (mean on the producing side, sum on the consuming side); no repair",
+           color="#2ca02c", applies_to=("lm",)),
+    Method("magnitude", "Magnitude pruning", "prune", "none", False,
+           "language models: keep the units whose feature vector has the largest L2 norm",
+           importance="l2", color="#7f7f7f", dash="dot", applies_to=("lm",)),
+    Method("random", "Random pruning", "prune", "none", False, "remove randomly chosen channels or units (seeded)",
+           importance="random", color="#bbbbbb", dash="dash", applies_to=("cnn", "lm")),
 )}
 
 # the repair every entry point uses when none is named (library, CLI, app, plans)
@@ -66,9 +75,19 @@ DEFAULT_REPAIR_SAMPLES = 512
 VARIANCE_SAMPLES = 128
 
 
+MODEL_KINDS = ("cnn", "lm")
+
+
+def keys_for(kind: str) -> tuple[str, ...]:
+    """Keys of the methods that apply to a model kind ("cnn" or "lm"), in registry order."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
+    return tuple(k for k, m in METHODS.items() if kind in m.applies_to)
+
+
 def fold_keys() -> tuple[str, ...]:
-    """Keys of the fold family, i.e. the values a plan's ``repair`` field takes."""
-    return tuple(k for k, m in METHODS.items() if m.family == "fold")
+    """Keys of the CNN fold family, i.e. the values a plan's ``repair`` field takes."""
+    return tuple(k for k, m in METHODS.items() if m.family == "fold" and "cnn" in m.applies_to)
 
 
 def get_method(key: str) -> Method:
@@ -84,4 +103,4 @@ def label(key: str) -> str:
     return m.label if m else ("Original" if key == "original" else str(key))
 
 
-__all__ = ["FAMILIES", "Method", "METHODS", "DEFAULT_REPAIR", "DEFAULT_REPAIR_SAMPLES", "VARIANCE_SAMPLES", "fold_keys", "get_method", "label"]
+__all__ = ["FAMILIES", "MODEL_KINDS", "keys_for", "Method", "METHODS", "DEFAULT_REPAIR", "DEFAULT_REPAIR_SAMPLES", "VARIANCE_SAMPLES", "fold_keys", "get_method", "label"]

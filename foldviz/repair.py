@@ -17,6 +17,8 @@ plan's ``repair`` key to its behaviour; labels and descriptions live in :mod:`fo
 from __future__ import annotations
 
 import copy
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -27,7 +29,7 @@ from torch import nn
 
 from .features import group_features
 from .groups import _BN, _CONV, build_dependency_graph
-from .utils import Progress
+from .utils import Progress, state_dict_hash
 
 
 def _bn_producers(dg, model: nn.Module) -> dict[nn.Module, nn.Module]:
@@ -357,6 +359,12 @@ def _forward_with(model: nn.Module, x: torch.Tensor, handles: list) -> None:
         model.train(was)
 
 
+#: Deep-Inversion proxy batches kept per process (a few MB each even at 224 x 224)
+PROXY_CACHE_SIZE = 8
+_PROXY_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_PROXY_LOCK = threading.Lock()
+
+
 def proxy_batch(input_shape, n: int = 256, *, kind: str = "noise", seed: int = 0, model: nn.Module | None = None,
                 num_classes: int | None = None) -> torch.Tensor:
     """A cheap, deterministic proxy input batch (no data): "noise" = N(0, 1) in the model's (normalised) input
@@ -374,9 +382,22 @@ def proxy_batch(input_shape, n: int = 256, *, kind: str = "noise", seed: int = 0
         return (x - x.mean()) / x.std()
     if kind.startswith("di"):  # "di" = 50 steps, "di20" = 20 steps ...
         steps = int(kind[2:] or 50)
-        return deep_inversion(model, tuple(input_shape), num_classes=num_classes, batch_size=int(n), iterations=steps,
-                              lr=0.1, bn_weight=1.0, tv_weight=1e-4, l2_weight=1e-5, jitter=1, seed=seed,
-                              chunk=max(1, DI_CHUNK_PIXELS // _pixels(input_shape)))
+        # the batch depends only on the original model and these settings, never on the plan: every fold of the
+        # same model (sweeps, repair comparisons, the app's live estimate) reuses it
+        key = (state_dict_hash(model), tuple(input_shape), int(n), steps, int(seed), num_classes)
+        with _PROXY_LOCK:
+            hit = _PROXY_CACHE.get(key)
+            if hit is not None:
+                _PROXY_CACHE.move_to_end(key)
+                return hit.clone()
+        x = deep_inversion(model, tuple(input_shape), num_classes=num_classes, batch_size=int(n), iterations=steps,
+                           lr=0.1, bn_weight=1.0, tv_weight=1e-4, l2_weight=1e-5, jitter=1, seed=seed,
+                           chunk=max(1, DI_CHUNK_PIXELS // _pixels(input_shape)))
+        with _PROXY_LOCK:
+            _PROXY_CACHE[key] = x.detach().cpu().clone()
+            while len(_PROXY_CACHE) > PROXY_CACHE_SIZE:
+                _PROXY_CACHE.popitem(last=False)
+        return x
     raise ValueError(f"unknown proxy kind {kind!r}")
 
 

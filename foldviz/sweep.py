@@ -26,7 +26,7 @@ from .metrics import count_params
 from .models import LoadedModel
 from .plans import FoldPlan
 from .apply import DEFAULT_REPAIR_SAMPLES, apply_method, repair_inputs
-from .methods import METHODS
+from .methods import METHODS, keys_for
 from .sweepspec import ModelRef, SweepSpec, spec_from_args
 from .utils import state_dict_hash
 
@@ -428,9 +428,9 @@ def sweep(loaded: LoadedModel, ratios, methods, data_spec: str, *, seeds=(0,), e
     Returns one row per (method, ratio, seed) plus one "original" row first (in plan order whatever the
     executor).  ``progress(done, total, last_row)`` counts the folded cells.
     """
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in keys_for("cnn")]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(keys_for('cnn'))}")
     spec = spec_from_args(ModelRef(spec=loaded.spec or "model"), ratios, methods, data_spec, seeds=seeds,
                           eval_limit=eval_limit, repair_samples=repair_samples, clustering=clustering,
                           repair_settings=repair_settings)

@@ -33,7 +33,7 @@ import jsonschema
 
 from .apply import DEFAULT_REPAIR_SAMPLES
 from .kmeans import DEFAULT_CLUSTERING
-from .methods import METHODS
+from .methods import METHODS, keys_for
 from .plans import SCHEMA as PLAN_SCHEMA
 
 SPEC_VERSION = 1
@@ -73,7 +73,7 @@ def _schema() -> dict:
             "models": {"type": "array", "minItems": 1,
                        "items": {"type": ["string", "object"], "if": {"type": "object"}, "then": _MODEL_OBJECT,
                                  "else": {"minLength": 1}}},
-            "methods": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": list(METHODS)}},
+            "methods": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": list(keys_for("cnn"))}},
             "ratios": {"type": "array", "minItems": 1, "uniqueItems": True, "items": _RATIO},
             "seeds": {"type": "array", "minItems": 1, "uniqueItems": True,
                       "items": {"type": "integer", "minimum": 0}},

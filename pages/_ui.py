@@ -321,6 +321,21 @@ def background(name: str, key: tuple, fn: Callable[[], object], max_items: int =
     return ("failed", exc) if exc is not None else ("done", fut.result())
 
 
+def background_started(name: str, key: tuple) -> bool:
+    store = _bg_store()
+    with store["lock"]:
+        return (name, key) in store["jobs"]
+
+
+#: models up to this many parameters get the plan page's accuracy estimate on every change (the demos fold in
+#: well under a second with the cached Deep-Inversion proxy); larger ones estimate on request
+LIVE_AUTO_PARAMS = 5_000_000
+
+
+def live_estimate_auto(wb: Workbench) -> bool:
+    return wb.summary()["params"] <= LIVE_AUTO_PARAMS
+
+
 def variance_comparison(key: tuple, dkey: tuple, plan_json: str, methods: tuple, _progress=None,
                         _known: dict | None = None) -> dict:
     def run():

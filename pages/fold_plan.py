@@ -33,7 +33,14 @@ def _live_accuracy(where, tag: str) -> None:
         return
     p = _ui.current_plan(wb)
     pj = _ui.plan_json(p.to_dict())
-    state, val = _ui.background("quick_acc", (key, _ui.data_key(data), pj), lambda: wb.quick_accuracy(p, data))
+    job = (key, _ui.data_key(data), pj)
+    if not _ui.live_estimate_auto(wb) and not _ui.background_started("quick_acc", job):
+        # a large model: every estimate is a real fold of it, so the user starts it
+        where.metric("Accuracy estimate", "—", help=f"{wb.spec} is large: estimating folds the whole model.")
+        where.button("Estimate accuracy", key=f"fp_estimate_{tag}",
+                     on_click=lambda: _ui.background("quick_acc", job, lambda: wb.quick_accuracy(p, data)))
+        return
+    state, val = _ui.background("quick_acc", job, lambda: wb.quick_accuracy(p, data))
 
     def show(state, val):
         if state == "done":
@@ -53,7 +60,7 @@ def _live_accuracy(where, tag: str) -> None:
         show(state, val)
         return
 
-    @st.fragment(run_every=0.5)
+    @st.fragment(run_every=1.0)
     def poll():
         s2, v2 = _ui.background("quick_acc", (key, _ui.data_key(data), pj), lambda: None)
         if s2 != "running":

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from foldviz import figures as F
-from foldviz.methods import METHODS, fold_keys
+from foldviz.methods import METHODS, fold_keys, keys_for
 from foldviz.methods import label as method_label
 from foldviz.report import report_csv, report_json
 from foldviz.session import fmt_count
@@ -190,7 +190,7 @@ st.caption("The paper's main figure: fold (or prune) the whole model at several 
 if not data.spec:
     st.warning("A sweep measures accuracy: pick evaluation data on the Model & data page.")
 else:
-    sweep_methods = list(METHODS)
+    sweep_methods = list(keys_for("cnn"))
     c1, c2, c3 = st.columns([3, 3, 1])
     sm = c1.multiselect("Methods", sweep_methods, default=["none", "ar", "l1"], key="fr_sweep_methods",
                         format_func=F.method_label)

@@ -61,7 +61,7 @@ def _select_channel(gid: str, ch: int | None) -> None:
 def _from_scatter(gid: str) -> None:
     """One point clicked: highlight that channel; several (box or lasso): show their cluster statistics."""
     pts = st.session_state[f"le_embedding_{gid}"]["selection"]["points"]
-    chans = sorted({int(p["customdata"][0]) for p in pts if p.get("customdata") is not None})
+    chans = F.selected_channels(pts)
     if len(chans) == 1:
         _select_channel(gid, chans[0])
     st.session_state[f"le_lasso_{gid}"] = chans if len(chans) > 1 else None

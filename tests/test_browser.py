@@ -88,6 +88,39 @@ def browser():
         b.close()
 
 
+TIMES: dict[str, float] = {}
+
+
+def settle(page, timeout: int = RUN_TIMEOUT_MS) -> None:
+    """Wait until the run an action started is over and nothing on the page is stale (greyed out)."""
+    try:  # fast runs may finish before we look: then there is nothing to wait for
+        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='running']", timeout=1500)
+    except Exception:  # noqa: BLE001 — playwright's TimeoutError
+        pass
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout)
+    page.wait_for_function("() => !document.querySelector('[data-stale=\"true\"]')", timeout=timeout)
+
+
+def timed(name: str, page, action, *, timeout: int = RUN_TIMEOUT_MS, until: str | None = None) -> float:
+    """Run ``action`` and record the seconds from it to a settled page (``until``: a selector that must appear)."""
+    t0 = time.perf_counter()
+    action()
+    settle(page, timeout)
+    if until:
+        page.wait_for_selector(until, timeout=timeout)
+    TIMES[name] = round(time.perf_counter() - t0, 3)
+    return TIMES[name]
+
+
+def write_times() -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = (ROOT / "test-artifacts" / "browser-times.json")
+    path.parent.mkdir(exist_ok=True)
+    load = os.getloadavg()
+    path.write_text(json.dumps({"times_s": TIMES, "loadavg": load}, indent=2) + "\n")
+    return path
+
+
 def wait_for_run(page, timeout: int = RUN_TIMEOUT_MS) -> None:
     """Wait until the app is connected and the script run (started by the last action) is finished."""
     page.wait_for_timeout(400)
@@ -132,9 +165,9 @@ def shot(page, name: str, *, clip_to=None) -> Path:
 
 
 def goto_page(page, title: str) -> None:
-    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
-    wait_for_run(page)
-    page.wait_for_selector(f"h1:has-text('{title.split(' (')[0]}')", timeout=RUN_TIMEOUT_MS)
+    key = f"open page: {title}" + (" (again)" if f"open page: {title}" in TIMES else "")
+    timed(key, page, lambda: page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click(),
+          until=f"h1:has-text('{title.split(' (')[0]}')")
 
 
 def scroll_to(page, text: str) -> None:
@@ -145,11 +178,9 @@ def scroll_to(page, text: str) -> None:
 def test_browser_walkthrough(server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(RUN_TIMEOUT_MS)
-    page.goto(server)
-    page.wait_for_selector("[data-testid='stAppViewContainer']")
-    wait_for_run(page)
+    timed("first visit: model page settled", page, lambda: page.goto(server),
+          until="[data-testid='stMetricValue']:has-text('%')")
     page.wait_for_selector("h1:has-text('Model & data')")
-    page.wait_for_selector("[data-testid='stMetricValue']:has-text('%')")  # baseline accuracy
     assert_no_errors(page, "Model & data")
     assert page.get_by_test_id("stSidebarNav").get_by_text("Learn", exact=True).is_visible()
     shot(page, "1-model-data")
@@ -168,6 +199,27 @@ def test_browser_walkthrough(server, browser):
     page.wait_for_selector(".hoverlayer .hovertext", timeout=10_000)
     hover = page.locator(".hoverlayer .hovertext").first.text_content() or ""
     assert "channel" in hover and "cluster" in hover, hover
+
+    # linked views: find a channel -> it is highlighted in the heatmap, the embedding and the neighbour table
+    find = page.get_by_role("spinbutton", name="Find channel")
+    find.fill("3")
+    timed("explorer: find a channel (linked highlight)", page, lambda: find.press("Enter"),
+          until="text=Channel 3 is in cluster")
+    assert page.locator("[data-testid='stPlotlyChart'] .legendtext:has-text('selected')").count() >= 1
+    assert page.get_by_text("Nearest neighbours of channel 3").count() == 1
+    assert page.locator("[data-testid='stPlotlyChart'] .annotation-text:has-text('channel 3')").count() >= 1
+    # a click on a point of the embedding selects that channel instead
+    emb = page.get_by_test_id("stPlotlyChart").nth(2)
+    pt = emb.locator(".scatterlayer .trace").nth(1).locator(".points path").first
+    pt.scroll_into_view_if_needed()
+    timed("explorer: click a point in the embedding", page, lambda: pt.click(force=True))
+    page.wait_for_selector("text=/Channel \\d+ is in cluster/")
+    # the ratio slider: every stop is precomputed in the background
+    page.wait_for_timeout(1500)
+    sl = page.get_by_test_id("stSlider").first.get_by_role("slider")
+    sl.focus()
+    timed("explorer: move the ratio slider", page, lambda: sl.press("ArrowRight"))
+    assert_no_errors(page, "Layer explorer (linked views)")
     shot(page, "2b-layer-detail")
 
     # Fold plan: change the global ratio with the keyboard, preview updates
@@ -180,18 +232,31 @@ def test_browser_walkthrough(server, browser):
     wait_for_run(page)
     page.wait_for_selector("[data-testid='stSidebar'] :text('ratio 40%')")
     assert_no_errors(page, "Fold plan")
+    # skip one group, then ask for a suggestion: the skip stays
+    skip = page.get_by_test_id("stCheckbox").filter(has_text="Skip").first
+    timed("plan: toggle skip", page, lambda: skip.click())
+    page.wait_for_selector("[data-testid='stSidebar'] :text('1 skipped')")
     # a suggested plan replaces the widgets' values in the browser too (no stale slider state)
-    page.get_by_role("button", name="Suggest a plan").click()
-    wait_for_run(page)
-    page.wait_for_selector("text=Suggested plan for 50% parameter sparsity")
+    timed("plan: suggest a plan", page, lambda: page.get_by_role("button", name="Suggest a plan").click(),
+          until="text=Suggested plan for 50% parameter sparsity")
+    assert "1 skipped" in page.get_by_test_id("stSidebar").inner_text()   # the suggestion kept the skip
+    assert "stay skipped" in page.get_by_test_id("stAlertContentSuccess").first.inner_text()
     side = page.get_by_test_id("stSidebar").inner_text()
     suggested = int(re.search(r"ratio (\d+)%", side).group(1))
     assert 0 < suggested < 95 and "0 override(s)" not in side, side   # never the old "global ratio 0%"
     slider = page.get_by_test_id("stSlider").first.get_by_role("slider")
     slider.focus()
-    slider.press("ArrowRight")
-    wait_for_run(page)
+    timed("plan: move the global ratio", page, lambda: slider.press("ArrowRight"))
     page.wait_for_selector(f"[data-testid='stSidebar'] :text('ratio {suggested + 5}%')")
+    # the live accuracy estimate follows the plan
+    page.wait_for_selector("[data-testid='stMetricLabel']:has-text('Accuracy estimate (256 test samples)')",
+                           timeout=RUN_TIMEOUT_MS)
+    # reload: the plan lives in the URL and comes back
+    assert "s=" in page.url
+    timed("plan: reload the tab", page, lambda: page.reload(),
+          until=f"[data-testid='stSidebar'] :text('ratio {suggested + 5}%')")
+    assert "1 skipped" in page.get_by_test_id("stSidebar").inner_text()
+    page.wait_for_selector("h1:has-text('Fold plan')")
     assert "0 override(s)" not in page.get_by_test_id("stSidebar").inner_text()
     assert_no_errors(page, "Fold plan after suggestion")
     wait_for_charts(page, 1)
@@ -205,8 +270,10 @@ def test_browser_walkthrough(server, browser):
 
     # Fold & results: run the plan
     goto_page(page, "Fold & results")
-    page.get_by_role("button", name="Run fold").click()
-    page.wait_for_selector("[data-testid='stMetricLabel']:has-text('Accuracy')", timeout=RUN_TIMEOUT_MS)
+    timed("results: run fold (+3-method variance comparison)", page,
+          lambda: page.get_by_role("button", name="Run fold").click(),
+          until="[data-testid='stMetricLabel']:has-text('Accuracy')")
+    page.wait_for_selector("text=See activations")
     wait_for_run(page)
     wait_for_charts(page, 3)
     assert_no_errors(page, "Fold & results")
@@ -228,21 +295,28 @@ def test_browser_walkthrough(server, browser):
 
     # Sweep (small: two ratios, default methods)
     scroll_to(page, "Sweep: accuracy vs. parameter sparsity")
-    page.get_by_role("button", name="Run sweep").click()
-    page.wait_for_selector("text=Sweep done", timeout=RUN_TIMEOUT_MS)
+    timed("results: run sweep (3 methods x 4 ratios)", page,
+          lambda: page.get_by_role("button", name="Run sweep").click(), until="text=Sweep done")
     wait_for_run(page)
     wait_for_charts(page, 4)
     assert_no_errors(page, "Sweep")
     page.get_by_test_id("stPlotlyChart").last.scroll_into_view_if_needed()
     page.wait_for_timeout(500)
     shot(page, "4c-sweep")
+    assert page.locator("[data-testid='stPlotlyChart'] .legendtext:has-text('your plan')").count() == 1
+    # the report zip holds the variance plot, the sweep table and the sweep plot
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Report (.zip: JSON, CSV, plots)").click()
+    with zipfile.ZipFile(dl.value.path()) as z:
+        names = set(z.namelist())
+    assert {"report.json", "groups.csv", "plan.json", "sweep.csv", "plots/variance_ratio.html",
+            "plots/sweep.html"} <= names, names
 
     # Learn: walk every step
     goto_page(page, "Learn")
     wait_for_charts(page, 1)
     for step in range(6):
-        page.get_by_role("button", name="Next →").click()
-        wait_for_run(page)
+        timed(f"learn: next to step {step + 2}", page, lambda: page.get_by_role("button", name="Next →").click())
         assert_no_errors(page, f"Learn step {step + 2}")
         if step == 1:
             wait_for_charts(page, 2)
@@ -257,3 +331,4 @@ def test_browser_walkthrough(server, browser):
     assert f"{(suggested + 5) / 100:.2f}" in page.get_by_test_id("stSlider").first.inner_text()
     assert_no_errors(page, "Fold plan (again)")
     page.close()
+    print("interaction times (s):", json.dumps(TIMES, indent=1), "->", write_times())

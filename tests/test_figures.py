@@ -336,3 +336,10 @@ def test_sweep_plot_original_row_is_baseline():
     spec = _spec(F.sweep_plot(rows))
     assert [t["name"] for t in spec["data"]] == ["Fold-AR"]
     assert spec["layout"]["shapes"][0]["y0"] == pytest.approx(97.0)
+
+
+def test_selected_channels_reads_browser_and_python_selections():
+    pts = [{"customdata": {"0": 7, "1": 2}}, {"customdata": [3, 1]}, {"customdata": (7, 2)}, {"x": 1, "y": 2},
+           {"customdata": None}, {"customdata": {"0": "x"}}]
+    assert F.selected_channels(pts) == [3, 7]
+    assert F.selected_channels([]) == [] and F.selected_channels(None) == []

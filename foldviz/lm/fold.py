@@ -31,12 +31,14 @@ from torch import nn
 
 from ..kmeans import DEFAULT_CLUSTERING, k_for_ratio, kmeans
 from ..plans import FoldPlan, PlanError
+from ..methods import keys_for
 from .groups import LMGroup, attn_shape, decoder_layers, find_lm_groups
 
 __all__ = ["LM_METHODS", "LMFoldResult", "lm_plan", "fold_lm", "layer_sizes", "sync_config", "is_uniform",
            "count_params", "check_plan", "config_problem"]
 
-LM_METHODS = ("fold", "magnitude", "random")
+#: the registry's language-model methods (foldviz.methods, applies_to "lm"): ("fold", "magnitude", "random")
+LM_METHODS = keys_for("lm")
 METHOD_LABELS = {"fold": "Model folding (data-free)", "magnitude": "Magnitude pruning (L2)",
                  "random": "Random pruning"}
 
@@ -171,12 +173,17 @@ def _apply(t: torch.Tensor, labels: np.ndarray, k: int, method: str, mean: bool)
 
 
 # -------------------------------------------------------------------------------------------------------------
-def _fold_mlp(mlp: nn.Module, k: int, plan: FoldPlan, method: str, seed: int):
+def mlp_features(mlp: nn.Module) -> torch.Tensor:
+    """(intermediate, d) feature of each MLP neuron: gate row | up row | down column (| gate, up bias)."""
     g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     parts = [g.weight.detach().float(), u.weight.detach().float(), d.weight.detach().float().T]
     parts += [b.detach().float()[:, None] for b in (g.bias, u.bias) if b is not None]
-    feat = torch.cat(parts, dim=1)
-    del parts
+    return torch.cat(parts, dim=1)
+
+
+def _fold_mlp(mlp: nn.Module, k: int, plan: FoldPlan, method: str, seed: int):
+    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    feat = mlp_features(mlp)
     labels, inertia = _cluster(feat, k, plan, method, seed)
     del feat
     k_eff = k if method == "fold" else int((labels >= 0).sum())
@@ -194,20 +201,18 @@ def _fold_mlp(mlp: nn.Module, k: int, plan: FoldPlan, method: str, seed: int):
     return labels, inertia
 
 
-def _fold_heads(attn: nn.Module, config, r: float, plan: FoldPlan, method: str, seed: int):
+def _head_features(blocks: dict, ow: torch.Tensor, sl: slice) -> torch.Tensor:
+    """(heads in ``sl``, d): each query head's q block (| q bias; MHA: | k, v blocks and biases) | o columns."""
+    per = sl.stop - sl.start
+    return torch.cat([b[sl].reshape(per, -1) for b in blocks.values()] + [ow[sl].reshape(per, -1)], dim=1)
+
+
+def _head_blocks(attn: nn.Module, config) -> tuple[dict, torch.Tensor, int, int, int, bool]:
+    """The per-head weight blocks the fold merges: (blocks, o columns (nq, out, hd), nq, nkv, hd, mha)."""
     nq, nkv, hd = attn_shape(attn, config)
     q, k_, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-    hidden_out = o.out_features
     mha = nq == nkv
-    if mha:
-        kv_groups, per = 1, nq
-    else:
-        kv_groups, per = nkv, nq // nkv
-    kk = k_for_ratio(per, r)
-    # head-major blocks: (nq, hd, in) for q (and k, v in MHA); o columns as (nq, out, hd)
-    qw = q.weight.detach().float().reshape(nq, hd, -1)
-    ow = o.weight.detach().float().reshape(hidden_out, nq, hd).permute(1, 0, 2)
-    blocks = {"q": qw}
+    blocks = {"q": q.weight.detach().float().reshape(nq, hd, -1)}
     if q.bias is not None:
         blocks["qb"] = q.bias.detach().float().reshape(nq, hd)
     if mha:
@@ -216,12 +221,33 @@ def _fold_heads(attn: nn.Module, config, r: float, plan: FoldPlan, method: str, 
         for nm, lin in (("kb", k_), ("vb", v)):
             if lin.bias is not None:
                 blocks[nm] = lin.bias.detach().float().reshape(nq, hd)
+    ow = o.weight.detach().float().reshape(o.out_features, nq, hd).permute(1, 0, 2)
+    return blocks, ow, nq, nkv, hd, mha
+
+
+def head_features(attn: nn.Module, config) -> tuple[torch.Tensor, int]:
+    """(query heads, d) features of every head, in head order, and the heads per clustering unit (the KV group;
+    MHA: all heads). The fold clusters rows ``j*per .. (j+1)*per`` together, with seed ``plan.seed + j``."""
+    blocks, ow, nq, nkv, _hd, mha = _head_blocks(attn, config)
+    per = nq if mha else nq // nkv
+    return _head_features(blocks, ow, slice(0, nq)), per
+
+
+def _fold_heads(attn: nn.Module, config, r: float, plan: FoldPlan, method: str, seed: int):
+    q, k_, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+    hidden_out = o.out_features
+    blocks, ow, nq, nkv, hd, mha = _head_blocks(attn, config)   # the same blocks head_features() reads
+    if mha:
+        kv_groups, per = 1, nq
+    else:
+        kv_groups, per = nkv, nq // nkv
+    kk = k_for_ratio(per, r)
     all_labels = np.full(nq, -1, dtype=np.int64)
     inertia = 0.0
     merged = {nm: [] for nm in list(blocks) + ["o"]}
     for j in range(kv_groups):
         sl = slice(j * per, (j + 1) * per)
-        feat = torch.cat([b[sl].reshape(per, -1) for b in blocks.values()] + [ow[sl].reshape(per, -1)], dim=1)
+        feat = _head_features(blocks, ow, sl)
         labels, ine = _cluster(feat, kk, plan, method, seed + j)
         inertia += ine
         for nm, b in blocks.items():
