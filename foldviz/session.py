@@ -408,9 +408,22 @@ class Workbench:
                          "suggested_ratio": round(suggest_ratio(red["score"], level), 2) if g.foldable else 0.0})
         return rows
 
-    def inertia_curve(self, group_id: str, plan: FoldPlan, ratios: Sequence[float] = tuple(np.arange(10) / 10)):
-        pts = inertia_curve(self.features(group_id, plan.repair, plan), list(ratios), seed=plan.seed)
-        return [(p["ratio"], p["k"], p["relative_inertia"]) for p in pts]
+    def inertia_curve(self, group_id: str, plan: FoldPlan, ratios: Sequence[float] = SLIDER_RATIOS,
+                      *, ready_only: bool = False) -> list[tuple[float, int, float]]:
+        """(ratio, k, inertia / total variance) of the fold's own clusters at each ratio (the clusters
+        :meth:`cluster` caches). ``ready_only``: only the ratios already computed (no waiting)."""
+        x = self.features(group_id, plan.repair, plan)
+        total = self._get(("total_var", group_id, _space(plan.repair), self._bns(group_id, plan, plan.repair)),
+                          lambda: float(((x - x.mean(0)) ** 2).sum()) or 1.0)
+        ready = set(self.path_status(group_id, plan, ratios)["ready"]) if ready_only else None
+        out = []
+        for r in ratios:
+            r = round(float(r), 4)
+            if ready is not None and r not in ready:
+                continue
+            res = self.cluster(group_id, plan, r)
+            out.append((r, int(res.k), float(res.inertia) / total))
+        return out
 
     def group_detail(self, group_id: str, plan: FoldPlan, ratio: float | None = None, *,
                      embed_method: str = "pca") -> dict:

@@ -258,12 +258,6 @@ def warm_up_umap(wb: Workbench | None = None) -> None:
     threading.Thread(target=warm_up, name="foldviz-umap-warmup", daemon=True).start()
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
-def inertia_curve(key: tuple, group_id: str, plan_json: str) -> list:
-    wb = _wb(key)
-    return wb.inertia_curve(group_id, wb.plan_from(json.loads(plan_json)))
-
-
 @st.cache_data(show_spinner=False, max_entries=64)
 def baseline_eval(key: tuple, dkey: tuple) -> dict:
     return _wb(key).evaluate(None, DataSource(*dkey))

@@ -186,10 +186,13 @@ def _detail() -> None:
     with left:
         _ui.chart(F.cluster_size_histogram(d["labels"], group=gid), key="le_sizes")
     with right:
-        try:
-            pts = _ui.inertia_curve(key, gid, _ui.plan_json(plan.to_dict()))
+        try:  # the fold's own clusters at every slider stop computed so far (the background fills in the rest)
+            pts = wb.inertia_curve(gid, plan, ready_only=True)
             _ui.chart(F.inertia_curve(pts, current_ratio=ratio, title=f"k-means inertia vs. fold ratio — {gid}"),
                       key="le_inertia")
+            if len(pts) < status["total"]:
+                st.caption(f"{len(pts)} of {status['total']} ratios so far; the rest appear as the background "
+                           "clustering finishes (rerun the page or move the slider).")
         except Exception as exc:  # noqa: BLE001
             _ui.report_failure(exc, "Inertia curve")
 
