@@ -787,6 +787,64 @@ def sweep_plot(rows: Sequence[Mapping], *, methods: Sequence[str] | None = None,
                    figure="sweep_plot", methods=[m for m in order if m in by])
 
 
+def lm_sweep_plot(rows: Sequence[Mapping], *, user_point: Mapping | None = None,
+                  title: str | None = None) -> go.Figure:
+    """Perplexity vs. fraction of parameters removed, one line per LM method (log y); the unfolded model is a
+    dotted line and ``user_point`` (``removed_fraction``, ``perplexity``) a star ("your plan")."""
+    by: dict[str, list] = defaultdict(list)
+    base = None
+    for r in rows:
+        if r["method"] == "original":
+            base = float(r["perplexity"])
+            continue
+        by[str(r["method"])].append((100 * float(r["removed_fraction"]), float(r["perplexity"]), float(r["ratio"])))
+    fig = go.Figure()
+    for m, pts in by.items():
+        pts.sort()
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                                 name=method_label(m), line=_style(m), customdata=[[100 * p[2]] for p in pts],
+                                 hovertemplate=f"{method_label(m)}<br>%{{x:.1f}}% of parameters removed<br>"
+                                               "perplexity %{y:.2f}<br>unit ratio %{customdata[0]:.0f}%<extra></extra>"))
+    if base is not None:
+        fig.add_hline(y=base, line=dict(color="#444", dash="dot"), annotation_text=f"unfolded ({base:.1f})",
+                      annotation_position="top left")
+    if user_point is not None and user_point.get("perplexity") is not None:
+        fig.add_trace(go.Scatter(x=[100 * float(user_point["removed_fraction"])], y=[float(user_point["perplexity"])],
+                                 mode="markers+text", name="your plan", text=[user_point.get("label", "your plan")],
+                                 textposition="top center",
+                                 marker=dict(symbol="star", size=18, color="#e45756", line=dict(width=1, color="black")),
+                                 hovertemplate="your plan<br>%{x:.1f}% removed<br>perplexity %{y:.2f}<extra></extra>"))
+    fig.update_yaxes(type="log")
+    return _layout(fig, title=title or "Perplexity vs. parameters removed",
+                   x="parameters removed (% of all parameters)", y="held-out perplexity (log scale)", height=440,
+                   figure="lm_sweep_plot", methods=list(by))
+
+
+def lm_head_layout(n_layers: int, n_heads: int, n_kv: int, kept: Sequence[int] | None = None, *,
+                   title: str | None = None) -> go.Figure:
+    """Query heads of every decoder layer as a grid (rows: layers, columns: heads), coloured by the KV group
+    (key/value head) they read; ``kept`` (per layer, heads kept per KV group after a plan) greys out the rest."""
+    per = max(1, n_heads // max(1, n_kv))
+    z = np.tile(np.arange(n_heads) // per, (n_layers, 1)).astype(float)
+    text = [[f"q{h}→kv{h // per}" for h in range(n_heads)] for _ in range(n_layers)]
+    if kept is not None:
+        for i, k in enumerate(kept):
+            for h in range(n_heads):
+                if h % per >= k:
+                    z[i, h] = np.nan
+    colors = [CLUSTER_COLORS[i % len(CLUSTER_COLORS)] for i in range(max(1, n_kv))]
+    scale = [[i / max(1, n_kv - 1), c] for i, c in enumerate(colors)] if n_kv > 1 else [[0, colors[0]], [1, colors[0]]]
+    fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}" if n_heads <= 16 else None, colorscale=scale,
+                               zmin=0, zmax=max(1, n_kv - 1), showscale=False, xgap=2, ygap=2, hoverongaps=False,
+                               hovertemplate="layer %{y} · query head %{x}<br>%{text}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=list(range(n_layers)),
+                     ticktext=[f"layer {i}" for i in range(n_layers)])
+    fig.update_xaxes(tickmode="array", tickvals=list(range(n_heads)), ticktext=[str(h) for h in range(n_heads)])
+    return _layout(fig, title=title or f"Query heads per layer, coloured by KV group ({n_kv} KV heads, {per} query "
+                   "heads each)", x="query head", y=None, height=int(min(700, 140 + 34 * n_layers)),
+                   figure="lm_head_layout", layers=n_layers, heads=n_heads, kv=n_kv)
+
+
 def plan_preview_bars(groups: Sequence[Mapping], *, title: str | None = None) -> go.Figure:
     """Per-group fold ratio of a plan (``id``, ``ratio``, ``channels_before``, ``channels_after``, ``skip``)."""
     if not groups:

@@ -110,8 +110,11 @@ class DataSource:
 
 
 def default_data_for(spec: str) -> DataSource:
-    """Demos are evaluated on digits; other models start without data (the user picks a dataset)."""
-    return DataSource("digits") if str(spec).startswith("demo:") else DataSource(None)
+    """Vision demos are evaluated on digits; other models (and language models, which use text) start without."""
+    from .lm.io import list_lm_demos
+
+    s = str(spec)
+    return DataSource("digits") if s.startswith("demo:") and s[5:] not in list_lm_demos() else DataSource(None)
 
 
 def save_upload(data: bytes, filename: str, directory: str | Path | None = None) -> str:

@@ -175,8 +175,26 @@ def _workbench(key: tuple) -> Workbench:
     return wb
 
 
-def get_workbench(src: ModelSource | None = None) -> Workbench:
-    """The Workbench for ``src`` (default: the session's model); raises WorkbenchError."""
+@st.cache_resource(show_spinner="Loading the language model…", max_entries=3)
+def _lm_workbench(spec: str):
+    from foldviz.lm.session import LMWorkbench
+
+    return LMWorkbench.load(spec)
+
+
+def is_lm(src: ModelSource | None = None) -> bool:
+    """Whether the session's model (or ``src``) is a language model (foldviz.lm)."""
+    from foldviz.lm.session import is_lm_spec
+
+    return is_lm_spec((src or model_source()).spec)
+
+
+def get_workbench(src: ModelSource | None = None):
+    """The Workbench for ``src`` (default: the session's model): a foldviz.session.Workbench, or a
+    foldviz.lm.session.LMWorkbench for a language model; raises WorkbenchError."""
+    src = src or model_source()
+    if is_lm(src):
+        return _lm_workbench(src.spec)
     return _workbench(source_key(src))
 
 
@@ -498,7 +516,8 @@ def sidebar(wb: Workbench | None) -> None:
         p = ss.get("plan")
         if p:
             st.markdown("**Plan**")
-            st.caption(f"{method_label(p['repair'])} · ratio {100 * p['default_ratio']:.0f}% · "
+            st.caption(f"{'LM fold (no repair)' if is_lm() else method_label(p['repair'])} · ratio "
+                       f"{100 * p['default_ratio']:.0f}% · "
                        f"{len(p.get('ratios', {}))} override(s) · {len(p.get('skip', []))} skipped · seed {p['seed']}")
         out = ss.get("outcome")
         if out is not None:

@@ -13,6 +13,12 @@ from foldviz.repair import dir_defaults
 from foldviz.session import WorkbenchError, fmt_count
 from pages import _ui
 
+if _ui.is_lm():  # a language model: its own views (pages/_lm.py)
+    from pages import _lm
+
+    _lm.plan_page()
+    st.stop()
+
 K = _ui.pkey
 
 wb, key, plan = _ui.page("Fold plan", "Decide how much of each channel group to fold and how to repair the statistics "

@@ -16,6 +16,12 @@ from foldviz.session import fmt_count
 from foldviz.sweep import to_csv as sweep_csv
 from pages import _ui
 
+if _ui.is_lm():  # a language model: its own views (pages/_lm.py)
+    from pages import _lm
+
+    _lm.results_page()
+    st.stop()
+
 wb, key, plan = _ui.page("Fold & results", "Run the plan on a copy of the model, compare before and after, and see "
                          "what each repair method does to the activation statistics.")
 data = _ui.data_source()
@@ -208,6 +214,8 @@ else:
                 rows = _ui.sweep(*skey, _progress=_ui.progress_reporter(status))
                 ss["sweep"] = {"key": skey, "rows": rows, "methods": list(sm)}
                 status.update(label=f"Sweep done: {len(rows)} points", state="complete", expanded=False)
+                _ui.flash("success", f"Sweep done: {len(rows)} points (also in the report download above).")
+                st.rerun()  # the Downloads section above was drawn before the sweep: redraw it with the sweep
             except Exception as exc:  # noqa: BLE001
                 status.update(label="Sweep failed", state="error", expanded=False)
                 _ui.report_failure(exc, "The sweep")

@@ -9,6 +9,12 @@ from foldviz import figures as F
 from foldviz.methods import label as method_label
 from pages import _ui
 
+if _ui.is_lm():  # a language model: its own views (pages/_lm.py)
+    from pages import _lm
+
+    _lm.explorer_page()
+    st.stop()
+
 wb, key, plan = _ui.page("Layer explorer", "Overview first: how similar are the channels of each group? Then one "
                          "group in detail: its similarity matrix, the fold's clusters and the filters each cluster "
                          "merges.")

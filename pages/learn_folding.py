@@ -29,7 +29,11 @@ ss.setdefault("learn_step", 0)
 
 # the Learn page always uses a demo (the current model when it is one)
 cur = _ui.model_source()
-src = cur if cur.spec.startswith("demo:") and not cur.weights else ModelSource(DEFAULT_MODEL)
+src = cur if cur.spec.startswith("demo:") and not cur.weights and not _ui.is_lm(cur) else ModelSource(DEFAULT_MODEL)
+if _ui.is_lm(cur):
+    st.info("The walkthrough explains folding on a CNN (filters and BatchNorm statistics). For your language model, "
+            "the Layer explorer shows the MLP neurons and query heads the fold merges, and Fold & results compares "
+            "perplexity and generations.")
 try:
     wb = _ui.get_workbench(src)
 except Exception as exc:  # noqa: BLE001

@@ -16,9 +16,10 @@ cur = _ui.model_source()
 
 
 def _demos() -> list[str]:
+    from foldviz.lm import list_lm_demos
     from foldviz.models import list_demos
 
-    return [f"demo:{d}" for d in list_demos()]
+    return [f"demo:{d}" for d in list_demos()] + [f"demo:{d}" for d in list_lm_demos()]
 
 
 @st.cache_data(show_spinner=False)
@@ -48,8 +49,9 @@ def _try_load(src: ModelSource, data: DataSource | None) -> None:
 # ---------------------------------------------------------------------------- model choice
 with st.container(border=True):
     st.subheader("1 · Model")
-    kinds = ["Bundled demo", "torchvision architecture", "Upload a checkpoint"]
-    default_kind = 0 if cur.spec.startswith("demo:") and not cur.weights else (1 if not cur.weights else 2)
+    kinds = ["Bundled demo", "torchvision architecture", "Upload a checkpoint", "Local Hugging Face model (LM)"]
+    default_kind = (3 if cur.spec.startswith("hf:") else 0 if cur.spec.startswith("demo:") and not cur.weights
+                    else (1 if not cur.weights else 2))
     kind = st.radio("Source", kinds, index=default_kind, horizontal=True, key="md_kind")
     demos = _demos()
     if kind == "Bundled demo":
@@ -58,7 +60,9 @@ with st.container(border=True):
         else:
             idx = demos.index(cur.spec) if cur.spec in demos else 0
             spec = st.selectbox("Demo model", demos, index=idx, key="md_demo",
-                                help="Small networks trained on scikit-learn's 8×8 handwritten digits.")
+                                format_func=lambda d: d + (" (language model)" if _ui.is_lm(ModelSource(d)) else ""),
+                                help="Small CNNs/MLPs trained on scikit-learn's 8×8 handwritten digits, and small "
+                                     "GQA Llama language models trained on Shakespeare.")
             if spec != cur.spec or cur.weights:
                 if st.button("Load demo", type="primary", key="md_load_demo"):
                     _try_load(ModelSource(spec), default_data_for(spec))
@@ -75,8 +79,15 @@ with st.container(border=True):
         if st.button("Load architecture", type="primary", key="md_load_tv"):
             _try_load(ModelSource(f"torchvision:{arch}", num_classes=int(ncls), cifar_stem=bool(stem)),
                       DataSource(None))
+    elif kind == "Local Hugging Face model (LM)":
+        path = st.text_input("Directory written by save_pretrained (config.json + *.safetensors; tokenizer.json for "
+                             "text)", value=cur.spec[3:] if cur.spec.startswith("hf:") else "", key="md_hf_dir",
+                             help="Llama, Mistral, Qwen2/Qwen3 layouts. Read offline (HF_HUB_OFFLINE=1), safetensors "
+                                  "only: pickled .bin weights are refused.")
+        if path.strip() and st.button("Load language model", type="primary", key="md_load_hf"):
+            _try_load(ModelSource(f"hf:{path.strip()}"), DataSource(None))
     else:
-        archs = demos + [f"torchvision:{a}" for a in _torchvision_archs()]
+        archs = [d for d in demos if not _ui.is_lm(ModelSource(d))] + [f"torchvision:{a}" for a in _torchvision_archs()]
         c1, c2 = st.columns([2, 1])
         target = c1.selectbox("Architecture of the checkpoint", archs, key="md_up_arch",
                               index=archs.index(cur.spec) if cur.spec in archs else 0,  # the loaded model's
@@ -99,6 +110,11 @@ with st.container(border=True):
                 _try_load(src, default_data_for(target) if target.startswith("demo:") else _ui.data_source())
 
 wb = _ui.workbench_or_stop()
+if _ui.is_lm():
+    from pages import _lm
+
+    _lm.model_page(wb)
+    st.stop()
 
 # ---------------------------------------------------------------------------- data choice
 with st.container(border=True):

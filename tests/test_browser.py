@@ -296,7 +296,7 @@ def test_browser_walkthrough(server, browser):
     # Sweep (small: two ratios, default methods)
     scroll_to(page, "Sweep: accuracy vs. parameter sparsity")
     timed("results: run sweep (3 methods x 4 ratios)", page,
-          lambda: page.get_by_role("button", name="Run sweep").click(), until="text=Sweep done")
+          lambda: page.get_by_role("button", name="Run sweep").click(), until="text=/Sweep done: \\d+ points/")
     wait_for_run(page)
     wait_for_charts(page, 4)
     assert_no_errors(page, "Sweep")

@@ -322,6 +322,34 @@ def sync_config(model: nn.Module) -> bool:
     return uniform
 
 
+def group_seed(plan: FoldPlan, g: LMGroup) -> int:
+    """The clustering seed fold_lm uses for group ``g`` (KV group j of a heads group adds j)."""
+    return plan.seed + 1009 * (g.layer or 0) + (0 if g.kind == "mlp" else 500)
+
+
+def group_labels(model: nn.Module, g: LMGroup, plan: FoldPlan, ratio: float | None = None,
+                 method: str = "fold") -> tuple[np.ndarray, float]:
+    """The units' new indices (-1 = removed) and inertia that :func:`fold_lm` produces for group ``g`` at
+    ``ratio`` (default: the plan's), computed on the same features with the same seeds, without folding."""
+    r = plan.ratio_for(g.id) if ratio is None else float(ratio)
+    layer = decoder_layers(model)[g.layer]
+    seed = group_seed(plan, g)
+    if r <= 0:
+        return np.arange(g.n), 0.0
+    if g.kind == "mlp":
+        return _cluster(mlp_features(layer.mlp), k_for_ratio(g.n, r), plan, method, seed)
+    feat, per = head_features(layer.self_attn, model.config)
+    kk = k_for_ratio(per, r)
+    out, inertia = np.full(g.n, -1, dtype=np.int64), 0.0
+    for j in range(g.n // per):
+        lab, ine = _cluster(feat[j * per:(j + 1) * per], kk, plan, method, seed + j)
+        lab = lab.copy()
+        lab[lab >= 0] += j * kk
+        out[j * per:(j + 1) * per] = lab
+        inertia += ine
+    return out, inertia
+
+
 def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool = False,
             progress=None) -> LMFoldResult:
     """Fold (or prune, ``method="magnitude"|"random"``) a Llama-layout decoder according to ``plan``.
@@ -345,7 +373,7 @@ def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool =
         for idx, g in enumerate(todo):
             r = plan.ratio_for(g.id)
             tg = time.perf_counter()
-            seed = plan.seed + 1009 * (g.layer or 0) + (0 if g.kind == "mlp" else 500)
+            seed = group_seed(plan, g)
             if r <= 0:
                 labels, inertia, n_after = np.arange(g.n), 0.0, g.n
             elif g.kind == "mlp":
