@@ -323,12 +323,34 @@ def _release_freed_memory() -> None:
         pass
 
 
+#: commands that take a language-model spec (hf:DIR, or a bundled LM demo) and run foldviz.lm's version
+LM_COMMANDS = ("inspect", "fold", "eval")
+
+
+def _is_lm_spec(spec: str) -> bool:
+    if spec.startswith("hf:"):
+        return True
+    if spec.startswith("demo:"):  # an LM demo is a folder with a causal-LM card (read without importing torch)
+        card = Path(__file__).resolve().parent.parent / "assets" / "models" / spec[5:] / "card.json"
+        try:
+            return card.is_file() and json.loads(card.read_text()).get("kind") == "causal-lm"
+        except (OSError, ValueError):
+            return False
+    return False
+
+
 def main(argv=None) -> int:
     """Run the CLI. Failures: one ``error: ...`` line on stderr and exit 2 (unexpected exceptions too, with a hint;
     ``FOLDVIZ_DEBUG=1`` shows the traceback); Ctrl+C: exit 130, quietly; a closed stdout pipe: quiet exit 1."""
     import os
 
     debug = os.environ.get("FOLDVIZ_DEBUG", "") not in ("", "0")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] in LM_COMMANDS and _is_lm_spec(argv[1]):
+        # a language model: foldviz.lm's commands (same plan format, methods registry and report schema)
+        from .lm.__main__ import main as lm_main
+
+        return lm_main(argv)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

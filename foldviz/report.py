@@ -26,7 +26,12 @@ REPORT_KEYS = (
     "params_before", "params_after", "param_sparsity", "flops_before", "flops_after", "flops_unit",
     "size_bytes_before", "size_bytes_after", "latency", "accuracy_before", "accuracy_after", "loss_before",
     "loss_after", "variance_inputs", "variance_ratio", "variance_notes", "groups", "seconds", "repair_samples",
+    "perplexity_before", "perplexity_after",
 )
+# language models (foldviz.lm): ``data`` is the evaluation text spec, ``accuracy_*``/``flops_*``/``latency`` are None,
+# ``perplexity_*`` are foldviz.lm.perplexity results ({"perplexity", "windows", "seq_len", "protocol", ...}),
+# ``variance_ratio`` holds one row per decoder layer: Var(folded MLP output) / Var(original MLP output), and a
+# group's ``channels_*`` count its units (MLP neurons or query heads)
 GROUP_COLUMNS = ("id", "channels_before", "channels_after", "ratio", "inertia", "n_iter", "foldable", "reason")
 
 
@@ -95,6 +100,32 @@ def build_report(loaded: LoadedModel, result: FoldResult, *, data_spec: str | No
         for key, msg in cmp[side].get("errors", {}).items():
             report[f"{key}_{side}"] = {"error": msg}
     report["seconds"]["report"] = time.perf_counter() - t
+    return report
+
+
+def build_lm_report(spec: str, weights_sha256: str, result, *, text: str | None = None,
+                    ppl_before: dict | None = None, ppl_after: dict | None = None,
+                    variance: list[dict] | None = None, size_bytes: tuple[int, int] | None = None) -> dict:
+    """The report of one language-model fold (a :class:`foldviz.lm.LMFoldResult`), in the same schema."""
+    m = METHODS[result.method]
+    report = dict.fromkeys(REPORT_KEYS)
+    report.update({
+        "report_version": REPORT_VERSION, "model": spec, "weights_sha256": weights_sha256, "method": m.key,
+        "label": m.label, "family": m.family, "plan": result.plan.to_dict(), "data": text,
+        "params_before": result.params_before, "params_after": result.params_after,
+        "param_sparsity": result.removed_fraction, "flops_unit": "not measured for language models",
+        "size_bytes_before": size_bytes[0] if size_bytes else None,
+        "size_bytes_after": size_bytes[1] if size_bytes else None,
+        "groups": [{"id": g["id"], "channels_before": g["n_before"], "channels_after": g["n_after"],
+                    "ratio": g["ratio"], "inertia": g["inertia"], "n_iter": None, "foldable": True, "reason": None}
+                   for g in result.groups],
+        "seconds": dict(result.seconds), "repair_samples": 0, "perplexity_before": ppl_before,
+        "perplexity_after": ppl_after, "variance_ratio": variance,
+        "variance_inputs": f"tokens of {text}" if variance is not None and text else None,
+        "variance_notes": list(result.notes),
+    })
+    if ppl_after is not None:
+        report["eval_samples"] = ppl_after.get("tokens_scored")
     return report
 
 

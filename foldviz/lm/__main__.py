@@ -34,6 +34,13 @@ def _eval(lm, model, text_spec: str, max_windows):
     return perplexity(model, tokens, max_windows=max_windows)
 
 
+def _mlp_variance(lm, original, folded, text_spec: str) -> list[dict]:
+    from .corpus import split_text
+    from .evaluate import mlp_variance_ratios
+
+    return mlp_variance_ratios(original, folded, lm.encode_documents(split_text(text_spec)))
+
+
 def cmd_inspect(a) -> int:
     from . import find_lm_groups, layer_sizes, load_lm
 
@@ -71,6 +78,7 @@ def cmd_fold(a) -> int:
     if lm.tokenizer is not None and a.prompt:
         report["generation_before"] = generate(lm.model, lm.tokenizer, a.prompt, max_new_tokens=a.max_new_tokens)
     t0 = time.perf_counter()
+    base = lm.model if not a.eval else __import__("copy").deepcopy(lm.model)  # the MLP variances need the original
     res = fold_lm(lm.model, plan, method=a.method, inplace=True)
     report["fold_seconds"] = round(time.perf_counter() - t0, 3)
     report.update(params_before=res.params_before, params_after=res.params_after,
@@ -79,8 +87,16 @@ def cmd_fold(a) -> int:
         report["perplexity_after"] = _eval(lm, res.model, a.eval, a.max_windows)
     if lm.tokenizer is not None and a.prompt:
         report["generation_after"] = generate(res.model, lm.tokenizer, a.prompt, max_new_tokens=a.max_new_tokens)
+    from ..report import build_lm_report, report_json
+    from ..utils import atomic_write_bytes, state_dict_hash
+
+    full = build_lm_report(a.spec, state_dict_hash(base), res, text=a.eval, ppl_before=report.get("perplexity_before"),
+                           ppl_after=report.get("perplexity_after"),
+                           variance=_mlp_variance(lm, base, res.model, a.eval) if a.eval else None)
+    report = {**full, **{k: v for k, v in report.items() if k not in full}}
     if a.out:
         report["saved"] = save_lm(res.model, a.out, tokenizer=lm.tokenizer, fold_summary=res.summary())
+        atomic_write_bytes(os.path.join(a.out, "report.json"), report_json(full).encode())
     if a.json:
         from ..utils import json_default
 
@@ -133,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("spec")
     f.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of units removed per group (default 0.2)")
     f.add_argument("--plan", help="a foldviz plan JSON (repair must be 'none'); overrides --ratio")
-    f.add_argument("--method", choices=("fold", "magnitude", "random"), default="fold")
+    from ..methods import METHODS, keys_for
+
+    f.add_argument("--method", choices=keys_for("lm"), default="fold",
+                   help="; ".join(f"{k}: {METHODS[k].label}" for k in keys_for("lm")))
     f.add_argument("--algorithm", choices=("kmeans", "ward", "sklearn"), default="kmeans")
     f.add_argument("--n-init", type=int, default=4)
     f.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PROTOCOL", "perplexity", "generate"]
+__all__ = ["PROTOCOL", "perplexity", "generate", "mlp_variances", "mlp_variance_ratios"]
 
 PROTOCOL = ("Wanda convention: documents joined with '\\n\\n', tokenised once, cut into numel//seq_len "
             "non-overlapping windows of seq_len = context length (remainder dropped); each window scored "
@@ -81,3 +81,34 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 40) -> str:
     finally:
         model.train(was_training)
     return tokenizer.decode(new)
+
+
+@torch.no_grad()
+def mlp_variances(model, tokens, *, seq_len: int | None = None, max_tokens: int = 4096) -> dict[int, float]:
+    """Variance of each decoder layer's MLP output over the first ``max_tokens`` tokens (whole windows)."""
+    from .groups import decoder_layers
+
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    seq = int(seq_len or getattr(model.config, "max_position_embeddings"))
+    n = max(1, min(tokens.numel() // seq, max(1, int(max_tokens) // seq)))
+    x = tokens[: n * seq].view(n, seq).to(next(model.parameters()).device)
+    out, hooks = {}, []
+    for i, layer in enumerate(decoder_layers(model)):
+        hooks.append(layer.mlp.register_forward_hook(lambda _m, _i, o, i=i: out.__setitem__(i, float(o.float().var()))))
+    was = model.training
+    try:
+        model.eval()(input_ids=x, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return out
+
+
+def mlp_variance_ratios(original, folded, tokens, *, max_tokens: int = 4096, base: dict | None = None) -> list[dict]:
+    """Per decoder layer: Var(folded MLP output) / Var(original MLP output) on the same tokens (each model runs its
+    own residual stream). Below 1: the merged MLP's contribution shrank; above 1: it grew. ``base``: the original's
+    :func:`mlp_variances`, if already measured."""
+    b = base if base is not None else mlp_variances(original, tokens, max_tokens=max_tokens)
+    f = mlp_variances(folded, tokens, max_tokens=max_tokens)
+    return [{"layer": f"layer {i} MLP", "ratio": f[i] / b[i] if b[i] > 0 else None} for i in sorted(b)]

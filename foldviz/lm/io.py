@@ -92,6 +92,12 @@ def list_lm_demos(models_dir: str | os.PathLike | None = None) -> list[str]:
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:  # no per-call "Loading weights" / "Writing model shards" progress bars on the console
+        from transformers.utils import logging as _hf_logging
+
+        _hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _load_tokenizer(d: Path):

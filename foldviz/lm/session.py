@@ -23,7 +23,7 @@ from ..methods import label as method_label
 from ..plans import FoldPlan, PlanError
 from ..session import ModelSource, WorkbenchError
 from .corpus import TextError, split_text
-from .evaluate import generate, perplexity
+from .evaluate import generate, mlp_variance_ratios, mlp_variances, perplexity
 from .fold import LMFoldResult, check_plan, count_params, fold_lm, group_labels, head_features, lm_plan, mlp_features
 from .groups import LMGroup, decoder_layers, find_lm_groups
 from .io import LMLoadError, LoadedLM, list_lm_demos, load_lm
@@ -255,31 +255,14 @@ class LMWorkbench:
         return generate(model if model is not None else self.model, self.lm.tokenizer, prompt,
                         max_new_tokens=int(max_new_tokens))
 
-    @torch.no_grad()
     def mlp_variance(self, folded: nn.Module, text: str = DEFAULT_TEXT, max_tokens: int = 4096) -> list[dict]:
-        """Per decoder layer: Var(folded MLP output) / Var(original MLP output) on the same tokens (each model's
-        own residual stream). Below 1: the merged MLP's output shrinks; above 1: it grows."""
-        toks, windows = self._windows(text, max_tokens)
-        seq = self.lm.context_length
-        x = toks[: (windows or 1) * seq].view(-1, seq)
-
-        def variances(model):
-            out, hooks = {}, []
-            for i, layer in enumerate(decoder_layers(model)):
-                hooks.append(layer.mlp.register_forward_hook(
-                    lambda _m, _i, o, i=i: out.__setitem__(i, float(o.detach().float().var()))))
-            try:
-                model.eval()(input_ids=x, use_cache=False)
-            finally:
-                for h in hooks:
-                    h.remove()
-            return out
-
+        """Per decoder layer: Var(folded MLP output) / Var(original MLP output) on the same held-out tokens
+        (:func:`foldviz.lm.evaluate.mlp_variance_ratios`)."""
+        toks = self.tokens(text)
         with self._model_lock:
-            base = self._get(("mlpvar", text, max_tokens), lambda: variances(self.model))
-            new = variances(folded)
-        return [{"layer": f"layer {i} MLP", "ratio": new[i] / base[i] if base[i] > 0 else float("nan")}
-                for i in sorted(base)]
+            base = self._get(("mlpvar", text, max_tokens),
+                             lambda: mlp_variances(self.model, toks, max_tokens=max_tokens))
+            return mlp_variance_ratios(self.model, folded, toks, max_tokens=max_tokens, base=base)
 
     def sweep(self, ratios: Sequence[float] = SWEEP_RATIOS, methods: Sequence[str] = ("fold", "magnitude", "random"),
               *, seed: int = 0, text: str = DEFAULT_TEXT, max_tokens: int | None = DEFAULT_EVAL_TOKENS,
