@@ -172,20 +172,24 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
             start = i
     k = len(np.unique(lab))
     pal = cluster_palette(lab)
+    # shapes as plain dicts set in one go: add_shape validates the whole layout on every call (slow per rerun)
+    shapes, notes = [], []
     if len(blocks) <= 300:
         for a, b in blocks:
             c = pal[int(lab_shown[a])]
-            fig.add_shape(type="rect", x0=a - 0.5, x1=b + 0.5, y0=a - 0.5, y1=b + 0.5,
-                          line=dict(color="rgba(20,20,20,0.85)" if c == OTHER_COLOR else c, width=2))
+            shapes.append(dict(type="rect", x0=a - 0.5, x1=b + 0.5, y0=a - 0.5, y1=b + 0.5, xref="x", yref="y",
+                               line=dict(color="rgba(20,20,20,0.85)" if c == OTHER_COLOR else c, width=2)))
     hl_pos = None
     if highlight is not None and 0 <= int(highlight) < n:
         where = np.where(shown == int(highlight))[0]
         # thinned: the nearest shown position along the cluster order
         hl_pos = int(where[0]) if where.size else int(np.where(perm == int(highlight))[0][0] // step)
         for kw in (dict(x0=hl_pos, x1=hl_pos, y0=-0.5, y1=m - 0.5), dict(x0=-0.5, x1=m - 0.5, y0=hl_pos, y1=hl_pos)):
-            fig.add_shape(type="line", line=dict(color="#111", width=1.5, dash="dot"), name="highlight", **kw)
-        fig.add_annotation(x=hl_pos, y=-0.5, yanchor="bottom", text=f"channel {int(highlight)}", showarrow=False,
-                           font=dict(size=11, color="#111"), bgcolor="rgba(255,255,255,0.8)", name="highlight")
+            shapes.append(dict(type="line", line=dict(color="#111", width=1.5, dash="dot"), name="highlight",
+                               xref="x", yref="y", **kw))
+        notes.append(dict(x=hl_pos, y=-0.5, yanchor="bottom", text=f"channel {int(highlight)}", showarrow=False,
+                          font=dict(size=11, color="#111"), bgcolor="rgba(255,255,255,0.8)", name="highlight"))
+    fig.update_layout(shapes=shapes, annotations=notes)
     thin = f" (every {step}th channel shown)" if step > 1 else ""
     name = f" — {group}" if group else ""
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")

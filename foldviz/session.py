@@ -368,15 +368,29 @@ class Workbench:
                 self.cluster(group_id, plan, r)
 
         if background:
-            with self._lock:
-                if self._background is None:
-                    from concurrent.futures import ThreadPoolExecutor
-
-                    self._background = ThreadPoolExecutor(1, thread_name_prefix="foldviz-precompute")
-            self._background.submit(run)
+            self._submit(run)
         else:
             run()
         return self.path_status(group_id, plan, ratios)
+
+    def warm_groups(self, plan: FoldPlan, *, max_channels: int = 512) -> None:
+        """In the background worker: each foldable group's detail at the plan's ratio (features, similarity, the
+        fold's clusters, PCA), so that opening another group in the explorer is quick. Groups wider than
+        ``max_channels`` are left for when they are opened."""
+        ids = [g.id for g in self.graph.groups if g.foldable and g.channels <= max_channels]
+
+        def run():
+            for gid in ids:
+                self.group_detail(gid, plan)
+        self._submit(run)
+
+    def _submit(self, fn) -> None:
+        with self._lock:
+            if self._background is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._background = ThreadPoolExecutor(1, thread_name_prefix="foldviz-precompute")
+        self._background.submit(fn)
 
     def path_status(self, group_id: str, plan: FoldPlan, ratios: Sequence[float] = SLIDER_RATIOS) -> dict:
         """Which slider stops of ``group_id`` already have their clusters cached."""

@@ -256,6 +256,9 @@ def precompute_stops(wb: Workbench, group_id: str, plan) -> dict:
         if tag not in started:
             started.add(tag)
             wb.cluster_path(group_id, plan, background=True)
+            if ("*", tag[1]) not in started:  # then every other group at the plan's ratio, once per plan
+                started.add(("*", tag[1]))
+                wb.warm_groups(plan)
     return status
 
 
