@@ -23,6 +23,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from foldviz.methods import label as method_label
+from foldviz.lm.session import LMWorkbenchError
 from foldviz.share import StateError, decode_state, encode_state
 from foldviz.session import (
     DEFAULT_MODEL,
@@ -33,6 +34,9 @@ from foldviz.session import (
     default_data_for,
     fmt_count,
 )
+
+#: what a page catches as "the action failed, say why in one line": the CNN and the LM workbenches' errors
+LOAD_ERRORS = (WorkbenchError, LMWorkbenchError)
 
 PLAN_WIDGET_PREFIX = "planw_"
 # plan-page widgets and the plan field each one edits: (field, sub-field or None). Per-group widgets are
@@ -99,6 +103,12 @@ def restore_from_url() -> None:
         flash("info", f"This link was made with an uploaded checkpoint ({m['upload']}), which a link cannot carry: "
                       f"upload it again on the Model & data page (architecture {m['spec']}).")
         return
+    if not m["spec"].startswith(("demo:", "torchvision:")):
+        # a link must not make this server open local folders: hf:DIR models load from the Model & data page
+        ss["url_pending"] = raw
+        flash("info", f"This link names a local model ({m['spec'][:120]}), which a link does not open: load it on the "
+                      "Model & data page.")
+        return
     src = ModelSource(m["spec"], num_classes=m.get("num_classes"), cifar_stem=bool(m.get("cifar_stem")))
     try:
         wb = get_workbench(src)
@@ -107,15 +117,21 @@ def restore_from_url() -> None:
                          f"showing {DEFAULT_MODEL}.")
         return
     ss["model_source"] = src.to_dict()
+    data = state["data"]
+    if data is not None and data.get("spec") not in (None, "digits"):
+        # a local dataset folder in a link is not opened either: the model's default data instead
+        flash("info", f"This link's evaluation data ({str(data.get('spec'))[:120]}) is a local folder, which a link "
+                      "does not open: pick it on the Model & data page.")
+        data = None
     try:
-        ss["data_source"] = DataSource.from_dict(state["data"]).to_dict() if state["data"] is not None \
+        ss["data_source"] = DataSource.from_dict(data).to_dict() if data is not None \
             else default_data_for(src.spec).to_dict()
     except TypeError:
         ss["data_source"] = default_data_for(src.spec).to_dict()
     if state["plan"] is not None:
         try:  # validated like any imported plan
             ss["plan"] = dict(wb.plan_from(dict(state["plan"], model=src.spec)).to_dict(), model=src.spec)
-        except (WorkbenchError, ValueError, TypeError) as exc:
+        except (*LOAD_ERRORS, ValueError, TypeError) as exc:
             flash("error", f"The link's plan is not valid for this model ({str(exc).splitlines()[0][:200]}); "
                            "starting from a default plan.")
     reset_plan_widgets()
@@ -202,7 +218,7 @@ def workbench_or_stop() -> Workbench:
     """Current workbench; on failure show the error, fall back to the default demo, or stop the page."""
     try:
         wb = get_workbench()
-    except WorkbenchError as exc:
+    except LOAD_ERRORS as exc:
         st.error(f"{exc}")
         if model_source().spec != DEFAULT_MODEL:
             st.info(f"Switching back to {DEFAULT_MODEL}.")
@@ -409,7 +425,7 @@ def current_plan(wb: Workbench):
     ensure_plan(wb)
     try:
         return wb.plan_from(st.session_state["plan"])
-    except WorkbenchError as exc:
+    except LOAD_ERRORS as exc:
         st.error(f"The current plan is not valid for this model ({exc}); starting from a default plan.")
         st.session_state["plan"] = wb.default_plan(0.3).to_dict()
         return wb.plan_from(st.session_state["plan"])

@@ -264,7 +264,7 @@ with st.container(border=True):
         if st.button("Import plan", key="fp_import", disabled=text is None):
             try:
                 new, warnings = wb.import_plan(text)
-            except WorkbenchError as exc:
+            except _ui.LOAD_ERRORS as exc:
                 st.error(f"{exc} ({what}) — your current plan is unchanged.")
             else:
                 d = new.to_dict()

@@ -35,7 +35,7 @@ def _torchvision_archs() -> list[str]:
 def _try_load(src: ModelSource, data: DataSource | None) -> None:
     try:
         _ui.get_workbench(src)
-    except WorkbenchError as exc:
+    except _ui.LOAD_ERRORS as exc:
         st.error(f"{exc}. The previous model ({cur.label}) is still loaded.")
         return
     except Exception as exc:  # noqa: BLE001 — keep the session alive on any loader failure
@@ -102,7 +102,7 @@ with st.container(border=True):
         if up is not None and st.button("Load checkpoint", type="primary", key="md_load_up"):
             try:
                 path = save_upload(up.getvalue(), up.name)
-            except WorkbenchError as exc:
+            except _ui.LOAD_ERRORS as exc:
                 st.error(str(exc))
             else:
                 src = ModelSource(target, weights=path, weights_name=up.name,
@@ -153,7 +153,7 @@ with st.container(border=True):
             if new.spec:
                 try:
                     _ui.baseline_eval(_ui.wkey(wb), _ui.data_key(new))
-                except WorkbenchError as exc:
+                except _ui.LOAD_ERRORS as exc:
                     st.error(f"Cannot use {new.spec}: {exc}. Keeping {data.label}.")
                     new = None
                 except Exception as exc:  # noqa: BLE001

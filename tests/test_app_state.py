@@ -300,3 +300,18 @@ def test_results_page_shows_feature_maps_before_and_after():
     at.slider(key="fr_act_image").set_value(3).run()
     assert_clean(at)
     assert "#3" in chart(at, "input_image")["layout"]["title"]["text"]
+
+
+def test_a_link_never_opens_local_folders():
+    s = encode_state(dict(MODEL, spec="hf:/etc"), None, None)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["s"] = s
+    at.run()
+    assert not at.exception and at.session_state["model_source"]["spec"] == "demo:digits-resnet"
+    assert any("local model" in i.value for i in at.info)
+    s2 = encode_state(MODEL, {"spec": "imagefolder:/home", "limit": None, "repair_samples": 64}, None)
+    at2 = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at2.query_params["s"] = s2
+    at2.run()
+    assert not at2.exception and at2.session_state["data_source"]["spec"] == "digits"
+    assert any("local folder" in i.value for i in at2.info)

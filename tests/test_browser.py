@@ -323,6 +323,9 @@ def test_browser_walkthrough(server, browser):
         assert sum(p.numel() for p in folded.model.parameters()) < 696_042
     scroll_to(page, "Why repair matters: activation variance per layer")
     shot(page, "4b-variance")
+    scroll_to(page, "See activations: one input, before and after folding")
+    page.wait_for_timeout(800)
+    shot(page, "4d-activations")
 
     # Sweep (small: two ratios, default methods)
     scroll_to(page, "Sweep: accuracy vs. parameter sparsity")
@@ -363,3 +366,40 @@ def test_browser_walkthrough(server, browser):
     assert_no_errors(page, "Fold plan (again)")
     page.close()
     print("interaction times (s):", json.dumps(TIMES, indent=1), "->", write_times())
+
+
+def test_browser_language_model(server, browser):
+    """Load the bundled LM demo and use every page's LM view in a real browser."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(RUN_TIMEOUT_MS)
+    page.goto(server)
+    settle(page)
+    page.wait_for_selector("h1:has-text('Model & data')")
+    page.get_by_text("Bundled demo", exact=True).click()
+    settle(page)
+    box = page.get_by_test_id("stSelectbox").first
+    box.click()
+    page.get_by_role("option", name="demo:shakespeare-llama (language model)", exact=True).click()
+    settle(page)
+    timed("LM: load the demo", page, lambda: page.get_by_role("button", name="Load demo").click(),
+          until="text=Loaded demo:shakespeare-llama")
+    page.wait_for_selector("[data-testid='stMetricValue']:has-text('8 q / 2 kv heads')")
+    assert_no_errors(page, "LM model page")
+    wait_for_charts(page, 1)
+    shot(page, "6a-lm-model")
+    goto_page(page, "Layer explorer")
+    wait_for_charts(page, 2)
+    assert_no_errors(page, "LM explorer")
+    shot(page, "6b-lm-explorer")
+    goto_page(page, "Fold plan")
+    page.wait_for_selector("text=heads kept per KV group")
+    assert_no_errors(page, "LM plan")
+    goto_page(page, "Fold & results")
+    timed("LM: run fold", page, lambda: page.get_by_role("button", name="Run fold").click(),
+          until="[data-testid='stMetricLabel']:has-text('Perplexity')")
+    wait_for_charts(page, 1)
+    assert_no_errors(page, "LM results")
+    assert page.get_by_text("Greedy generations").count() == 1
+    shot(page, "6c-lm-results")
+    page.close()
+    write_times()

@@ -21,7 +21,6 @@ from ..features import cosine_similarity, redundancy
 from ..kmeans import k_for_ratio
 from ..methods import label as method_label
 from ..plans import FoldPlan, PlanError
-from ..session import ModelSource, WorkbenchError
 from .corpus import TextError, split_text
 from .evaluate import generate, mlp_variance_ratios, mlp_variances, perplexity
 from .fold import LMFoldResult, check_plan, count_params, fold_lm, group_labels, head_features, lm_plan, mlp_features
@@ -38,7 +37,7 @@ DEFAULT_EVAL_TOKENS = 16_384
 SWEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-class LMWorkbenchError(WorkbenchError):
+class LMWorkbenchError(ValueError):
     """A one-line, user-facing problem (bad spec, invalid plan, unreadable text)."""
 
 
@@ -85,7 +84,10 @@ class LMWorkbench:
         return self.lm.spec
 
     @property
-    def source(self) -> ModelSource:
+    def source(self):
+        """The app's ModelSource for this model (imported here: the library never depends on the app's memory)."""
+        from ..session import ModelSource
+
         return ModelSource(self.spec)
 
     @staticmethod
