@@ -130,7 +130,7 @@ def run(reps: int = 3) -> dict:
                 gs.focus()
                 rows["plan: move the global ratio (live estimate updates)"].append(
                     timed(f"ratio {i}", page, lambda: gs.press("ArrowRight" if i % 2 == 0 else "ArrowLeft"),
-                          until="[data-testid='stMetricLabel']:has-text('Accuracy estimate (')"))
+                          until="text=on 256 test samples"))
             nav(page, "Fold & results", "to results")
             rows["results: run fold + 3-method variance comparison (reference)"] = [
                 timed("fold", page, lambda: page.get_by_role("button", name="Run fold").click(),

@@ -73,11 +73,16 @@ def _layout(fig: go.Figure, *, title: str, x: str | None = None, y: str | None =
     # that neither is cut off at half-page width
     if subtitle is None and len(title) > 52 and " — " in title:
         title, subtitle = title.split(" — ", 1)
+    subplots = getattr(fig, "_grid_ref", None) is not None   # make_subplots: subplot titles sit at the paper top
     fig.update_layout(
+        # the title sits just above the plot area (yref "paper"), so the top of the margin stays free for the
+        # modebar: the toolbar never covers a title, whatever the chart's width
         title=dict(text=title, x=0.0, xanchor="left", font=dict(size=16),
+                   **(dict(y=1.0, yref="paper", yanchor="bottom", pad=dict(b=8)) if not subplots else
+                      dict(y=1.0, yref="container", yanchor="top", pad=dict(t=36))),  # above the subplot titles
                    subtitle=dict(text=subtitle, font=dict(size=12, color="#555")) if subtitle else None),
         height=height,
-        margin=dict(_MARGIN, t=_MARGIN["t"] + (22 if subtitle else 0)),
+        margin=dict(_MARGIN, t=_MARGIN["t"] + 30 + (22 if subtitle else 0)),
         template="plotly_white",
         meta={"figure": figure, **meta},
         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),

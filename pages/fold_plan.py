@@ -35,14 +35,14 @@ def _live_accuracy(where, tag: str) -> None:
     """Playground-style: the current plan's accuracy on a small cached test batch, next to the controls. The fold
     runs in a background thread; while it runs, this part of the page polls and then refreshes the page."""
     if not data.spec:
-        where.metric("Accuracy estimate", "—", help="Pick evaluation data on the Model & data page.")
+        where.metric("Accuracy (est.)", "—", help="Pick evaluation data on the Model & data page.")
         return
     p = _ui.current_plan(wb)
     pj = _ui.plan_json(p.to_dict())
     job = (key, _ui.data_key(data), pj)
     if not _ui.live_estimate_auto(wb) and not _ui.background_started("quick_acc", job):
         # a large model: every estimate is a real fold of it, so the user starts it
-        where.metric("Accuracy estimate", "—", help=f"{wb.spec} is large: estimating folds the whole model.")
+        where.metric("Accuracy (est.)", "—", help=f"{wb.spec} is large: estimating folds the whole model.")
         where.button("Estimate accuracy", key=f"fp_estimate_{tag}",
                      on_click=lambda: _ui.background("quick_acc", job, lambda: wb.quick_accuracy(p, data)))
         return
@@ -50,16 +50,17 @@ def _live_accuracy(where, tag: str) -> None:
 
     def show(state, val):
         if state == "done":
-            where.metric(f"Accuracy estimate ({val['samples']} test samples)", _ui.fmt_pct(val["accuracy"]),
+            where.metric("Accuracy (est.)", _ui.fmt_pct(val["accuracy"]),
                          delta=f"{100 * (val['accuracy'] - val['baseline']):+.1f} pts vs. unfolded",
                          help=f"This plan folded for real ({val['seconds']:.1f} s) and evaluated on the first "
                               f"{val['samples']} test samples of {data.spec}; Run fold on the next page measures "
                               f"the full evaluation set.")
+            where.caption(f"on {val['samples']} test samples")
         elif state == "running":
-            where.metric("Accuracy estimate", "…", help="folding this plan and evaluating it")
+            where.metric("Accuracy (est.)", "…", help="folding this plan and evaluating it")
             where.caption("estimating: folding this plan in the background…")
         else:
-            where.metric("Accuracy estimate", "—")
+            where.metric("Accuracy (est.)", "—")
             where.caption(f"could not estimate: {str(val).splitlines()[0][:120]}")
 
     if state != "running":

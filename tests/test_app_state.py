@@ -191,7 +191,7 @@ def test_explorer_precomputes_every_slider_stop():
 # ------------------------------------------------------------------------------------------------ live accuracy
 
 def _estimates(at):
-    return [m for m in at.metric if m.label.startswith("Accuracy estimate")]
+    return [m for m in at.metric if m.label == "Accuracy (est.)"]
 
 
 def test_plan_page_shows_a_live_accuracy_estimate_that_follows_the_plan():
@@ -211,7 +211,7 @@ def test_plan_page_shows_a_live_accuracy_estimate_that_follows_the_plan():
         raise AssertionError("the estimate never finished")
 
     ms = settle()
-    assert len(ms) == 2 and ms[0].label == "Accuracy estimate (256 test samples)"
+    assert len(ms) == 2 and sum("on 256 test samples" in c.value for c in at.caption) == 2
     first = float(ms[0].value.rstrip("%"))
     assert 0 < first <= 100 and "vs. unfolded" in ms[0].delta
     at.slider(key="planw_default_ratio").set_value(0.9).run()
