@@ -217,14 +217,18 @@ def _hartigan(gram, labels: np.ndarray, k: int, max_sweeps: int = 20, block: int
     diag = np.diag(g).astype(np.float64)
     tol = 1e-12 * max(1.0, float(diag.mean()))
     s = np.empty((k, n))  # s[c, j] = sum_{i in c} G_ij, float64
-    step = max(1, DIST_BLOCK // max(1, k))
+    st, gt = torch.from_numpy(s), torch.as_tensor(g)
+    step = max(1, DIST_BLOCK // max(1, n))
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
-        # cluster sums, rebuilt each sweep so that rounding never accumulates (column blocks: no float64 Gram)
+        # cluster sums, rebuilt each sweep so that rounding never accumulates; Gram rows are converted to float64
+        # one block at a time (never the whole matrix), each sum still accumulated in row order
         lt = torch.as_tensor(labels)
-        for j0 in range(0, n, step):
-            s[:, j0:j0 + step] = torch.zeros(k, min(n, j0 + step) - j0, dtype=torch.float64).index_add_(
-                0, lt, torch.as_tensor(g[:, j0:j0 + step]).double()).numpy()
+        st.zero_()
+        for i0 in range(0, n, step):
+            rows = gt[i0:i0 + step]
+            buf = buf[:len(rows)].copy_(rows) if i0 else torch.empty(rows.shape, dtype=torch.float64).copy_(rows)
+            st.index_add_(0, lt[i0:i0 + step], buf)
         sizes = np.bincount(labels, minlength=k).astype(np.float64)
         cc = np.bincount(labels, weights=s[labels, np.arange(n)], minlength=k)  # (k,): sum_{i,j in c} G_ij
         moved = 0
@@ -241,13 +245,23 @@ def _hartigan_block(g, s, cc, sizes, labels, diag, start: int, stop: int, tol: f
     add = sizes / (sizes + 1) * d, evaluated in the same order so that every comparison is the same."""
     cols = np.arange(stop - start)
     own = labels[start:stop].copy()          # a point changes cluster only when it is visited itself
-    d = diag[None, start:stop] - 2.0 * s[:, start:stop] / sizes[:, None] + (cc / sizes**2)[:, None]   # (k, B)
-    d_own = d[own, cols]
-    add = (sizes / (sizes + 1.0))[:, None] * d
-    add[own, cols] = np.inf
-    b1 = add.argmin(axis=0)                  # best other cluster at the block start (first index among ties)
-    v1 = add[b1, cols]
-    del d, add
+    # block start, in torch: the same IEEE float64 operations as the textbook loop (a - x computed as -x + a,
+    # exact), in place on one (k, B) array
+    sz, cct = torch.from_numpy(sizes), torch.from_numpy(cc)
+    ownt, colt = torch.from_numpy(own), torch.from_numpy(cols)
+    d = (torch.from_numpy(s)[:, start:stop] * 2.0).div_(sz[:, None]).neg_()
+    d.add_(torch.from_numpy(diag[start:stop])[None, :]).add_((cct / sz**2)[:, None])   # (k, B): d(i, c)
+    d_own = d[ownt, colt].numpy()
+    d.mul_((sz / (sz + 1.0))[:, None])      # add costs
+    d[ownt, colt] = np.inf
+    # best other cluster at the block start, first index among ties (a column-wise min, then the first row that
+    # attains it: rows come out of nonzero in increasing order)
+    v1 = d.amin(dim=0)
+    rows, cols_hit = torch.nonzero(d == v1, as_tuple=True)
+    b1 = np.empty(len(cols), dtype=np.int64)
+    b1[cols_hit.flip(0).numpy()] = rows.flip(0).numpy()   # the last write (the first row) wins
+    v1 = v1.numpy()
+    del d, rows, cols_hit
     touched: list[int] = []                  # clusters changed since the block start, sorted
     moved, j = 0, 0
     while j < len(cols):
