@@ -84,7 +84,7 @@ def _kmeanspp(gram: np.ndarray, diag: np.ndarray, k: int, rng: np.random.Generat
     centers = [int(rng.integers(n))]
     d2 = np.maximum(diag - 2 * gram[centers[0]].astype(np.float64) + diag[centers[0]], 0)
     d2[d2 < eps] = 0
-    cum = np.empty(n)
+    cum, dc = np.empty(n), np.empty((trials, n))
     for _ in range(1, k):
         total = d2.sum()
         if total <= 0:
@@ -92,12 +92,16 @@ def _kmeanspp(gram: np.ndarray, diag: np.ndarray, k: int, rng: np.random.Generat
             continue
         np.cumsum(d2, out=cum)
         cand = np.minimum(np.searchsorted(cum, rng.random(trials) * total, side="right"), n - 1)
-        dc = np.maximum(diag[None, :] - 2 * gram[cand].astype(np.float64) + diag[cand][:, None], 0)
-        dc[dc < eps] = 0
+        # dc = max(diag - 2 G[cand] + diag[cand], 0), zeroed below eps, capped by d2: in place, same operations
+        np.multiply(gram[cand], 2.0, out=dc, dtype=np.float64)
+        np.subtract(diag[None, :], dc, out=dc)
+        np.add(dc, diag[cand][:, None], out=dc)
+        np.maximum(dc, 0, out=dc)
+        dc *= dc >= eps
         np.minimum(dc, d2[None, :], out=dc)
         best = int(np.argmin(dc.sum(axis=1)))
         centers.append(int(cand[best]))
-        d2 = dc[best]
+        d2 = dc[best].copy()
     return np.asarray(centers)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..kmeans import DEFAULT_CLUSTERING, k_for_ratio, kmeans
+from ..kmeans import DEFAULT_CLUSTERING, gram_cols, k_for_ratio, kmeans, kmeans_blocks
 from ..plans import FoldPlan, PlanError
 from .groups import LMGroup, attn_shape, decoder_layers, find_lm_groups
 
@@ -140,13 +140,35 @@ def _new_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None)
     return lin
 
 
-def _cluster(feat: torch.Tensor, k: int, plan: FoldPlan, method: str, seed: int) -> tuple[np.ndarray, float]:
-    """Labels (new index of each unit, -1 = removed) and inertia (fold only)."""
+def _column_blocks(parts: list[torch.Tensor], cols: int):
+    """Contiguous float32 column blocks (n, <= cols) of ``torch.cat([p.float() for p in parts], dim=1)``, left to
+    right, without ever building that matrix (the MLP features of a 1B model are 200 MB in float32)."""
+    spans, col = [], 0
+    for p in parts:
+        spans.append((col, col + p.shape[1]))
+        col += p.shape[1]
+    for j0 in range(0, col, cols):
+        j1 = min(col, j0 + cols)
+        pieces = [p[:, max(a, j0) - a:min(b, j1) - a] for p, (a, b) in zip(parts, spans) if max(a, j0) < min(b, j1)]
+        yield torch.cat([q.float() for q in pieces], dim=1) if len(pieces) > 1 else pieces[0].float().contiguous()
+
+
+def _cluster(feat, k: int, plan: FoldPlan, method: str, seed: int) -> tuple[np.ndarray, float]:
+    """Labels (new index of each unit, -1 = removed) and inertia (fold only). ``feat``: the unit features (n, d),
+    or a list of (n, d_p) parts of them (concatenated along columns) that the Gram k-means streams block by block,
+    bit for bit as on the concatenation."""
+    clustering = {**DEFAULT_CLUSTERING, **plan.clustering}
+    if isinstance(feat, list):
+        n = feat[0].shape[0]
+        if k < n and method == "fold" and clustering["algorithm"] == "kmeans":
+            res = kmeans_blocks(_column_blocks(feat, gram_cols(n)), n, k, seed=seed, **clustering)
+            return np.asarray(res.labels), float(res.inertia)
+        feat = torch.cat([p.float() for p in feat], dim=1)
     n = feat.shape[0]
     if k >= n:
         return np.arange(n), 0.0
     if method == "fold":
-        res = kmeans(feat, k, seed=seed, **{**DEFAULT_CLUSTERING, **plan.clustering})
+        res = kmeans(feat, k, seed=seed, with_centroids=False, **clustering)
         return np.asarray(res.labels), float(res.inertia)
     if method == "magnitude":
         score = feat.norm(dim=1)
@@ -173,12 +195,11 @@ def _apply(t: torch.Tensor, labels: np.ndarray, k: int, method: str, mean: bool)
 # -------------------------------------------------------------------------------------------------------------
 def _fold_mlp(mlp: nn.Module, k: int, plan: FoldPlan, method: str, seed: int):
     g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    parts = [g.weight.detach().float(), u.weight.detach().float(), d.weight.detach().float().T]
-    parts += [b.detach().float()[:, None] for b in (g.bias, u.bias) if b is not None]
-    feat = torch.cat(parts, dim=1)
+    # features [gate | up | down^T | biases] as views of the weights: k-means streams them into the Gram matrix
+    parts = [g.weight.detach(), u.weight.detach(), d.weight.detach().T]
+    parts += [b.detach()[:, None] for b in (g.bias, u.bias) if b is not None]
+    labels, inertia = _cluster(parts, k, plan, method, seed)
     del parts
-    labels, inertia = _cluster(feat, k, plan, method, seed)
-    del feat
     k_eff = k if method == "fold" else int((labels >= 0).sum())
     new = {}
     for name, lin in (("gate_proj", g), ("up_proj", u)):
