@@ -109,8 +109,11 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def cost_child(ratio: float, n_init: int, layers: int) -> dict:
+def cost_child(ratio: float, n_init: int, layers: int, threads: int = 0) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -145,10 +148,10 @@ def cost_child(ratio: float, n_init: int, layers: int) -> dict:
         per_group.append((msg, round(time.perf_counter() - t1, 2)))
         print(f"[{time.perf_counter() - t1:7.1f}s] {done}/{total} {msg}", flush=True)
 
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     res = fold_lm(model, lm_plan(ratio, clustering={"algorithm": "kmeans", "n_init": n_init, "max_iter": 100}),
                   inplace=True, progress=progress)
-    fold_s = time.perf_counter() - t1
+    fold_s, fold_cpu = time.perf_counter() - t1, time.process_time() - c1   # CPU: all threads, load-independent
     x = torch.randint(0, cfg.vocab_size, (1, 8), generator=g)
     with torch.no_grad():
         shape = list(res.model(input_ids=x, use_cache=False).logits.shape)
@@ -158,35 +161,39 @@ def cost_child(ratio: float, n_init: int, layers: int) -> dict:
             "ratio": ratio, "n_init": n_init, "params_before": res.params_before, "params_after": res.params_after,
             "removed_fraction": res.removed_fraction, "weight_bytes": weight_bytes,
             "rss_start_mb": rss0, "rss_after_materialise_mb": rss_weights, "peak_rss_mb": peak,
-            "peak_over_weights": peak * 2**20 / weight_bytes, "build_seconds": build_s, "fold_seconds": fold_s,
+            "peak_over_weights": peak * 2**20 / weight_bytes, "build_seconds": build_s, "fold_seconds": fold_s, "fold_cpu_seconds": fold_cpu,
             "per_group_cumulative_seconds": per_group, "forward_shape": shape,
             "sizes_after": {"mlp": res.groups[0]["n_after"], "heads": res.groups[1]["n_after"]},
             "loadavg_start": load0, "loadavg_end": _load(), "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count()}
 
 
-def part_cost(ratio: float = 0.2, n_init: int = 1, layers: int = 16) -> dict:
-    cmd = [sys.executable, __file__, "--child-cost", f"--ratio={ratio}", f"--n-init={n_init}", f"--layers={layers}"]
+def part_cost(ratio: float = 0.2, n_init: int = 1, layers: int = 16, threads: int = 0) -> dict:
+    cmd = [sys.executable, __file__, "--child-cost", f"--ratio={ratio}", f"--n-init={n_init}", f"--layers={layers}",
+           f"--threads={threads}"]
+    uptime_before = _load()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     sys.stdout.write(proc.stdout[-4000:])
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(proc.returncode)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["loadavg_before_child"], out["loadavg_after_child"] = uptime_before, _load()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lm_cost.json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# LM folding cost: Llama-3.2-1B-shaped model, random bf16 weights, ratio {ratio}", "",
-          "| layers | params before → after | weights | fold time | peak RSS | peak / weights | k-means n_init "
-          "| load average (start → end) |", "|---|---|---|---|---|---|---|---|",
+          "| layers | params before → after | weights | fold time (wall) | fold CPU time (all threads) | peak RSS "
+          "| peak / weights | k-means n_init | torch threads | load average (start → end) |",
+          "|---|---|---|---|---|---|---|---|---|---|",
           f"| {layers} | {out['params_before']:,} → {out['params_after']:,} ({100 * out['removed_fraction']:.1f} % "
-          f"removed) | {out['weight_bytes'] / 2**30:.2f} GiB | {out['fold_seconds']:.0f} s | "
-          f"{out['peak_rss_mb'] / 1024:.2f} GiB | {out['peak_over_weights']:.2f}× | {n_init} | "
+          f"removed) | {out['weight_bytes'] / 2**30:.2f} GiB | {out['fold_seconds']:.0f} s | {out['fold_cpu_seconds']:.0f} s | "
+          f"{out['peak_rss_mb'] / 1024:.2f} GiB | {out['peak_over_weights']:.2f}× | {n_init} | {out['threads']} | "
           f"{out['loadavg_start'][0]:.1f} → {out['loadavg_end'][0]:.1f} |", "",
           f"MLP 8192 → {out['sizes_after']['mlp']} neurons, 32 → {out['sizes_after']['heads']} query heads per "
           f"layer (8 KV groups kept). Folded in place, one group at a time; features and Gram matrices in float32. "
           f"Peak RSS includes the Python/torch runtime ({out['rss_start_mb']:.0f} MiB at start). "
           f"{out['nproc']} CPU cores shared with other jobs, {out['threads']} torch thread(s). "
-          "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_lm.py --part cost`.", ""]
+          f"Command: `nice -n 5 python benchmarks/bench_lm.py --part cost --threads {out['threads']}`.", ""]
     (RESULTS / "lm_cost.md").write_text("\n".join(md))
     return out
 
@@ -197,15 +204,16 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--n-init", type=int, default=1)
     p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for the cost part (0: torch's default)")
     p.add_argument("--child-cost", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child_cost:
-        print(json.dumps(cost_child(a.ratio, a.n_init, a.layers)))
+        print(json.dumps(cost_child(a.ratio, a.n_init, a.layers, a.threads)))
         return 0
     if a.part in ("ppl", "all"):
         part_ppl()
     if a.part in ("cost", "all"):
-        part_cost(a.ratio, a.n_init, a.layers)
+        part_cost(a.ratio, a.n_init, a.layers, a.threads)
     return 0
 
 
