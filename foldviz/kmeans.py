@@ -379,6 +379,12 @@ def kmeans_blocks(blocks, n: int, k: int, *, seed: int = 0, n_init: int = DEFAUL
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and the number of channels ({n}), got {k}")
     gram = _gram_blocks((b if device is None else b.to(device) for b in blocks), torch.float32)
+    return _kmeans_on_gram(gram, n, k, seed, n_init, max_iter, refine)
+
+
+def _kmeans_on_gram(gram: torch.Tensor | None, n: int, k: int, seed: int, n_init: int, max_iter: int,
+                    refine: str) -> ClusterResult:
+    """:func:`kmeans_blocks` from the centred float32 Gram matrix (n, n) it builds (None: no columns)."""
     if gram is None or k == n:
         return ClusterResult(np.arange(n), None, 0.0, k)
     canon, inertia, n_iter = _kmeans_gram(gram, k, seed, n_init, max_iter, refine)

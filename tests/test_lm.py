@@ -372,3 +372,22 @@ def test_mlp_features_are_streamed_bit_for_bit():
     want = kmeans(feat, 28, seed=4 + 1009, **{**DEFAULT_CLUSTERING, **plan.clustering})
     assert np.array_equal(res.labels["model.layers.1.mlp"], want.labels)
     assert res.groups[2]["inertia"] == pytest.approx(want.inertia, rel=1e-6)
+
+
+def test_gram_prefetch_thread_gives_the_single_threaded_fold():
+    """With >= 2 torch threads the next MLP Gram matrix is computed on a second thread: same labels and weights
+    as a single-threaded fold, and the caller's thread setting is restored."""
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            res = fold_lm(tiny(layers=3, inter=40), lm_plan(0.3))
+            assert torch.get_num_threads() == threads
+            out[threads] = res
+        for gid, lab in out[1].labels.items():
+            assert np.array_equal(lab, out[2].labels[gid]), gid
+        for p1, p2 in zip(out[1].model.parameters(), out[2].model.parameters()):
+            assert torch.equal(p1, p2)
+    finally:
+        torch.set_num_threads(before)

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import copy
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..kmeans import DEFAULT_CLUSTERING, gram_cols, k_for_ratio, kmeans, kmeans_blocks
+from ..kmeans import DEFAULT_CLUSTERING, _gram_blocks, _kmeans_on_gram, gram_cols, k_for_ratio, kmeans, kmeans_blocks
 from ..plans import FoldPlan, PlanError
 from .groups import LMGroup, attn_shape, decoder_layers, find_lm_groups
 
@@ -153,14 +155,35 @@ def _column_blocks(parts: list[torch.Tensor], cols: int):
         yield torch.cat([q.float() for q in pieces], dim=1) if len(pieces) > 1 else pieces[0].float().contiguous()
 
 
-def _cluster(feat, k: int, plan: FoldPlan, method: str, seed: int) -> tuple[np.ndarray, float]:
+def _mlp_parts(mlp: nn.Module) -> list[torch.Tensor]:
+    """The MLP unit features [gate | up | down^T | biases] as (n, d_p) views of the weights."""
+    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    parts = [g.weight.detach(), u.weight.detach(), d.weight.detach().T]
+    return parts + [b.detach()[:, None] for b in (g.bias, u.bias) if b is not None]
+
+
+def _mlp_gram(mlp: nn.Module) -> torch.Tensor:
+    """Centred float32 Gram matrix (n, n) of the MLP unit features, exactly as :func:`kmeans_blocks` builds it."""
+    with torch.no_grad():    # grad mode is per thread: this also runs on the prefetch thread
+        parts = _mlp_parts(mlp)
+        return _gram_blocks(_column_blocks(parts, gram_cols(parts[0].shape[0])), torch.float32)
+
+
+def _uses_gram(plan: FoldPlan, method: str) -> bool:
+    return method == "fold" and {**DEFAULT_CLUSTERING, **plan.clustering}["algorithm"] == "kmeans"
+
+
+def _cluster(feat, k: int, plan: FoldPlan, method: str, seed: int, gram=None) -> tuple[np.ndarray, float]:
     """Labels (new index of each unit, -1 = removed) and inertia (fold only). ``feat``: the unit features (n, d),
     or a list of (n, d_p) parts of them (concatenated along columns) that the Gram k-means streams block by block,
-    bit for bit as on the concatenation."""
+    bit for bit as on the concatenation; ``gram``: their Gram matrix, when already computed (:func:`_mlp_gram`)."""
     clustering = {**DEFAULT_CLUSTERING, **plan.clustering}
     if isinstance(feat, list):
         n = feat[0].shape[0]
-        if k < n and method == "fold" and clustering["algorithm"] == "kmeans":
+        if k < n and _uses_gram(plan, method) and gram is not None:
+            res = _kmeans_on_gram(gram, n, k, seed, clustering["n_init"], clustering["max_iter"], clustering["refine"])
+            return np.asarray(res.labels), float(res.inertia)
+        if k < n and _uses_gram(plan, method):
             res = kmeans_blocks(_column_blocks(feat, gram_cols(n)), n, k, seed=seed, **clustering)
             return np.asarray(res.labels), float(res.inertia)
         feat = torch.cat([p.float() for p in feat], dim=1)
@@ -193,13 +216,11 @@ def _apply(t: torch.Tensor, labels: np.ndarray, k: int, method: str, mean: bool)
 
 
 # -------------------------------------------------------------------------------------------------------------
-def _fold_mlp(mlp: nn.Module, k: int, plan: FoldPlan, method: str, seed: int):
+def _fold_mlp(mlp: nn.Module, k: int, plan: FoldPlan, method: str, seed: int, gram=None):
     g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    # features [gate | up | down^T | biases] as views of the weights: k-means streams them into the Gram matrix
-    parts = [g.weight.detach(), u.weight.detach(), d.weight.detach().T]
-    parts += [b.detach()[:, None] for b in (g.bias, u.bias) if b is not None]
-    labels, inertia = _cluster(parts, k, plan, method, seed)
-    del parts
+    # features as views of the weights: k-means streams them into the Gram matrix (or gets it ready-made)
+    labels, inertia = _cluster(_mlp_parts(mlp), k, plan, method, seed, gram)
+    del gram
     k_eff = k if method == "fold" else int((labels >= 0).sum())
     new = {}
     for name, lin in (("gate_proj", g), ("up_proj", u)):
@@ -317,6 +338,22 @@ def sync_config(model: nn.Module) -> bool:
     return uniform
 
 
+@contextmanager
+def _prefetcher(enabled: bool):
+    """A one-worker thread pool (None when not ``enabled``) with torch single-threaded while it lives."""
+    if not enabled:
+        yield None
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foldviz-gram")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
 def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool = False,
             progress=None) -> LMFoldResult:
     """Fold (or prune, ``method="magnitude"|"random"``) a Llama-layout decoder according to ``plan``.
@@ -336,7 +373,15 @@ def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool =
     todo = [g for g in groups if g.foldable]
     out_groups, labels_out = [], {}
     notes = []
-    with torch.no_grad():
+    # MLP groups whose k-means starts from the Gram matrix: with >= 2 torch threads, the next one's Gram matrix
+    # (a large matrix product) is computed on a second thread while the current group is clustered (seeding,
+    # Lloyd and Hartigan are mostly sequential); torch runs single-threaded meanwhile, so the two threads use two
+    # cores and the results are those of a single-threaded fold, bit for bit
+    gram_groups = [g for g in todo if g.kind == "mlp" and _uses_gram(plan, method)
+                   and k_for_ratio(g.n, plan.ratio_for(g.id)) < g.n and plan.ratio_for(g.id) > 0]
+    overlap = torch.get_num_threads() >= 2 and len(gram_groups) >= 2
+    pending = {}
+    with torch.no_grad(), _prefetcher(overlap) as pool:
         for idx, g in enumerate(todo):
             r = plan.ratio_for(g.id)
             tg = time.perf_counter()
@@ -345,7 +390,15 @@ def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool =
                 labels, inertia, n_after = np.arange(g.n), 0.0, g.n
             elif g.kind == "mlp":
                 k = k_for_ratio(g.n, r)
-                labels, inertia = _fold_mlp(layers[g.layer].mlp, k, plan, method, seed)
+                gram = None
+                if pool is not None and g in gram_groups:
+                    gram = pending.pop(g.id).result() if g.id in pending else _mlp_gram(layers[g.layer].mlp)
+                    nxt = gram_groups.index(g) + 1
+                    if nxt < len(gram_groups):   # at most one Gram matrix computed ahead (256 MB at n = 8192)
+                        g2 = gram_groups[nxt]
+                        pending[g2.id] = pool.submit(_mlp_gram, layers[g2.layer].mlp)
+                labels, inertia = _fold_mlp(layers[g.layer].mlp, k, plan, method, seed, gram)
+                del gram
                 n_after = k
             else:
                 labels, inertia, n_after = _fold_heads(layers[g.layer].self_attn, work.config, r, plan, method, seed)
