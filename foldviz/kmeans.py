@@ -216,36 +216,72 @@ def _hartigan(gram, labels: np.ndarray, k: int, max_sweeps: int = 20, block: int
     clusters' entries are recomputed for the rest of the block, and the next point that moves is found at once.
     """
     g = gram.detach().cpu().numpy() if torch.is_tensor(gram) else np.asarray(gram)
+    gt = torch.as_tensor(g)
     n = len(labels)
     labels = np.array(labels, dtype=np.int64)
     diag = np.diag(g).astype(np.float64)
     tol = 1e-12 * max(1.0, float(diag.mean()))
-    s = np.empty((k, n))  # s[c, j] = sum_{i in c} G_ij, float64
-    st, gt = torch.from_numpy(s), torch.as_tensor(g)
-    step = max(1, DIST_BLOCK // max(1, n))
-    sweeps = 0
+    sweeps, bufs = 0, {}
     for sweeps in range(1, max_sweeps + 1):
-        # cluster sums, rebuilt each sweep so that rounding never accumulates; Gram rows are converted to float64
-        # one block at a time (never the whole matrix), each sum still accumulated in row order
-        lt = torch.as_tensor(labels)
-        st.zero_()
-        for i0 in range(0, n, step):
-            rows = gt[i0:i0 + step]
-            buf = buf[:len(rows)].copy_(rows) if i0 else torch.empty(rows.shape, dtype=torch.float64).copy_(rows)
-            st.index_add_(0, lt[i0:i0 + step], buf)
+        # The textbook loop rebuilds the cluster sums s[c, j] = sum_{i in c} G_ij (k, n) at each sweep start and
+        # updates rows a, b at each move. Only a block of columns is needed at a time: it is rebuilt from the
+        # sweep-start labels (same sums, same order) and the sweep's moves so far are replayed on it, in order,
+        # which gives the textbook values bit for bit without the (k, n) float64 matrix (430 MB at n = 8192).
+        lt0 = torch.as_tensor(labels.copy())
         sizes = np.bincount(labels, minlength=k).astype(np.float64)
-        cc = np.bincount(labels, weights=s[labels, np.arange(n)], minlength=k)  # (k,): sum_{i,j in c} G_ij
-        moved = 0
+        cc = np.bincount(labels, weights=_own_sums(g, gt, labels, k), minlength=k)  # (k,): sum_{i,j in c} G_ij
+        log: list[tuple[int, int, int]] = []   # the sweep's moves (point, from, to)
         for start in range(0, n, block):
-            moved += _hartigan_block(g, s, cc, sizes, labels, diag, start, min(n, start + block), tol)
-        if not moved:
+            stop = min(n, start + block)
+            s = _column_sums(gt, lt0, k, start, stop, log, bufs)
+            _hartigan_block(g, s.numpy(), cc, sizes, labels, diag, start, stop, tol, log)
+        if not log:
             break
     return labels, sweeps
 
 
-def _hartigan_block(g, s, cc, sizes, labels, diag, start: int, stop: int, tol: float) -> int:
-    """Hartigan transfers of points start..stop-1 in order, updating s, cc, sizes, labels in place; returns the
-    number of moves. Costs are those of the textbook loop, d = diag[i] - 2 s[:, i] / sizes + cc / sizes**2 and
+def _column_sums(gt: torch.Tensor, lt0: torch.Tensor, k: int, start: int, stop: int, log,
+                 bufs: dict | None = None) -> torch.Tensor:
+    """Columns start..stop-1 of the cluster sums (k, B) float64 of the sweep-start labels ``lt0``, with the logged
+    moves (i, a, b) applied in order (s[a] -= G_i, s[b] += G_i: one index_add, row pairs interleaved). ``bufs``:
+    scratch reused from block to block (fresh 10-20 MB arrays cost page faults each time)."""
+    w = stop - start
+    bufs = {} if bufs is None else bufs
+    if "slab" not in bufs or bufs["slab"].shape[1] < w:
+        bufs["slab"] = torch.empty(gt.shape[0], w, dtype=torch.float64)
+        bufs["s"] = torch.empty(k, w, dtype=torch.float64)
+    slab = bufs["slab"][:, :w].copy_(gt[:, start:stop])
+    s = bufs["s"][:, :w].zero_().index_add_(0, lt0, slab)
+    if log:
+        mv = torch.as_tensor(log)
+        rows = slab[mv[:, 0]]                                          # G[i, start:stop]
+        idx = mv[:, 1:].reshape(-1)                                    # a0, b0, a1, b1, ...
+        s.index_add_(0, idx, torch.stack([-rows, rows], dim=1).reshape(-1, stop - start))
+    return s
+
+
+def _own_sums(g: np.ndarray, gt: torch.Tensor, labels: np.ndarray, k: int) -> np.ndarray:
+    """own[j] = s[labels[j], j] = sum_{i in cluster of j} G_ij (n,) float64, summed in increasing i from 0 as the
+    (k, n) index_add does, from the same-cluster pairs only (few when k is close to n)."""
+    n = len(labels)
+    m = np.bincount(labels, minlength=k)
+    per = m[labels]
+    if int(per.sum()) > 4 * n + n * n // 16:   # large clusters: the column sums, block by block
+        lt = torch.as_tensor(labels)
+        step = max(1, DIST_BLOCK // max(1, k))
+        return np.concatenate([_column_sums(gt, lt, k, j0, min(n, j0 + step), [])[lt[j0:j0 + step],
+                               torch.arange(min(n, j0 + step) - j0)].numpy() for j0 in range(0, n, step)])
+    order = np.argsort(labels, kind="stable")            # members cluster by cluster, increasing index
+    first = np.cumsum(m) - m
+    i_rep = np.repeat(np.arange(n), per)                 # increasing i: each j gets its terms in textbook order
+    pos = np.arange(len(i_rep)) - np.repeat(np.cumsum(per) - per, per)
+    j = order[first[labels[i_rep]] + pos]
+    return np.bincount(j, weights=g[i_rep, j].astype(np.float64), minlength=n)
+
+
+def _hartigan_block(g, s, cc, sizes, labels, diag, start: int, stop: int, tol: float, log: list) -> int:
+    """Hartigan transfers of points start..stop-1 in order, updating s (their columns (k, B) of the cluster sums),
+    cc, sizes, labels in place and appending the moves to ``log``; returns the number of moves. Costs are those of the textbook loop, d = diag[i] - 2 s[:, i] / sizes + cc / sizes**2 and
     add = sizes / (sizes + 1) * d, evaluated in the same order so that every comparison is the same."""
     cols = np.arange(stop - start)
     own = labels[start:stop].copy()          # a point changes cluster only when it is visited itself
@@ -253,7 +289,7 @@ def _hartigan_block(g, s, cc, sizes, labels, diag, start: int, stop: int, tol: f
     # exact), in place on one (k, B) array
     sz, cct = torch.from_numpy(sizes), torch.from_numpy(cc)
     ownt, colt = torch.from_numpy(own), torch.from_numpy(cols)
-    d = (torch.from_numpy(s)[:, start:stop] * 2.0).div_(sz[:, None]).neg_()
+    d = (torch.from_numpy(s) * 2.0).div_(sz[:, None]).neg_()
     d.add_(torch.from_numpy(diag[start:stop])[None, :]).add_((cct / sz**2)[:, None])   # (k, B): d(i, c)
     d_own = d[ownt, colt].numpy()
     d.mul_((sz / (sz + 1.0))[:, None])      # add costs
@@ -272,7 +308,7 @@ def _hartigan_block(g, s, cc, sizes, labels, diag, start: int, stop: int, tol: f
         a = own[j:]
         if touched:
             t = np.asarray(touched)
-            dt = diag[None, start + j:stop] - 2.0 * s[t, start + j:stop] / sizes[t, None] + \
+            dt = diag[None, start + j:stop] - 2.0 * s[t, j:] / sizes[t, None] + \
                 (cc[t] / sizes[t] ** 2)[:, None]                                       # (|t|, rest), current
             at = (sizes[t] / (sizes[t] + 1.0))[:, None] * dt
             is_own = t[:, None] == a[None, :]
@@ -296,7 +332,7 @@ def _hartigan_block(g, s, cc, sizes, labels, diag, start: int, stop: int, tol: f
         p = int(hit[0])
         i, ai = start + j + p, int(a[p])
         if stale[p]:                         # full row, as the textbook loop computes it
-            di = diag[i] - 2.0 * s[:, i] / sizes + cc / sizes**2
+            di = diag[i] - 2.0 * s[:, i - start] / sizes + cc / sizes**2
             addi = sizes / (sizes + 1.0) * di
             addi[ai] = np.inf
             b = int(np.argmin(addi))
@@ -304,10 +340,11 @@ def _hartigan_block(g, s, cc, sizes, labels, diag, start: int, stop: int, tol: f
         else:
             b, do = int(bb[p]), True
         if do:
-            cc[ai] += diag[i] - 2.0 * s[ai, i]
-            cc[b] += diag[i] + 2.0 * s[b, i]
-            s[ai] -= g[i]
-            s[b] += g[i]
+            cc[ai] += diag[i] - 2.0 * s[ai, i - start]
+            cc[b] += diag[i] + 2.0 * s[b, i - start]
+            s[ai] -= g[i, start:stop]
+            s[b] += g[i, start:stop]
+            log.append((i, ai, b))
             sizes[ai] -= 1.0
             sizes[b] += 1.0
             labels[i] = b
