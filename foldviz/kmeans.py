@@ -420,26 +420,36 @@ def kmeans_blocks(blocks, n: int, k: int, *, seed: int = 0, n_init: int = DEFAUL
 
 
 def _kmeans_on_gram(gram: torch.Tensor | None, n: int, k: int, seed: int, n_init: int, max_iter: int,
-                    refine: str) -> ClusterResult:
-    """:func:`kmeans_blocks` from the centred float32 Gram matrix (n, n) it builds (None: no columns)."""
+                    refine: str, seeds: list[np.ndarray] | None = None) -> ClusterResult:
+    """:func:`kmeans_blocks` from the centred float32 Gram matrix (n, n) it builds (None: no columns) and, when
+    already drawn, the restarts' seeds (:func:`_seed_restarts`)."""
     if gram is None or k == n:
         return ClusterResult(np.arange(n), None, 0.0, k)
-    canon, inertia, n_iter = _kmeans_gram(gram, k, seed, n_init, max_iter, refine)
+    canon, inertia, n_iter = _kmeans_gram(gram, k, seed, n_init, max_iter, refine, seeds)
     return ClusterResult(canon, None, inertia, k, n_iter)
 
 
-def _kmeans_gram(gram: torch.Tensor, k: int, seed: int, n_init: int, max_iter: int,
-                 refine: str = "hartigan") -> tuple[np.ndarray, float, int]:
-    """Best of ``n_init`` k-means++ + Lloyd runs on a centred float32 Gram matrix, then (``refine="hartigan"``)
-    Hartigan transfers from it: (canonical labels, inertia, iterations). Refining only the kept restart costs one
-    refinement per group and matched refining every restart on the reference panel (reference.md)."""
-    diag = gram.diagonal().clone()
+def _seed_restarts(gram: torch.Tensor, k: int, seed: int, n_init: int) -> list[np.ndarray]:
+    """k-means++ seeds (k,) of the ``n_init`` restarts, drawn in turn from one generator (Lloyd draws nothing, so
+    seeding every restart first gives the seeds of the interleaved order)."""
+    diag = gram.diagonal()
     eps = 1e-6 * float(diag.mean().clamp_min(1e-30))
     gram_np, diag_np = gram.cpu().numpy(), diag.double().cpu().numpy()  # float32 view: no float64 copy
     rng = np.random.default_rng(seed)
+    return [_kmeanspp(gram_np, diag_np, k, rng, eps) for _ in range(max(1, n_init))]
+
+
+def _kmeans_gram(gram: torch.Tensor, k: int, seed: int, n_init: int, max_iter: int,
+                 refine: str = "hartigan", seeds: list[np.ndarray] | None = None) -> tuple[np.ndarray, float, int]:
+    """Best of ``n_init`` k-means++ + Lloyd runs on a centred float32 Gram matrix, then (``refine="hartigan"``)
+    Hartigan transfers from it: (canonical labels, inertia, iterations). Refining only the kept restart costs one
+    refinement per group and matched refining every restart on the reference panel (reference.md). ``seeds``:
+    the restarts' seeds when already drawn (:func:`_seed_restarts`)."""
+    diag = gram.diagonal().clone()
+    gram_np = gram.cpu().numpy()  # float32 view: no float64 copy
     best = None
-    for _ in range(max(1, n_init)):
-        labels, err, it = _lloyd(gram, diag, _kmeanspp(gram_np, diag_np, k, rng, eps), max_iter)
+    for seeds_r in (_seed_restarts(gram, k, seed, n_init) if seeds is None else seeds):
+        labels, err, it = _lloyd(gram, diag, seeds_r, max_iter)
         if best is None or err < best[1] - 1e-9 * max(1.0, abs(err)):
             best = (labels, err, it)
     labels, err, it = best

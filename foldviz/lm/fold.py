@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..kmeans import DEFAULT_CLUSTERING, _gram_blocks, _kmeans_on_gram, gram_cols, k_for_ratio, kmeans, kmeans_blocks
+from ..kmeans import (DEFAULT_CLUSTERING, _gram_blocks, _kmeans_on_gram, _seed_restarts, gram_cols, k_for_ratio, kmeans,
+                      kmeans_blocks)
 from ..plans import FoldPlan, PlanError
 from .groups import LMGroup, attn_shape, decoder_layers, find_lm_groups
 
@@ -162,11 +163,13 @@ def _mlp_parts(mlp: nn.Module) -> list[torch.Tensor]:
     return parts + [b.detach()[:, None] for b in (g.bias, u.bias) if b is not None]
 
 
-def _mlp_gram(mlp: nn.Module) -> torch.Tensor:
-    """Centred float32 Gram matrix (n, n) of the MLP unit features, exactly as :func:`kmeans_blocks` builds it."""
+def _mlp_gram(mlp: nn.Module, k: int | None = None, seed: int = 0, n_init: int = 1):
+    """(Centred float32 Gram matrix (n, n) of the MLP unit features, exactly as :func:`kmeans_blocks` builds it,
+    and, when ``k`` is given, the k-means++ seeds of its ``n_init`` restarts, else None)."""
     with torch.no_grad():    # grad mode is per thread: this also runs on the prefetch thread
         parts = _mlp_parts(mlp)
-        return _gram_blocks(_column_blocks(parts, gram_cols(parts[0].shape[0])), torch.float32)
+        gram = _gram_blocks(_column_blocks(parts, gram_cols(parts[0].shape[0])), torch.float32)
+        return gram, (None if k is None else _seed_restarts(gram, k, seed, n_init))
 
 
 def _uses_gram(plan: FoldPlan, method: str) -> bool:
@@ -176,12 +179,14 @@ def _uses_gram(plan: FoldPlan, method: str) -> bool:
 def _cluster(feat, k: int, plan: FoldPlan, method: str, seed: int, gram=None) -> tuple[np.ndarray, float]:
     """Labels (new index of each unit, -1 = removed) and inertia (fold only). ``feat``: the unit features (n, d),
     or a list of (n, d_p) parts of them (concatenated along columns) that the Gram k-means streams block by block,
-    bit for bit as on the concatenation; ``gram``: their Gram matrix, when already computed (:func:`_mlp_gram`)."""
+    bit for bit as on the concatenation; ``gram``: (their Gram matrix, the restarts' seeds or None), when already
+    computed (:func:`_mlp_gram`)."""
     clustering = {**DEFAULT_CLUSTERING, **plan.clustering}
     if isinstance(feat, list):
         n = feat[0].shape[0]
         if k < n and _uses_gram(plan, method) and gram is not None:
-            res = _kmeans_on_gram(gram, n, k, seed, clustering["n_init"], clustering["max_iter"], clustering["refine"])
+            res = _kmeans_on_gram(gram[0], n, k, seed, clustering["n_init"], clustering["max_iter"],
+                                  clustering["refine"], gram[1])
             return np.asarray(res.labels), float(res.inertia)
         if k < n and _uses_gram(plan, method):
             res = kmeans_blocks(_column_blocks(feat, gram_cols(n)), n, k, seed=seed, **clustering)
@@ -338,6 +343,10 @@ def sync_config(model: nn.Module) -> bool:
     return uniform
 
 
+def _group_seed(plan: FoldPlan, g: LMGroup) -> int:
+    return plan.seed + 1009 * (g.layer or 0) + (0 if g.kind == "mlp" else 500)
+
+
 @contextmanager
 def _prefetcher(enabled: bool):
     """A one-worker thread pool (None when not ``enabled``) with torch single-threaded while it lives."""
@@ -374,9 +383,9 @@ def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool =
     out_groups, labels_out = [], {}
     notes = []
     # MLP groups whose k-means starts from the Gram matrix: with >= 2 torch threads, the next one's Gram matrix
-    # (a large matrix product) is computed on a second thread while the current group is clustered (seeding,
-    # Lloyd and Hartigan are mostly sequential); torch runs single-threaded meanwhile, so the two threads use two
-    # cores and the results are those of a single-threaded fold, bit for bit
+    # (a large matrix product) and k-means++ seeds are computed on a second thread while the current group runs
+    # Lloyd and Hartigan (both mostly sequential); torch runs single-threaded meanwhile, so the two threads use
+    # two cores and the results are those of a single-threaded fold, bit for bit
     gram_groups = [g for g in todo if g.kind == "mlp" and _uses_gram(plan, method)
                    and k_for_ratio(g.n, plan.ratio_for(g.id)) < g.n and plan.ratio_for(g.id) > 0]
     overlap = torch.get_num_threads() >= 2 and len(gram_groups) >= 2
@@ -385,7 +394,7 @@ def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool =
         for idx, g in enumerate(todo):
             r = plan.ratio_for(g.id)
             tg = time.perf_counter()
-            seed = plan.seed + 1009 * (g.layer or 0) + (0 if g.kind == "mlp" else 500)
+            seed = _group_seed(plan, g)
             if r <= 0:
                 labels, inertia, n_after = np.arange(g.n), 0.0, g.n
             elif g.kind == "mlp":
@@ -396,7 +405,8 @@ def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool =
                     nxt = gram_groups.index(g) + 1
                     if nxt < len(gram_groups):   # at most one Gram matrix computed ahead (256 MB at n = 8192)
                         g2 = gram_groups[nxt]
-                        pending[g2.id] = pool.submit(_mlp_gram, layers[g2.layer].mlp)
+                        pending[g2.id] = pool.submit(_mlp_gram, layers[g2.layer].mlp, k_for_ratio(g2.n, plan.ratio_for(
+                            g2.id)), _group_seed(plan, g2), {**DEFAULT_CLUSTERING, **plan.clustering}["n_init"])
                 labels, inertia = _fold_mlp(layers[g.layer].mlp, k, plan, method, seed, gram)
                 del gram
                 n_after = k
