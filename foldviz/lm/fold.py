@@ -401,12 +401,13 @@ def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool =
                 k = k_for_ratio(g.n, r)
                 gram = None
                 if pool is not None and g in gram_groups:
-                    gram = pending.pop(g.id).result() if g.id in pending else _mlp_gram(layers[g.layer].mlp)
+                    mine = pending.pop(g.id, None)
                     nxt = gram_groups.index(g) + 1
-                    if nxt < len(gram_groups):   # at most one Gram matrix computed ahead (256 MB at n = 8192)
-                        g2 = gram_groups[nxt]
+                    if nxt < len(gram_groups):   # at most one Gram matrix computed ahead (256 MB at n = 8192);
+                        g2 = gram_groups[nxt]    # submitted first: the first group's runs side by side with it
                         pending[g2.id] = pool.submit(_mlp_gram, layers[g2.layer].mlp, k_for_ratio(g2.n, plan.ratio_for(
                             g2.id)), _group_seed(plan, g2), {**DEFAULT_CLUSTERING, **plan.clustering}["n_init"])
+                    gram = mine.result() if mine is not None else _mlp_gram(layers[g.layer].mlp)
                 labels, inertia = _fold_mlp(layers[g.layer].mlp, k, plan, method, seed, gram)
                 del gram
                 n_after = k
