@@ -109,3 +109,19 @@ def test_learn_page_explains_and_a_link_restores_the_lm():
     assert at.session_state["model_source"]["spec"] == SPEC and at.session_state["plan"]["default_ratio"] == 0.4
     goto(at, "learn_folding")
     assert any("language model" in i.value for i in at.info)
+
+
+def test_explorer_clusters_are_fold_lm_labels_for_every_group(wb):
+    """One truth: what the LM explorer shows is what fold_lm merges (MLP neurons and query heads, any ratio)."""
+    from foldviz.lm import fold_lm
+
+    for ratio in (0.3, 0.5):
+        plan = wb.default_plan(ratio, seed=3)
+        res = fold_lm(wb.model, plan)
+        for gid in wb.foldable_ids():
+            assert np.array_equal(wb.cluster(gid, plan), res.labels[gid]), (ratio, gid)
+    plan = wb.default_plan(0.0)
+    assert wb.preview(plan)["params_after"] == wb.preview(plan)["params_before"]
+    res = wb.fold(plan)
+    assert wb.perplexity(res.model)["perplexity"] == wb.perplexity(None)["perplexity"]   # ratio 0 changes nothing
+    assert all(r["ratio"] == pytest.approx(1.0) for r in wb.mlp_variance(res.model))

@@ -166,3 +166,68 @@ def test_kmeans_blocks_refuses_non_finite_features_and_other_algorithms():
         kmeans_blocks([x[:, :2], x[:, 2:]], 6, 3)
     with pytest.raises(ValueError, match="Gram k-means only"):
         kmeans_blocks([x], 6, 3, algorithm="ward")
+
+
+def _textbook_hartigan(gram, labels, k, max_sweeps=20):
+    """The textbook per-point loop (foldviz <= 0.3), the oracle for the vectorised implementation."""
+    gram = np.asarray(gram, dtype=np.float64)
+    n, labels, diag = len(labels), labels.copy(), np.diag(gram).copy()
+    sweeps = 0
+    for sweeps in range(1, max_sweeps + 1):
+        s = torch.zeros(k, n, dtype=torch.float64).index_add_(0, torch.as_tensor(labels), torch.as_tensor(gram)).numpy()
+        sizes = np.bincount(labels, minlength=k).astype(np.float64)
+        cc = np.bincount(labels, weights=s[labels, np.arange(n)], minlength=k)
+        tol, moved = 1e-12 * max(1.0, float(diag.mean())), 0
+        for i in range(n):
+            a = labels[i]
+            if sizes[a] <= 1:
+                continue
+            d = diag[i] - 2.0 * s[:, i] / sizes + cc / sizes**2
+            add = sizes / (sizes + 1.0) * d
+            add[a] = np.inf
+            b = int(np.argmin(add))
+            if add[b] < sizes[a] / (sizes[a] - 1.0) * d[a] - tol:
+                cc[a] += diag[i] - 2.0 * s[a, i]
+                cc[b] += diag[i] + 2.0 * s[b, i]
+                s[a] -= gram[i]
+                s[b] += gram[i]
+                sizes[a], sizes[b], labels[i], moved = sizes[a] - 1, sizes[b] + 1, b, moved + 1
+        if not moved:
+            break
+    return labels, sweeps
+
+
+def _inertia(gram, labels, k):
+    gram = np.asarray(gram, dtype=np.float64)
+    return float(np.trace(gram) - sum(gram[np.ix_(labels == c, labels == c)].sum() / (labels == c).sum()
+                                      for c in range(k)))
+
+
+@pytest.mark.parametrize("case", ["random", "duplicates", "low_rank"])
+@pytest.mark.parametrize("block", [1, 5, 256])
+def test_vectorised_hartigan_is_the_textbook_loop_and_never_raises_inertia(case, block):
+    """Same labels and sweeps as the per-point loop, bit for bit (float32 Gram given as torch or float64 NumPy),
+    whatever the block size; every sweep lowers the inertia or leaves it; no cluster is emptied."""
+    from foldviz.kmeans import _gram, _hartigan
+
+    rng = np.random.default_rng(11)
+    if case == "random":
+        x, k = rng.normal(size=(90, 6)), 30
+    elif case == "duplicates":   # ties everywhere: equal rows, zero rows
+        live = rng.normal(size=(12, 4))
+        x, k = np.concatenate([np.zeros((20, 4)), live, live[:6], live[:3]]), 9
+    else:
+        x, k = rng.normal(size=(150, 3)) @ rng.normal(size=(3, 20)) + 0.05 * rng.normal(size=(150, 20)), 25
+    gram = _gram(torch.as_tensor(x, dtype=torch.float32), torch.float32)
+    start = rng.integers(k, size=len(x))
+    start[:k] = np.arange(k)                       # every cluster non-empty
+    want, want_sweeps = _textbook_hartigan(gram.double().numpy(), start, k)
+    for g in (gram, gram.double().numpy()):
+        got, sweeps = _hartigan(g, start, k, block=block)
+        np.testing.assert_array_equal(got, want)
+        assert sweeps == want_sweeps >= 2
+    assert (np.bincount(want, minlength=k) > 0).all()
+    inertia = [_inertia(gram, start, k)] + [_inertia(gram, _hartigan(gram, start, k, max_sweeps=m)[0], k)
+                                           for m in range(1, want_sweeps + 1)]
+    assert all(b <= a + 1e-9 * inertia[0] for a, b in zip(inertia, inertia[1:]))
+    assert inertia[-1] < inertia[0]

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -347,3 +348,46 @@ def test_bundled_demo_lm_loads():
     assert lm.tokenizer.decode(ids.tolist()) == "To be, or not to be"
     tokens = lm.encode_documents(split_text("shakespeare:test"))
     assert perplexity(lm.model, tokens, max_windows=4)["perplexity"] < 500
+
+
+def test_mlp_features_are_streamed_bit_for_bit():
+    """The MLP group's k-means reads [gate | up | down^T | biases] block by block from the weights (never the
+    whole feature matrix): the same Gram matrix and the same labels as k-means on the concatenated features."""
+    from foldviz.kmeans import DEFAULT_CLUSTERING, _gram_blocks, kmeans
+    from foldviz.lm.fold import _column_blocks
+
+    m = tiny(inter=40, mlp_bias=True)
+    mlp = m.model.layers[1].mlp
+    parts = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T,
+             mlp.gate_proj.bias[:, None], mlp.up_proj.bias[:, None]]
+    feat = torch.cat([p.detach().float() for p in parts], dim=1)       # (40, 32 + 32 + 32 + 2)
+    for step in (7, 32, 50, 1000):    # blocks that cut inside, at and across the parts' borders
+        with torch.no_grad():
+            blocks = list(_column_blocks([p.detach() for p in parts], step))
+        assert [b.shape[1] for b in blocks] == [min(step, 98 - j) for j in range(0, 98, step)]
+        assert torch.equal(_gram_blocks(iter(blocks), torch.float32),
+                           _gram_blocks((feat[:, j:j + step] for j in range(0, 98, step)), torch.float32))
+    plan = lm_plan(0.3, seed=4)
+    res = fold_lm(m, plan)
+    want = kmeans(feat, 28, seed=4 + 1009, **{**DEFAULT_CLUSTERING, **plan.clustering})
+    assert np.array_equal(res.labels["model.layers.1.mlp"], want.labels)
+    assert res.groups[2]["inertia"] == pytest.approx(want.inertia, rel=1e-6)
+
+
+def test_gram_prefetch_thread_gives_the_single_threaded_fold():
+    """With >= 2 torch threads the next MLP Gram matrix is computed on a second thread: same labels and weights
+    as a single-threaded fold, and the caller's thread setting is restored."""
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            res = fold_lm(tiny(layers=3, inter=40), lm_plan(0.3))
+            assert torch.get_num_threads() == threads
+            out[threads] = res
+        for gid, lab in out[1].labels.items():
+            assert np.array_equal(lab, out[2].labels[gid]), gid
+        for p1, p2 in zip(out[1].model.parameters(), out[2].model.parameters()):
+            assert torch.equal(p1, p2)
+    finally:
+        torch.set_num_threads(before)

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import copy
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..kmeans import DEFAULT_CLUSTERING, k_for_ratio, kmeans
+from ..kmeans import (DEFAULT_CLUSTERING, _gram_blocks, _kmeans_on_gram, _seed_restarts, gram_cols, k_for_ratio, kmeans,
+                      kmeans_blocks)
 from ..plans import FoldPlan, PlanError
 from ..methods import keys_for
 from .groups import LMGroup, attn_shape, decoder_layers, find_lm_groups
@@ -142,13 +145,60 @@ def _new_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None)
     return lin
 
 
-def _cluster(feat: torch.Tensor, k: int, plan: FoldPlan, method: str, seed: int) -> tuple[np.ndarray, float]:
-    """Labels (new index of each unit, -1 = removed) and inertia (fold only)."""
+def _column_blocks(parts: list[torch.Tensor], cols: int):
+    """Contiguous float32 column blocks (n, <= cols) of ``torch.cat([p.float() for p in parts], dim=1)``, left to
+    right, without ever building that matrix (the MLP features of a 1B model are 200 MB in float32)."""
+    spans, col = [], 0
+    for p in parts:
+        spans.append((col, col + p.shape[1]))
+        col += p.shape[1]
+    for j0 in range(0, col, cols):
+        j1 = min(col, j0 + cols)
+        pieces = [p[:, max(a, j0) - a:min(b, j1) - a] for p, (a, b) in zip(parts, spans) if max(a, j0) < min(b, j1)]
+        yield torch.cat([q.float() for q in pieces], dim=1) if len(pieces) > 1 else pieces[0].float().contiguous()
+
+
+def _mlp_parts(mlp: nn.Module) -> list[torch.Tensor]:
+    """The MLP unit features [gate | up | down^T | biases] as (n, d_p) views of the weights."""
+    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    parts = [g.weight.detach(), u.weight.detach(), d.weight.detach().T]
+    return parts + [b.detach()[:, None] for b in (g.bias, u.bias) if b is not None]
+
+
+def _mlp_gram(mlp: nn.Module, k: int | None = None, seed: int = 0, n_init: int = 1):
+    """(Centred float32 Gram matrix (n, n) of the MLP unit features, exactly as :func:`kmeans_blocks` builds it,
+    and, when ``k`` is given, the k-means++ seeds of its ``n_init`` restarts, else None)."""
+    with torch.no_grad():    # grad mode is per thread: this also runs on the prefetch thread
+        parts = _mlp_parts(mlp)
+        gram = _gram_blocks(_column_blocks(parts, gram_cols(parts[0].shape[0])), torch.float32)
+        return gram, (None if k is None else _seed_restarts(gram, k, seed, n_init))
+
+
+def _uses_gram(plan: FoldPlan, method: str) -> bool:
+    return method == "fold" and {**DEFAULT_CLUSTERING, **plan.clustering}["algorithm"] == "kmeans"
+
+
+def _cluster(feat, k: int, plan: FoldPlan, method: str, seed: int, gram=None) -> tuple[np.ndarray, float]:
+    """Labels (new index of each unit, -1 = removed) and inertia (fold only). ``feat``: the unit features (n, d),
+    or a list of (n, d_p) parts of them (concatenated along columns) that the Gram k-means streams block by block,
+    bit for bit as on the concatenation; ``gram``: (their Gram matrix, the restarts' seeds or None), when already
+    computed (:func:`_mlp_gram`)."""
+    clustering = {**DEFAULT_CLUSTERING, **plan.clustering}
+    if isinstance(feat, list):
+        n = feat[0].shape[0]
+        if k < n and _uses_gram(plan, method) and gram is not None:
+            res = _kmeans_on_gram(gram[0], n, k, seed, clustering["n_init"], clustering["max_iter"],
+                                  clustering["refine"], gram[1])
+            return np.asarray(res.labels), float(res.inertia)
+        if k < n and _uses_gram(plan, method):
+            res = kmeans_blocks(_column_blocks(feat, gram_cols(n)), n, k, seed=seed, **clustering)
+            return np.asarray(res.labels), float(res.inertia)
+        feat = torch.cat([p.float() for p in feat], dim=1)
     n = feat.shape[0]
     if k >= n:
         return np.arange(n), 0.0
     if method == "fold":
-        res = kmeans(feat, k, seed=seed, **{**DEFAULT_CLUSTERING, **plan.clustering})
+        res = kmeans(feat, k, seed=seed, with_centroids=False, **clustering)
         return np.asarray(res.labels), float(res.inertia)
     if method == "magnitude":
         score = feat.norm(dim=1)
@@ -174,18 +224,16 @@ def _apply(t: torch.Tensor, labels: np.ndarray, k: int, method: str, mean: bool)
 
 # -------------------------------------------------------------------------------------------------------------
 def mlp_features(mlp: nn.Module) -> torch.Tensor:
-    """(intermediate, d) feature of each MLP neuron: gate row | up row | down column (| gate, up bias)."""
-    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    parts = [g.weight.detach().float(), u.weight.detach().float(), d.weight.detach().float().T]
-    parts += [b.detach().float()[:, None] for b in (g.bias, u.bias) if b is not None]
-    return torch.cat(parts, dim=1)
+    """(intermediate, d) feature of each MLP neuron: gate row | up row | down column (| gate, up bias), float32.
+    The fold never builds this matrix (it streams :func:`_mlp_parts` into the Gram matrix); the explorer draws it."""
+    return torch.cat([p.float() for p in _mlp_parts(mlp)], dim=1)
 
 
-def _fold_mlp(mlp: nn.Module, k: int, plan: FoldPlan, method: str, seed: int):
+def _fold_mlp(mlp: nn.Module, k: int, plan: FoldPlan, method: str, seed: int, gram=None):
     g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    feat = mlp_features(mlp)
-    labels, inertia = _cluster(feat, k, plan, method, seed)
-    del feat
+    # features as views of the weights: k-means streams them into the Gram matrix (or gets it ready-made)
+    labels, inertia = _cluster(_mlp_parts(mlp), k, plan, method, seed, gram)
+    del gram
     k_eff = k if method == "fold" else int((labels >= 0).sum())
     new = {}
     for name, lin in (("gate_proj", g), ("up_proj", u)):
@@ -337,7 +385,7 @@ def group_labels(model: nn.Module, g: LMGroup, plan: FoldPlan, ratio: float | No
     if r <= 0:
         return np.arange(g.n), 0.0
     if g.kind == "mlp":
-        return _cluster(mlp_features(layer.mlp), k_for_ratio(g.n, r), plan, method, seed)
+        return _cluster(_mlp_parts(layer.mlp), k_for_ratio(g.n, r), plan, method, seed)  # fold_lm's own path
     feat, per = head_features(layer.self_attn, model.config)
     kk = k_for_ratio(per, r)
     out, inertia = np.full(g.n, -1, dtype=np.int64), 0.0
@@ -348,6 +396,21 @@ def group_labels(model: nn.Module, g: LMGroup, plan: FoldPlan, ratio: float | No
         out[j * per:(j + 1) * per] = lab
         inertia += ine
     return out, inertia
+
+@contextmanager
+def _prefetcher(enabled: bool):
+    """A one-worker thread pool (None when not ``enabled``) with torch single-threaded while it lives."""
+    if not enabled:
+        yield None
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foldviz-gram")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool = False,
@@ -369,7 +432,15 @@ def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool =
     todo = [g for g in groups if g.foldable]
     out_groups, labels_out = [], {}
     notes = []
-    with torch.no_grad():
+    # MLP groups whose k-means starts from the Gram matrix: with >= 2 torch threads, the next one's Gram matrix
+    # (a large matrix product) and k-means++ seeds are computed on a second thread while the current group runs
+    # Lloyd and Hartigan (both mostly sequential); torch runs single-threaded meanwhile, so the two threads use
+    # two cores and the results are those of a single-threaded fold, bit for bit
+    gram_groups = [g for g in todo if g.kind == "mlp" and _uses_gram(plan, method)
+                   and k_for_ratio(g.n, plan.ratio_for(g.id)) < g.n and plan.ratio_for(g.id) > 0]
+    overlap = torch.get_num_threads() >= 2 and len(gram_groups) >= 2
+    pending = {}
+    with torch.no_grad(), _prefetcher(overlap) as pool:
         for idx, g in enumerate(todo):
             r = plan.ratio_for(g.id)
             tg = time.perf_counter()
@@ -378,7 +449,17 @@ def fold_lm(model: nn.Module, plan=0.2, method: str = "fold", *, inplace: bool =
                 labels, inertia, n_after = np.arange(g.n), 0.0, g.n
             elif g.kind == "mlp":
                 k = k_for_ratio(g.n, r)
-                labels, inertia = _fold_mlp(layers[g.layer].mlp, k, plan, method, seed)
+                gram = None
+                if pool is not None and g in gram_groups:
+                    mine = pending.pop(g.id, None)
+                    nxt = gram_groups.index(g) + 1
+                    if nxt < len(gram_groups):   # at most one Gram matrix computed ahead (256 MB at n = 8192);
+                        g2 = gram_groups[nxt]    # submitted first: the first group's runs side by side with it
+                        pending[g2.id] = pool.submit(_mlp_gram, layers[g2.layer].mlp, k_for_ratio(g2.n, plan.ratio_for(
+                            g2.id)), group_seed(plan, g2), {**DEFAULT_CLUSTERING, **plan.clustering}["n_init"])
+                    gram = mine.result() if mine is not None else _mlp_gram(layers[g.layer].mlp)
+                labels, inertia = _fold_mlp(layers[g.layer].mlp, k, plan, method, seed, gram)
+                del gram
                 n_after = k
             else:
                 labels, inertia, n_after = _fold_heads(layers[g.layer].self_attn, work.config, r, plan, method, seed)
