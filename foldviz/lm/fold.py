@@ -87,9 +87,10 @@ def count_params(model: nn.Module) -> int:
 def lm_plan(ratio: float = 0.2, **kw) -> FoldPlan:
     """A FoldPlan for LMs: ``repair="none"``, k-means clustering unless ``clustering=`` is given."""
     kw.setdefault("repair", "none")
-    # fewer restarts than the CNN default: an 8192-neuron MLP group of a 1B model costs ~13 s per layer already.
+    # fewer restarts than the CNN default: an 8192-neuron MLP group of a 1B model costs ~12 s of CPU with one
+    # restart (Gram matrix 5 s, Hartigan 4 s, seeding + Lloyd ~3 s per restart).
     # Hartigan refinement stays on: at k close to n Lloyd stops in poor minima (demo perplexity at r = 0.3: 127.9
-    # plain, 91.6 refined, Ward 86.9; at r = 0.5: 251.7, 134.8, 141.0), for about 5 s more per 8192-neuron layer.
+    # plain, 91.6 refined, Ward 86.9; at r = 0.5: 251.7, 134.8, 141.0), for about 4 s of CPU per 8192-neuron layer.
     kw.setdefault("clustering", {**DEFAULT_CLUSTERING, "n_init": 4})
     return FoldPlan(default_ratio=ratio, **kw)
 
