@@ -21,6 +21,7 @@ import os
 import tempfile
 import threading
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -193,6 +194,8 @@ class Workbench:
         self._memo: dict[tuple, object] = {}
         self._pending: dict[tuple, threading.Event] = {}   # keys being computed (by another thread)
         self._background = None                             # one worker thread for precomputations
+        self._foreground = 0                                # page requests in flight: the background waits
+        self._idle = threading.Condition(threading.Lock())
         # folds, repairs and measurements put forward hooks on the base model: one at a time per model (the
         # app folds in a background thread for its live estimate while a page may fold too)
         self._model_lock = threading.RLock()
@@ -365,6 +368,8 @@ class Workbench:
 
         def run():
             for r in todo:
+                if background:
+                    self._yield_to_foreground()
                 self.cluster(group_id, plan, r)
 
         if background:
@@ -381,8 +386,26 @@ class Workbench:
 
         def run():
             for gid in ids:
+                self._yield_to_foreground()
                 self.group_detail(gid, plan)
         self._submit(run)
+
+    @contextmanager
+    def foreground(self):
+        """Mark a page request in flight: background precomputations pause between their steps until it is done
+        (on two cores a background k-means would otherwise halve the speed of what the user is waiting for)."""
+        with self._idle:
+            self._foreground += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._foreground -= 1
+                self._idle.notify_all()
+
+    def _yield_to_foreground(self, timeout: float = 60.0) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._foreground == 0, timeout=timeout)
 
     def _submit(self, fn) -> None:
         with self._lock:

@@ -245,7 +245,9 @@ def wkey(wb: Workbench) -> tuple:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def overview_rows(key: tuple, level: float) -> list[dict]:
-    return _wb(key).overview_rows(level)
+    wb = _wb(key)
+    with wb.foreground():
+        return wb.overview_rows(level)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -259,7 +261,8 @@ def group_detail_live(wb: Workbench, group_id: str, ratio: float, plan, embed_me
     """The Layer explorer's data for one group at ``ratio``. Not st.cache_data: every part is memoised inside the
     Workbench (shared by all sessions), and pickling a 2048 x 2048 similarity matrix on every rerun would cost
     more than computing the view."""
-    return wb.group_detail(group_id, plan, ratio, embed_method=embed_method)
+    with wb.foreground():  # the background precomputations wait meanwhile
+        return wb.group_detail(group_id, plan, ratio, embed_method=embed_method)
 
 
 def precompute_stops(wb: Workbench, group_id: str, plan) -> dict:

@@ -273,3 +273,39 @@ def test_feature_maps_of_exact_duplicates_fold_back_exactly(demo, gid, repair):
         assert np.allclose(fm["after"][c["folded"]], fm["before"][c["members"]], atol=1e-4)
         if fm["before"].shape[1] * fm["before"].shape[2] > 1:
             assert c["var_ratio"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_background_precomputation_waits_for_the_foreground(wb):
+    """While a page request is in flight, the background worker does not start its next step."""
+    import threading
+    import time as _t
+
+    plan = wb.default_plan(0.3, "none", seed=11)
+    done = threading.Event()
+    with wb.foreground():
+        wb.cluster_path("layer3.1.conv1", plan, background=True)
+        wb._submit(done.set)
+        _t.sleep(1.0)
+        status = wb.path_status("layer3.1.conv1", plan)
+        assert len(status["ready"]) == 0 and not done.is_set()   # paused before its first step
+    assert done.wait(120)
+    assert len(wb.path_status("layer3.1.conv1", plan)["ready"]) == 20
+
+
+def test_cluster_path_and_inertia_curve_are_the_folds_clusters(wb):
+    from foldviz.fold import fold
+    from foldviz.session import SLIDER_RATIOS
+
+    plan = wb.default_plan(0.3, "ar")
+    gid = "layer2.0.conv2"
+    status = wb.cluster_path(gid, plan)
+    assert status == {"ready": [round(r, 4) for r in SLIDER_RATIOS], "total": 20}
+    res = fold(wb.model, plan.with_changes(ratios={gid: 0.55}), example_input=wb.example_input(2))
+    assert np.array_equal(wb.cluster(gid, plan, 0.55).labels, res.labels[gid])
+    curve = wb.inertia_curve(gid, plan)
+    assert [r for r, _k, _i in curve] == [round(r, 4) for r in SLIDER_RATIOS]
+    rel = [i for _r, _k, i in curve]
+    assert rel[0] == 0.0 and all(0 <= a <= b + 1e-9 for a, b in zip(rel, rel[1:])) and rel[-1] < 1.0
+    x = wb.features(gid, "ar", plan)
+    total = float(((x - x.mean(0)) ** 2).sum())
+    assert rel[10] == pytest.approx(wb.cluster(gid, plan, 0.5).inertia / total)
