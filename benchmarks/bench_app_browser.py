@@ -15,44 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from test_browser import BROWSER_ARGS, CHROMIUM, TIMES, settle, timed  # noqa: E402
+from test_browser import BROWSER_ARGS, CHROMIUM, TIMES, running_server, settle, timed  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = {"interaction": 1.0, "first_paint": 3.0, "resnet50_2048": 5.0, "first_umap": 10.0}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    port = _port()
-    log = open(ROOT / "test-artifacts" / "bench-app-server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-                             "--server.port", str(port), "--browser.gatherUsageStats", "false",
-                             "--server.fileWatcherType", "none"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.read().decode().strip() == "ok":
-                    return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("streamlit did not start")
 
 
 def nav(page, title: str, name: str) -> float:
@@ -73,9 +46,8 @@ def run(reps: int = 3) -> dict:
 
     (ROOT / "test-artifacts").mkdir(exist_ok=True)
     load0 = os.getloadavg()
-    proc, url = start_server()
     rows: dict[str, list[float]] = {}
-    try:
+    with running_server("bench-app-server.log", timeout=120) as url:
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
             # cold server: the first visit loads the default demo (not a target; recorded for reference)
@@ -156,12 +128,6 @@ def run(reps: int = 3) -> dict:
                 page.get_by_role("option", name="layer4.0.conv3", exact=True).click()
             rows["ResNet-50: open a 2048-channel group (layer4.0.conv3)"] = [timed("r50 group", page, pick50)]
             b.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return {"rows": rows, "loadavg_before": load0, "loadavg_after": os.getloadavg(), "reps": reps}
 
 

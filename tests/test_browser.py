@@ -10,8 +10,8 @@ Needs Debian's Chromium at /usr/bin/chromium (CI installs it via .ci/run); never
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,22 +41,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextmanager
+def running_server(log_name: str = "streamlit-server.log", timeout: float = 90.0):
+    """`streamlit run app.py` on a free port until the block ends; yields its URL once it answers /_stcore/health.
+    (The browser tests' fixture and benchmarks/bench_app_browser.py both use it.)"""
     port = _free_port()
-    log = (ROOT / "test-artifacts")
+    log = ROOT / "test-artifacts"
     log.mkdir(exist_ok=True)
-    out = open(log / "streamlit-server.log", "w")
+    out = open(log / log_name, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
          "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + timeout
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"streamlit exited with {proc.returncode}; see test-artifacts/streamlit-server.log")
+                raise RuntimeError(f"streamlit exited with {proc.returncode}; see test-artifacts/{log_name}")
             try:
                 with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
                     if r.read().decode().strip() == "ok":
@@ -63,7 +66,7 @@ def server():
             except OSError:
                 pass
             if time.time() > deadline:
-                pytest.fail("streamlit did not become healthy within 90 s")
+                raise RuntimeError(f"streamlit did not become healthy within {timeout:.0f} s")
             time.sleep(0.5)
         yield url
     finally:
@@ -73,6 +76,15 @@ def server():
         except subprocess.TimeoutExpired:
             proc.kill()
         out.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    try:
+        with running_server() as url:
+            yield url
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
