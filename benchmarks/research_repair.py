@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 from foldviz.apply import apply_method  # noqa: E402
 from foldviz.data import _tensor_transform, digits_arrays, sample_inputs  # noqa: E402
 from foldviz.fold import _cluster_selector  # noqa: E402
-from foldviz.groups import _BN  # noqa: E402
+from foldviz.groups import BN_TYPES  # noqa: E402
 from foldviz.repair import REPAIRS, DataFreeRepair, FoldAR, Repair, _bn_producers  # noqa: E402
 from foldviz.surgery import compress  # noqa: E402
 from foldviz.metrics import variance_ratios  # noqa: E402
@@ -101,7 +101,7 @@ def statprop_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str
             continue
         w = prod.weight.detach().double()
         w = w.reshape(w.shape[0], w.shape[1], -1)
-        prev = [m for _, m in named[:pos[prod]] if isinstance(m, _BN) and m.num_features == w.shape[1]]
+        prev = [m for _, m in named[:pos[prod]] if isinstance(m, BN_TYPES) and m.num_features == w.shape[1]]
         v = _rectified_var(prev[-1].weight, prev[-1].bias) if prev else torch.ones(w.shape[1], dtype=torch.float64)
         a = w * v.sqrt().view(1, -1, 1)
         g1 = a.flatten(1) @ a.flatten(1).T
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         x_test = _tensor_transform(xt, tuple(lm.input_shape), lm.normalization)
         x_var = x_test[:256]
         real = sample_inputs("digits", "train", 512, card=lm.card, seed=0)
-        bns = {n for n, m in lm.model.named_modules() if isinstance(m, _BN)}
+        bns = {n for n, m in lm.model.named_modules() if isinstance(m, BN_TYPES)}
         with torch.no_grad():
             base = float((lm.model(x_test).argmax(1) == yt).float().mean())
         for ratio in args.ratios:

@@ -14,7 +14,10 @@ stripped.  Every user-facing failure raises :class:`ModelLoadError` with a reada
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
+import struct
 import pickle
 import re
 from collections.abc import Mapping
@@ -38,6 +41,9 @@ __all__ = [
     "describe_mismatch",
     "check_values",
     "save_safetensors",
+    "read_safetensors_header",
+    "json_depth",
+    "MAX_HEADER_BYTES",
 ]
 
 #: Largest checkpoint file read from a path (CLI, library).
@@ -304,3 +310,88 @@ def save_safetensors(model_or_state: nn.Module | Mapping[str, torch.Tensor], pat
         tmp.unlink(missing_ok=True)
         raise
     return p
+
+# ----------------------------------------------------------------------------------------------------------------
+# safetensors headers, read and checked on their own (nothing is allocated for the tensors)
+# ----------------------------------------------------------------------------------------------------------------
+#: Largest safetensors header (bytes).
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+#: Largest single safetensors file whose header is read (bytes).
+MAX_SAFETENSORS_BYTES = 64 * 1024**3
+
+
+def _file_size(path: Path, limit: int) -> int:
+    if path.is_symlink():
+        raise ModelLoadError(f"{path} is a symlink; give the file itself")
+    if not path.is_file():
+        raise ModelLoadError(f"{path.parent}: {path.name} is missing")
+    size = path.stat().st_size
+    if size > limit:
+        raise ModelLoadError(f"{path} is {size} bytes, larger than the limit of {limit}; refusing to read it")
+    return size
+
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of ``[``/``{`` outside strings, without recursion."""
+    import numpy as np
+
+    b = np.frombuffer(_STRINGS.sub(b'""', raw), dtype=np.uint8)
+    step = (np.isin(b, (ord("["), ord("{"))).astype(np.int64) - np.isin(b, (ord("]"), ord("}"))).astype(np.int64))
+    return int(step.cumsum().max()) if len(step) else 0
+
+
+_ST_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
+FLOAT_DTYPE_NAMES = {"F16", "BF16", "F32", "F64"}
+
+
+def read_safetensors_header(path, max_bytes: int = MAX_SAFETENSORS_BYTES) -> dict[str, dict]:
+    """Read and validate only the header of a safetensors file: ``{name: {"dtype", "shape", "data_offsets"}}``.
+
+    Checks the 8-byte little-endian header length, the JSON, dtypes, shapes and that every tensor's byte range
+    lies inside the file and matches its shape; raises :class:`ModelLoadError` otherwise.
+    """
+    path = Path(path)
+    size = _file_size(path, max_bytes)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{path} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise ModelLoadError(f"{path} is not a valid safetensors file (header length {n} for a {size}-byte file)")
+        raw = f.read(n)
+    if json_depth(raw) > 4:
+        raise ModelLoadError(f"{path}: safetensors header nests too deeply")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"{path}: safetensors header is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: safetensors header is not a JSON object")
+    data_len = size - 8 - n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise ModelLoadError(f"{path}: tensor {name!r}: malformed header entry")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _ST_DTYPES:
+            raise ModelLoadError(f"{path}: tensor {name!r} has unknown dtype {str(dtype)[:20]!r}")
+        if not (isinstance(shape, list) and len(shape) <= 8
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ModelLoadError(f"{path}: tensor {name!r} has a malformed shape")
+        if not (isinstance(offs, list) and len(offs) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offs) and 0 <= offs[0] <= offs[1] <= data_len):
+            raise ModelLoadError(f"{path}: tensor {name!r} has data offsets outside the file (truncated file?)")
+        if offs[1] - offs[0] != math.prod(shape) * _ST_DTYPES[dtype]:
+            raise ModelLoadError(f"{path}: tensor {name!r}: {offs[1] - offs[0]} bytes do not match shape {shape} {dtype}")
+        out[name] = {"dtype": dtype, "shape": tuple(shape), "data_offsets": tuple(offs)}
+    return out
+
+

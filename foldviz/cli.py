@@ -1,4 +1,8 @@
-"""Command line: ``python -m foldviz {inspect,plan,fold,sweep,train} --help``."""
+"""Command line: ``python -m foldviz {inspect,plan,fold,eval,sweep,train} --help``.
+
+One contract for every model kind: image classifiers and language models take the same subcommands and flags,
+errors are one ``error: ...`` line with exit code 2, and outputs are written atomically.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,15 +12,48 @@ from pathlib import Path
 
 # Only the torch-free registry is imported here: `--help` and argument errors answer in well under a second;
 # each command imports the engine (torch, torchvision) when it runs.
-from .methods import DEFAULT_REPAIR, DEFAULT_REPAIR_SAMPLES, METHODS, VARIANCE_SAMPLES, fold_keys, keys_for
+from .methods import DEFAULT_REPAIR_SAMPLES, METHODS, VARIANCE_SAMPLES, fold_keys
+
+MODEL_HELP = ("a model spec: demo:NAME (bundled: demo:digits-resnet, demo:shakespeare-llama, ...), torchvision:ARCH, "
+              "hf:DIR (a local Hugging Face directory of a Llama-layout language model) or file:DIR (a model saved by "
+              "foldviz fold --out)")
+DATA_HELP = ("evaluation data: for image classifiers a dataset (digits, cifar10:ROOT, cifar100:ROOT, mnist:ROOT, "
+             "fashionmnist:ROOT, svhn:ROOT, imagefolder:DIR), for language models a text (shakespeare:test, "
+             "shakespeare:train, text:FILE)")
+EPILOG = """model specs:
+  demo:NAME          bundled demos: demo:digits-resnet, demo:digits-vgg, demo:digits-mlp (8x8 digits),
+                     demo:shakespeare-llama, demo:shakespeare-llama-wide (language models)
+  torchvision:ARCH   torchvision:resnet18 --num-classes 10 --cifar-stem --weights ckpt.pth (random init without
+                     weights; --pretrained downloads torchvision's)
+  hf:DIR             hf:~/models/TinyLlama: a local save_pretrained directory of a Llama, Mistral, Qwen2, Qwen3 or
+                     Gemma model (safetensors, offline, no remote code)
+  file:DIR           file:out/folded: a model written by `foldviz fold --out` (a plain directory path works too)
+
+data specs (--data):
+  image classifiers  digits | cifar10:ROOT | cifar100:ROOT | mnist:ROOT | fashionmnist:ROOT | svhn:ROOT |
+                     imagefolder:DIR  (accuracy on the test split; Fold-R draws repair inputs from the training split)
+  language models    shakespeare:test | shakespeare:train | text:FILE  (perplexity: non-overlapping windows of the
+                     model's context length)
+
+examples:
+  python -m foldviz inspect demo:shakespeare-llama
+  python -m foldviz plan demo:digits-resnet --ratio 0.5 --out plan.json
+  python -m foldviz fold demo:digits-resnet --plan plan.json --data digits --out folded/
+  python -m foldviz fold hf:~/models/llama --ratio 0.2 --data text:notes.txt --out llama-folded/
+  python -m foldviz eval file:llama-folded --data text:notes.txt
+  python -m foldviz sweep demo:shakespeare-llama --ratios 0.1 0.3 --methods fold magnitude --data shakespeare:test \\
+      --out sweep.csv
+"""
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="demo:NAME, torchvision:ARCH, or a folded-model directory saved by foldviz")
-    p.add_argument("--weights", help="state dict for the model (.safetensors, or .pt/.pth loaded weights-only)")
-    p.add_argument("--num-classes", type=int, help="classifier width for torchvision:ARCH")
-    p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem without max-pool (32x32 inputs)")
-    p.add_argument("--pretrained", action="store_true", help="download torchvision's pretrained weights")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--weights", help="image classifiers: state dict for the model (.safetensors, or .pt/.pth loaded "
+                                     "weights-only)")
+    p.add_argument("--num-classes", type=int, help="image classifiers: classifier width for torchvision:ARCH")
+    p.add_argument("--cifar-stem", action="store_true",
+                   help="image classifiers: 3x3 stride-1 stem without max-pool (32x32 inputs)")
+    p.add_argument("--pretrained", action="store_true", help="image classifiers: download torchvision's weights")
 
 
 def _load(args):
@@ -27,8 +64,12 @@ def _load(args):
 
 
 def _input_dirs(args) -> list[str]:
-    """The input model's directory (a folded model), which no output may overwrite."""
-    return [args.model] if Path(str(args.model)).expanduser().is_dir() else []
+    """The input model's directory (a folded model, a Hugging Face directory), which no output may overwrite."""
+    spec = str(args.model)
+    for prefix in ("file:", "hf:", ""):
+        if spec.startswith(prefix) and Path(spec[len(prefix):]).expanduser().is_dir():
+            return [str(Path(spec[len(prefix):]).expanduser())]
+    return []
 
 
 def _device(text: str) -> str:
@@ -84,92 +125,197 @@ def _ratio(text: str) -> float:
     return r
 
 
+def _positive(text: str) -> int:
+    n = _count(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return n
+
+
 def cmd_inspect(args) -> int:
-    from .groups import find_groups
+    from .kinds import kind_of
     from .metrics import count_flops, count_params
     from .utils import state_dict_hash
 
     loaded = _load(args)
-    graph = find_groups(loaded.model, loaded.example_input(1))
-    info = {"model": loaded.spec, "note": loaded.note, "params": count_params(loaded.model),
-            "flops": count_flops(loaded.model, loaded.example_input(1)), "input_shape": list(loaded.input_shape),
-            "weights_sha256": state_dict_hash(loaded.model), "error": graph.error,
-            "groups": [g.to_dict() for g in graph.groups]}
+    kind = kind_of(loaded)
+    graph = kind.graph(loaded)
+    info = {"model": loaded.spec, "kind": kind.key, "note": loaded.note, "params": count_params(loaded.model),
+            "flops": count_flops(loaded.model, kind.cost_input(loaded)), "flops_unit": kind.flops_unit,
+            "input_shape": list(loaded.input_shape), "weights_sha256": state_dict_hash(loaded.model),
+            "error": graph.error, "groups": [g.to_dict() for g in graph.groups]}
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2, default=str))
         return 0
-    print(f"{loaded.spec}: {info['params']:,} parameters, {info['flops']:,} FLOPs per sample, input {loaded.input_shape}")
+    print(f"{loaded.spec} ({kind.label}): {info['params']:,} parameters, {info['flops']:,} {kind.flops_unit}, "
+          f"input {loaded.input_shape}")
     if loaded.note:
         print(f"note: {loaded.note}")
     if graph.error:
         print(f"error: {graph.error}")
-    print(f"{len(graph.groups)} channel groups ({len(graph.foldable)} foldable)")
+    print(f"{len(graph.groups)} groups ({len(graph.foldable)} foldable)")
     for g in graph.groups:
         state = "foldable" if g.foldable else f"NOT foldable: {g.reason}"
-        print(f"  {g.id:<40} {g.channels:>5} ch  {state}")
-        print(f"      producers: {', '.join(g.producers)}")
-        print(f"      consumers: {', '.join(g.consumers) or '-'}")
+        units = f"{g.channels} {g.unit}s" + (f" in {g.partitions} KV groups" if g.partitions > 1 else "")
+        print(f"  {g.id:<40} {units:>22}  {state}")
+        if g.producers or g.consumers:
+            print(f"      producers: {', '.join(g.producers) or '-'}")
+            print(f"      consumers: {', '.join(g.consumers) or '-'}")
     return 0
 
 
-def cmd_plan(args) -> int:
-    from .groups import find_groups
+def _plan_for(args, loaded, kind):
+    """The plan of a plan/fold command: --plan FILE (checked against the model) or a uniform --ratio."""
     from .plans import FoldPlan
-    from .utils import check_output_file, state_dict_hash
+    from .utils import state_dict_hash
+
+    if getattr(args, "plan", None):
+        plan = FoldPlan.load(args.plan)
+        _check_plan_matches(plan, args.plan, loaded, args.force)
+        if args.repair:
+            plan = plan.with_changes(repair=args.repair)
+        return plan
+    fields = {"seed": args.seed, "model": loaded.spec, "weights_sha256": state_dict_hash(loaded.model),
+              "skip": list(getattr(args, "skip", None) or [])}
+    if args.repair:
+        fields["repair"] = args.repair
+    return kind.default_plan(loaded, args.ratio, **fields)
+
+
+def _check_method(method: str, kind) -> None:
+    from .plans import PlanError
+
+    if kind.key not in METHODS[method].applies_to:
+        from .methods import keys_for
+
+        raise PlanError(f"{METHODS[method].label} ({method}) does not apply to {kind.a_label}; choose one of "
+                        f"{', '.join(keys_for(kind.key))}")
+
+
+def cmd_plan(args) -> int:
+    from .kinds import kind_of
+    from .utils import check_output_file
 
     check_output_file(args.out, args.force, protected=_input_dirs(args))
     loaded = _load(args)
-    plan = FoldPlan(default_ratio=args.ratio, repair=args.repair, seed=args.seed, model=loaded.spec,
-                    weights_sha256=state_dict_hash(loaded.model), skip=list(args.skip or []))
-    graph = find_groups(loaded.model, loaded.example_input(1))
-    plan.validate(graph)
+    kind = kind_of(loaded)
+    plan = _plan_for(args, loaded, kind)
+    _check_method(plan.repair if kind.key == "cnn" else "fold", kind)
+    plan.validate(kind.graph(loaded))
     plan.save(args.out)
     print(f"wrote {args.out}")
     return 0
 
 
+def _method_for(args, plan, kind) -> str:
+    if args.method != "fold":
+        return args.method
+    return plan.repair if kind.key == "cnn" else "fold"
+
+
 def cmd_fold(args) -> int:
     from .apply import apply_method, repair_inputs
+    from .kinds import kind_of
     from .persist import save_folded
-    from .plans import FoldPlan, PlanError
-    from .report import build_report
+    from .plans import PlanError
+    from .report import build_report, evaluate_on
     from .utils import check_output_dir, resolve_device, state_dict_hash
 
     if args.device:
         resolve_device(args.device)  # a device this machine lacks: one line, before any work
     check_output_dir(args.out, args.force, protected=_input_dirs(args))
     loaded = _load(args)
-    if args.plan:
-        plan = FoldPlan.load(args.plan)
-        _check_plan_matches(plan, args.plan, loaded, args.force)
-        if args.repair:
-            plan = FoldPlan.from_dict({**plan.to_dict(), "repair": args.repair})
-    else:
-        plan = FoldPlan(default_ratio=args.ratio, repair=args.repair or DEFAULT_REPAIR, seed=args.seed,
-                        model=loaded.spec, weights_sha256=state_dict_hash(loaded.model))
-    method = args.method if args.method != "fold" else plan.repair
+    kind = kind_of(loaded)
+    if args.prompt is not None and kind.key != "lm":
+        raise PlanError("--prompt applies to language models only")
+    plan = _plan_for(args, loaded, kind)
+    method = _method_for(args, plan, kind)
+    _check_method(method, kind)
     if METHODS[method].needs_data and not args.data:
         raise PlanError(f"{METHODS[method].label} needs real data: pass --data SPEC (e.g. --data digits)")
+    graph = kind.graph(loaded)
+    plan.validate(graph)
+    kind.check_output(loaded, graph, plan, args.format)   # a fold that could not be written is refused now
+    if args.data:
+        kind.check_data(loaded, args.data)
 
     def progress(stage, done, total):
         if not args.quiet and (done == total or stage == "dir" and done % 50 == 0):
             print(f"  {stage}: {done}/{total}", file=sys.stderr)
 
+    sha = state_dict_hash(loaded.model)
+    baseline = evaluate_on(loaded.model, loaded, args.data, args.eval_limit) if args.data else None
+    before = _generate(loaded, loaded.model, args.prompt, args.max_new_tokens)
     data = repair_inputs(loaded, args.data, args.repair_samples, seed=plan.seed)
     result = apply_method(loaded, plan, method, repair_data=data, progress=progress, device=args.device)
     report = build_report(loaded, result, data_spec=args.data, eval_limit=args.eval_limit, latency=not args.no_latency,
-                          variance_samples=args.variance_samples)
-    out = save_folded(result, loaded, args.out, report=report, force=args.force)
+                          variance_samples=args.variance_samples, baseline=baseline, weights_sha256=sha)
+    if before is not None:
+        report["notes"].append(f"prompt {args.prompt!r} before: {before!r}")
+        report["notes"].append(f"prompt {args.prompt!r} after: {_generate(loaded, result.model, args.prompt, args.max_new_tokens)!r}")
+    out = save_folded(result, loaded, args.out, report=report, force=args.force, fmt=args.format)
+    _print_fold(result, report, kind, out, args)
+    return 0
 
-    def _n(v):
-        return f"{v:,}" if isinstance(v, int) else "n/a"
 
+def _generate(loaded, model, prompt, max_new_tokens):
+    if prompt is None:
+        return None
+    from .lm.evaluate import generate
+
+    if getattr(loaded, "tokenizer", None) is None:
+        from .plans import PlanError
+
+        raise PlanError(f"{loaded.spec} has no tokenizer.json: --prompt needs one")
+    return generate(model, loaded.tokenizer, prompt, max_new_tokens=max_new_tokens)
+
+
+def _n(v):
+    return f"{v:,}" if isinstance(v, int) else "n/a"
+
+
+def _print_fold(result, report, kind, out, args) -> None:
     line = (f"{result.label}: params {report['params_before']:,} -> {report['params_after']:,} "
-            f"(sparsity {report['param_sparsity']:.1%}), FLOPs {_n(report['flops_before'])} -> {_n(report['flops_after'])}")
-    if report["accuracy_after"] is not None:
+            f"(sparsity {report['param_sparsity']:.1%}), FLOPs {_n(report['flops_before'])} -> "
+            f"{_n(report['flops_after'])}")
+    if report.get("accuracy_after") is not None:
         line += f", accuracy {report['accuracy_before']:.2%} -> {report['accuracy_after']:.2%}"
+    if report.get("perplexity_after") is not None:
+        line += f", perplexity {report['perplexity_before']:.2f} -> {report['perplexity_after']:.2f}"
     print(line)
-    print(f"wrote {out}/ (model.safetensors, plan.json, report.json, foldviz-model.json)")
+    for note in report.get("notes") or []:
+        print(f"note: {note}")
+    files = "model.safetensors, plan.json, report.json, foldviz-model.json"
+    if kind.key == "lm":
+        files = "a transformers directory (config.json, model.safetensors, tokenizer.json), plan.json, report.json" \
+            if (args.format or "hf") == "hf" else "foldviz_lm.json, model.safetensors, plan.json, report.json"
+    print(f"wrote {out}/ ({files})")
+
+
+def cmd_eval(args) -> int:
+    from .kinds import kind_of
+    from .metrics import count_params
+
+    loaded = _load(args)
+    kind = kind_of(loaded)
+    if args.prompt is not None and kind.key != "lm":
+        from .plans import PlanError
+
+        raise PlanError("--prompt applies to language models only")
+    kind.check_data(loaded, args.data)
+    ev = kind.evaluate(loaded, loaded.model, args.data, args.eval_limit)
+    out = {"model": loaded.spec, "kind": kind.key, "params": count_params(loaded.model), "data": args.data, **ev}
+    gen = _generate(loaded, loaded.model, args.prompt, args.max_new_tokens)
+    if gen is not None:
+        out["generation"] = gen
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    value = f"{ev[kind.metric]:.2%}" if kind.metric == "accuracy" else f"{ev[kind.metric]:.3f}"
+    print(f"{loaded.spec}: {out['params']:,} parameters; {kind.metric} on {args.data} = {value} "
+          f"({ev['samples']} {'samples' if kind.key == 'cnn' else 'windows of ' + str(ev.get('seq_len')) + ' tokens'})")
+    if gen is not None:
+        print(f"prompt {args.prompt!r} -> {gen!r}")
     return 0
 
 
@@ -193,9 +339,10 @@ def cmd_sweep(args) -> int:
             raise ValueError(f"sweep {args.model} needs {' and '.join(missing)} (or use --spec SWEEP.json)")
         ref = ModelRef(spec=args.model, weights=args.weights, num_classes=args.num_classes,
                        cifar_stem=args.cifar_stem, pretrained=args.pretrained)
-        spec = spec_from_args(ref, args.ratios, args.methods, args.data, seeds=args.seeds,
-                              eval_limit=args.eval_limit, repair_samples=args.repair_samples)
         loaded[args.model] = _load(args)
+        methods = args.methods or DEFAULT_SWEEP_METHODS[loaded[args.model].kind]
+        spec = spec_from_args(ref, args.ratios, methods, args.data, seeds=args.seeds,
+                              eval_limit=args.eval_limit, repair_samples=args.repair_samples)
     executor = make_executor(args.executor, address=args.ray_address, gpus_per_task=args.gpus_per_task,
                              max_retries=args.max_retries, ship_code=args.ray_ship_code)
     try:
@@ -214,73 +361,103 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+#: the methods a sweep runs when --methods is not given, per model kind
+DEFAULT_SWEEP_METHODS = {"cnn": ["none", "r", "ar", "l1", "l2"], "lm": ["fold", "magnitude", "random"]}
+
+
+def _common_fold_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--eval-limit", type=_positive, metavar="N",
+                   help="evaluate on at most N test samples (language models: N windows of the context length)")
+    p.add_argument("--repair-samples", type=_positive, default=DEFAULT_REPAIR_SAMPLES, metavar="N",
+                   help="image classifiers: training inputs drawn for Fold-R / REPAIR")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import add_train_subparser
 
     repair_help = ", ".join(f"{k} ({METHODS[k].label})" for k in fold_keys())
+    method_help = "; ".join(f"{k}: {m.label} ({'/'.join(m.applies_to)})" for k, m in METHODS.items())
 
-    parser = _Parser(prog="python -m foldviz", description="Data-free model folding.")
+    parser = _Parser(prog="python -m foldviz", description="Data-free model folding of image classifiers and language "
+                     "models: inspect, plan, fold, evaluate and sweep, with one set of flags for every model kind.",
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="list the model's channel groups")
+    p = sub.add_parser("inspect", help="list the model's foldable groups (channels, MLP neurons, query heads)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("plan", help="write a uniform fold plan to edit")
+    p = sub.add_parser("plan", help="write a uniform fold plan to edit (per-group ratios, skips, repair, seed)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(p)
-    p.add_argument("--ratio", type=_ratio, required=True, help="fraction of channels removed per group")
-    p.add_argument("--repair", choices=fold_keys(), default=DEFAULT_REPAIR, help=repair_help)
+    p.add_argument("--ratio", type=_ratio, required=True, help="fraction of units removed per group")
+    p.add_argument("--repair", choices=fold_keys(), help=f"image classifiers: {repair_help} (language models: none)")
     p.add_argument("--skip", nargs="*", help="group ids to leave untouched")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="plan file to write (must not exist unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("fold", help="fold a model and write it with plan.json and report.json")
+    p = sub.add_parser("fold", help="fold a model and write it with plan.json and report.json",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(p)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--ratio", type=_ratio, help="uniform fraction of channels removed per group")
-    g.add_argument("--plan", help="fold plan JSON")
-    p.add_argument("--repair", choices=fold_keys(), help=f"{repair_help}; default: the plan's, else {DEFAULT_REPAIR}")
-    p.add_argument("--method", choices=["fold", *[k for k, m in METHODS.items() if m.family != "fold" and k != "fold"]],
-                   default="fold", help="fold, or a pruning baseline at the same ratios")
-    p.add_argument("--data", help="evaluation/repair data: digits, cifar10:ROOT, ..., imagefolder:DIR")
-    p.add_argument("--repair-samples", type=int, default=DEFAULT_REPAIR_SAMPLES,
-                   help="training inputs drawn for Fold-R / REPAIR")
-    p.add_argument("--eval-limit", type=int, help="accuracy on at most N test samples (the report evaluates both "
-                                                  "models on --data: two passes over the test split)")
+    g.add_argument("--ratio", type=_ratio, help="uniform fraction of units removed per group")
+    g.add_argument("--plan", help="fold plan JSON (from `plan`, or exported by the app)")
+    p.add_argument("--repair", choices=fold_keys(), help=f"image classifiers: {repair_help}; default: the plan's")
+    p.add_argument("--method", choices=list(dict.fromkeys(["fold", *METHODS])), default="fold",
+                   help=f"fold (the default fold of the model's kind), or a baseline at the same ratios: {method_help}")
+    _common_fold_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--variance-samples", type=_count, default=VARIANCE_SAMPLES, metavar="N",
-                   help=f"inputs for the per-layer variance ratio (default {VARIANCE_SAMPLES}: one hooked forward "
-                        "pass of each model, about as long as evaluating 2N samples; 0 skips it)")
+                   help=f"inputs for the per-layer variance ratio (default {VARIANCE_SAMPLES}; language models: "
+                        "N x 32 tokens; one hooked forward pass of each model; 0 skips it)")
     p.add_argument("--no-latency", action="store_true",
                    help="skip the latency measurement (alternating timed runs of both models: about 1 s on the demos, "
                         "tens of seconds for a large model on CPU)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--format", choices=["foldviz", "hf", "foldviz-lm"],
+                   help="output format: image classifiers foldviz (the default); language models hf (a transformers "
+                        "directory, the default; plans whose sizes transformers cannot hold are refused before "
+                        "folding) or foldviz-lm (per-layer sizes; loads with foldviz only)")
+    p.add_argument("--prompt", help="language models: greedy continuation of this prompt before and after, in the report")
+    p.add_argument("--max-new-tokens", type=_positive, default=40, help="tokens generated for --prompt")
     p.add_argument("--out", required=True, help="output directory (new, or empty)")
     p.add_argument("--force", action="store_true",
-                   help="replace a folded model already in --out (atomically); apply a plan made for another model")
+                   help="replace a model foldviz wrote before in --out (atomically; never the input model or a "
+                        "directory foldviz did not write); apply a plan made for another model")
     p.set_defaults(func=cmd_fold)
 
-    p = sub.add_parser("sweep", help="accuracy vs. sparsity for several methods, as CSV (resumable; local or Ray)",
+    p = sub.add_parser("eval", help="accuracy (image classifiers) or perplexity (language models) of a model",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(p)
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--eval-limit", type=_positive, metavar="N",
+                   help="at most N test samples (language models: N windows of the context length)")
+    p.add_argument("--prompt", help="language models: also print the greedy continuation of this prompt")
+    p.add_argument("--max-new-tokens", type=_positive, default=40, help="tokens generated for --prompt")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="metric vs. sparsity for several methods, as CSV (resumable; local or Ray)",
                        description="Run every (model, method, ratio, seed) cell and append each finished row to "
-                                   "--out at once; re-running the same command skips the cells already there.")
-    p.add_argument("model", nargs="?", help="demo:NAME, torchvision:ARCH, or a folded-model directory "
-                                            "(or use --spec for many models)")
+                                   "--out at once; re-running the same command skips the cells already there.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help=MODEL_HELP + " (or use --spec for many models)")
     p.add_argument("--spec", help="sweep spec JSON: many models x methods x ratios x seeds (see foldviz.sweepspec)")
-    p.add_argument("--weights", help="state dict for the model (.safetensors, or .pt/.pth loaded weights-only)")
-    p.add_argument("--num-classes", type=int, help="classifier width for torchvision:ARCH")
-    p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem without max-pool (32x32 inputs)")
-    p.add_argument("--pretrained", action="store_true", help="download torchvision's pretrained weights")
+    p.add_argument("--weights", help="image classifiers: state dict for the model")
+    p.add_argument("--num-classes", type=int, help="image classifiers: classifier width for torchvision:ARCH")
+    p.add_argument("--cifar-stem", action="store_true", help="image classifiers: 3x3 stride-1 stem (32x32 inputs)")
+    p.add_argument("--pretrained", action="store_true", help="image classifiers: download torchvision's weights")
     p.add_argument("--ratios", type=_ratio, nargs="+")
-    p.add_argument("--methods", nargs="+", choices=list(keys_for("cnn")), default=["none", "r", "ar", "l1", "l2"])
-    p.add_argument("--data", help="evaluation/repair data: digits, cifar10:ROOT, ..., imagefolder:DIR")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS),
+                   help="default: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in DEFAULT_SWEEP_METHODS.items()))
+    _common_fold_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--eval-limit", type=int)
-    p.add_argument("--repair-samples", type=int, default=DEFAULT_REPAIR_SAMPLES,
-                   help="training inputs drawn for Fold-R / REPAIR")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: cells one by one in this process; ray: one Ray task per cell")
     p.add_argument("--ray-address", help="join this Ray cluster (auto, HOST:6379, ray://HOST:10001); default: env "
@@ -290,7 +467,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-task", type=float, help="GPUs per Ray task (default: 1 if the cluster has GPUs, else 0; "
                                                        "0.5 runs two cells per GPU)")
     p.add_argument("--max-retries", type=int, help="attempts after a transient failure (default: local 2, ray 3)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--out", required=True, help="CSV file; appended to and resumed when it exists")
     p.set_defaults(func=cmd_sweep)
 
@@ -313,7 +489,7 @@ def _one_line(exc: BaseException) -> str:
 def _release_freed_memory() -> None:
     """Serve large allocations from mmap (returned to the OS when freed) instead of the glibc heap. glibc raises its
     mmap threshold after the first large free, after which freed activations and feature blocks stay in the
-    process: the same fold of densenet121 peaked anywhere from 1.30 to 1.68 GiB (issue #13's bound is 1.56 GiB); with a
+    process: the same fold of densenet121 peaked anywhere from 1.30 to 1.68 GiB (the bound of benchmarks/bench_memory.py is 1.56 GiB); with a
     fixed 1 MiB threshold, 1.09 GiB every time, for about 10-25 % more wall time."""
     try:
         import ctypes
@@ -323,22 +499,6 @@ def _release_freed_memory() -> None:
         pass
 
 
-#: commands that take a language-model spec (hf:DIR, or a bundled LM demo) and run foldviz.lm's version
-LM_COMMANDS = ("inspect", "fold", "eval")
-
-
-def _is_lm_spec(spec: str) -> bool:
-    if spec.startswith("hf:"):
-        return True
-    if spec.startswith("demo:"):  # an LM demo is a folder with a causal-LM card (read without importing torch)
-        card = Path(__file__).resolve().parent.parent / "assets" / "models" / spec[5:] / "card.json"
-        try:
-            return card.is_file() and json.loads(card.read_text()).get("kind") == "causal-lm"
-        except (OSError, ValueError):
-            return False
-    return False
-
-
 def main(argv=None) -> int:
     """Run the CLI. Failures: one ``error: ...`` line on stderr and exit 2 (unexpected exceptions too, with a hint;
     ``FOLDVIZ_DEBUG=1`` shows the traceback); Ctrl+C: exit 130, quietly; a closed stdout pipe: quiet exit 1."""
@@ -346,11 +506,7 @@ def main(argv=None) -> int:
 
     debug = os.environ.get("FOLDVIZ_DEBUG", "") not in ("", "0")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) >= 2 and argv[0] in LM_COMMANDS and _is_lm_spec(argv[1]):
-        # a language model: foldviz.lm's commands (same plan format, methods registry and report schema)
-        from .lm.__main__ import main as lm_main
-
-        return lm_main(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing is ever downloaded for a language model
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

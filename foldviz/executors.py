@@ -16,66 +16,26 @@ from pathlib import Path
 from typing import Callable
 
 from .metrics import count_params
-from .sweep import TransientCellError, run_cell
+from .sweep import LocalExecutor, retryable_exceptions, run_cell
+
+__all__ = ["LocalExecutor", "RayExecutor", "make_executor", "executor_from_env", "init_ray", "retryable_exceptions", "ADDRESS_ENV"]
 
 ADDRESS_ENV = "FOLDVIZ_RAY_ADDRESS"
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-
-
-def retryable_exceptions() -> tuple[type[BaseException], ...]:
-    """Application exceptions worth another attempt: transient by nature, not a wrong input."""
-    excs: list[type[BaseException]] = [TransientCellError, TimeoutError, ConnectionError]
-    try:
-        import torch
-
-        excs.append(torch.cuda.OutOfMemoryError)  # another attempt may land on a less busy GPU
-    except (ImportError, AttributeError):
-        pass
-    return tuple(excs)
 
 
 OnRow = Callable[[int, object, dict], None]
 OnError = Callable[[int, object, BaseException], None]
 
 
-class LocalExecutor:
-    """Cells one after another in this process; transient failures are retried ``max_retries`` times."""
-
-    name = "local"
-
-    def __init__(self, max_retries: int = 2, device=None):
-        self.max_retries = int(max_retries)
-        self.device = device
-
-    def run(self, jobs, on_row: OnRow, on_error: OnError) -> None:
-        retry = retryable_exceptions()
-        for job in jobs:
-            n0 = count_params(job.loaded.model)
-            for index, cell in job.cells:
-                attempt = 0
-                while True:
-                    try:
-                        row = run_cell(job.loaded, cell, weights_sha256=job.weights_sha256, device=self.device, n0=n0)
-                    except retry as exc:
-                        attempt += 1
-                        if attempt <= self.max_retries:
-                            continue
-                        on_error(index, cell, exc)
-                    except Exception as exc:  # noqa: BLE001 - reported per cell; the caller decides
-                        on_error(index, cell, exc)
-                    else:
-                        on_row(index, cell, row)
-                    break
-
-
-def _ray_cell(loaded, cell, weights_sha256: str, n0: int, use_gpu: bool) -> dict:
+def _ray_cell(run, loaded, cell, weights_sha256: str, n0: int, use_gpu: bool) -> dict:
     """The body of one Ray task (module level, so workers import it by reference)."""
     device = None
     if use_gpu:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else None
-    return run_cell(loaded, cell, weights_sha256=weights_sha256, device=device, n0=n0)
+    return run(loaded, cell, weights_sha256=weights_sha256, device=device, n0=n0)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, ship_code: bool = False, **kwargs) -> None:
@@ -113,7 +73,8 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None = None, *, num_cpus: int | None = None, gpus_per_task: float | None = None,
-                 cpus_per_task: float = 1, max_retries: int = 3, ship_code: bool = False):
+                 cpus_per_task: float = 1, max_retries: int = 3, ship_code: bool = False,
+                 run: Callable[..., dict] | None = None):
         try:
             import ray  # noqa: F401
         except ImportError:
@@ -124,6 +85,7 @@ class RayExecutor:
         self.cpus_per_task = cpus_per_task
         self.max_retries = int(max_retries)
         self.ship_code = ship_code
+        self.run_cell = run or run_cell
 
     def _gpus(self) -> float:
         import ray
@@ -150,7 +112,8 @@ class RayExecutor:
                 model_ref = ray.put(job.loaded)  # once per model, shared by all of its tasks
                 n0 = count_params(job.loaded.model)
                 for index, cell in job.cells:
-                    pending[task.remote(model_ref, cell, job.weights_sha256, n0, gpus > 0)] = (index, cell)
+                    pending[task.remote(self.run_cell, model_ref, cell, job.weights_sha256, n0, gpus > 0)] = (
+                        index, cell)
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
@@ -175,6 +138,12 @@ class RayExecutor:
         finally:
             if started:
                 ray.shutdown()
+
+
+def executor_from_env():
+    """A Ray executor on the cluster named by ``FOLDVIZ_RAY_ADDRESS`` when it is set, else None (in process)."""
+    address = os.environ.get(ADDRESS_ENV)
+    return make_executor("ray", address=address) if address else None
 
 
 def make_executor(name: str, *, address: str | None = None, gpus_per_task: float | None = None,

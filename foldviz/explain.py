@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .groups import _BN, ChannelGroup
+from .groups import BN_TYPES, ChannelGroup
 
 
 def _member_order(group: ChannelGroup, module: str, side: str) -> np.ndarray | None:
@@ -91,7 +91,7 @@ def map_module(model: nn.Module, group: ChannelGroup) -> str | None:
     normalised maps the next layer reads, before the activation), else its first conv/linear producer; only
     modules that hold every group channel once."""
     modules = dict(model.named_modules())
-    cands = [p for p in group.producers if isinstance(modules.get(p), _BN)] + \
+    cands = [p for p in group.producers if isinstance(modules.get(p), BN_TYPES)] + \
             [p for p in group.producers if isinstance(modules.get(p), (nn.Conv2d, nn.Linear))]
     return next((p for p in cands if _member_order(group, p, "out") is not None), None)
 
@@ -156,7 +156,7 @@ def cluster_variance(model: nn.Module, group: ChannelGroup, labels: np.ndarray, 
     """Per cluster: Var(mean of the members' activations) / mean Var(member), at the group's normalised producer
     output (its first BatchNorm, else its first conv/linear): the variance collapse a plain merge causes."""
     modules = dict(model.named_modules())
-    where = next((p for p in group.producers if isinstance(modules.get(p), _BN)), None) or next(
+    where = next((p for p in group.producers if isinstance(modules.get(p), BN_TYPES)), None) or next(
         p for p in group.producers if isinstance(modules.get(p), (nn.Conv2d, nn.Linear)))
     a = activations(model, where, inputs).double()
     idx = _member_order(group, where, "out")

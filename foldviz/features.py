@@ -1,6 +1,6 @@
 """Per-channel feature vectors of a channel group, their similarity and redundancy.
 
-The feature vector of channel i concatenates everything the group stores for it (folding-spec §3.1): the
+The feature vector of channel i concatenates everything the group stores for it: the
 producers' fan-in rows and biases, BatchNorm gamma/beta, and the consumers' fan-out columns. Running statistics
 are left out. Which *feature space* a fold clusters in depends on its repair (see
 :attr:`foldviz.repair.Repair.feature_space`): ``"raw"`` reads the model as it is; ``"fused"`` reads it after BatchNorm

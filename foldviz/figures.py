@@ -43,6 +43,17 @@ _HEIGHT = 420
 _MARGIN = dict(l=60, r=20, t=60, b=55)
 
 
+def fmt_count(n) -> str:
+    """1234567 -> "1.23 M" (k, M, G); None -> "—"."""
+    if n is None:
+        return "—"
+    n = float(n)
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f}"
+
+
 def method_label(method: str) -> str:
     """Display name of a method key (the registry's label; unknown keys unchanged)."""
     return label(method)
@@ -699,7 +710,7 @@ def before_after_bars(before: Mapping[str, float], after: Mapping[str, float], *
 
 
 def variance_ratio_plot(series: Mapping[str, Sequence[Mapping]], *, log_y: bool = True,
-                        title: str | None = None) -> go.Figure:
+                        title: str | None = None, x_label: str | None = None) -> go.Figure:
     """Per-layer activation variance ratio Var(folded)/Var(original), one trace per method.
 
     ``series`` maps a method key ("none", "r", "ar", "dir", ...) to the engine's
@@ -736,97 +747,75 @@ def variance_ratio_plot(series: Mapping[str, Sequence[Mapping]], *, log_y: bool 
     fig.add_annotation(text="collapse ↓", xref="paper", yref="paper", x=1.0, y=0.0, showarrow=False,
                        xanchor="right", yanchor="bottom", font=dict(size=11, color="#888"))
     return _layout(fig, title=title or "Activation variance after folding, per layer",
-                   x="layer (model order)", y="Var(folded) / Var(original)" + (" (log scale)" if log_y else ""),
+                   x=x_label or "layer (model order)",
+                   y="Var(folded) / Var(original)" + (" (log scale)" if log_y else ""),
                    height=440, figure="variance_ratio_plot", methods=list(series))
 
 
-def sweep_plot(rows: Sequence[Mapping], *, methods: Sequence[str] | None = None,
-               baseline_accuracy: float | None = None, title: str | None = None,
+def sweep_plot(rows: Sequence[Mapping], *, methods: Sequence[str] | None = None, metric: str = "accuracy",
+               baseline: float | None = None, title: str | None = None,
                user_point: Mapping | None = None) -> go.Figure:
-    """Accuracy vs. parameter sparsity, one trace per method (the paper's main figure).
+    """The metric vs. parameter sparsity, one trace per method (the paper's main figure).
 
-    ``user_point`` (``param_sparsity``, ``accuracy`` as fractions, optional ``label``) marks the user's own
-    plan — typically per-group ratios no uniform sweep point has — as a star (trace "your plan").
-
-    ``rows``: the engine's sweep rows (``method``, ``ratio``, ``seed``, ``param_sparsity`` and
-    ``accuracy`` as fractions).  Several seeds are averaged with min-max error bars.  A row with
-    method ``"original"`` is the unfolded model: it becomes the baseline line, not a trace.
+    ``rows``: the engine's sweep rows (``method``, ``ratio``, ``seed``, ``param_sparsity`` as a fraction and the
+    ``metric`` column: ``"accuracy"`` (a fraction, drawn in %) or ``"perplexity"`` (drawn on a log axis)). Several
+    seeds are averaged with min-max error bars. A row with method ``"original"`` is the unfolded model: it becomes
+    a reference line across the plot (drawn as data, valid on a log axis), not a trace. ``user_point``
+    (``param_sparsity``, the metric, optional ``label``) marks the user's own plan as a star ("your plan").
     """
+    acc = metric == "accuracy"
+    scale = 100.0 if acc else 1.0
     by: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if str(r["method"]) == "original":  # the engine's unfolded reference row
-            if baseline_accuracy is None:
-                baseline_accuracy = float(r["accuracy"])
+        if r.get(metric) in (None, ""):
             continue
-        by[str(r["method"])][float(r["ratio"])].append((float(r["param_sparsity"]), float(r["accuracy"])))
+        if str(r["method"]) == "original":  # the engine's unfolded reference row
+            if baseline is None:
+                baseline = float(r[metric])
+            continue
+        by[str(r["method"])][float(r["ratio"])].append((float(r["param_sparsity"]), float(r[metric])))
     order = list(methods) if methods else list(by)
     fig = go.Figure()
+    unit = "%" if acc else ""
     for m in order:
         if m not in by:
             continue
         pts = []
         for ratio, vals in by[m].items():
             sp = np.mean([v[0] for v in vals])
-            acc = np.array([v[1] for v in vals])
-            pts.append((sp, acc.mean(), acc.max() - acc.mean(), acc.mean() - acc.min(), ratio, len(acc)))
+            val = np.array([v[1] for v in vals])
+            pts.append((sp, val.mean(), val.max() - val.mean(), val.mean() - val.min(), ratio, len(val)))
         pts.sort()
         p = np.array(pts, dtype=float)
-        err = dict(type="data", array=100 * p[:, 2], arrayminus=100 * p[:, 3], visible=True) \
+        err = dict(type="data", array=scale * p[:, 2], arrayminus=scale * p[:, 3], visible=True) \
             if np.any(p[:, 5] > 1) else None
         fig.add_trace(go.Scatter(
-            x=100 * p[:, 0], y=100 * p[:, 1], mode="lines+markers", name=method_label(m), error_y=err,
+            x=100 * p[:, 0], y=scale * p[:, 1], mode="lines+markers", name=method_label(m), error_y=err,
             line=_style(m),
             customdata=np.stack([100 * p[:, 4], p[:, 5]], axis=1),
-            hovertemplate=f"{method_label(m)}<br>sparsity %{{x:.1f}}%<br>accuracy %{{y:.1f}}%"
+            hovertemplate=f"{method_label(m)}<br>sparsity %{{x:.1f}}%<br>{metric} %{{y:.{1 if acc else 2}f}}{unit}"
                           "<br>per-group ratio %{customdata[0]:.0f}% · %{customdata[1]} seed(s)<extra></extra>"))
-    if baseline_accuracy is not None:
-        fig.add_hline(y=100 * float(baseline_accuracy), line=dict(color="#444", dash="dot"),
-                      annotation_text="unfolded", annotation_position="bottom left")
-    if user_point is not None and user_point.get("accuracy") is not None:
+    if baseline is not None:   # a data trace, not a shape: correct on linear and log axes alike
+        fig.add_trace(go.Scatter(x=[0, 100], y=[scale * float(baseline)] * 2, mode="lines", name="unfolded",
+                                 line=dict(color="#444", dash="dot", width=1.5),
+                                 hovertemplate=f"unfolded: {metric} %{{y:.{1 if acc else 2}f}}{unit}<extra></extra>"))
+    if user_point is not None and user_point.get(metric) is not None:
         lab = str(user_point.get("label") or "your plan")
         fig.add_trace(go.Scatter(
-            x=[100 * float(user_point["param_sparsity"])], y=[100 * float(user_point["accuracy"])],
+            x=[100 * float(user_point["param_sparsity"])], y=[scale * float(user_point[metric])],
             mode="markers+text", name="your plan", text=[lab], textposition="top center",
             marker=dict(symbol="star", size=18, color="#e45756", line=dict(width=1, color="black")),
-            hovertemplate=f"{lab}<br>sparsity %{{x:.1f}}%<br>accuracy %{{y:.1f}}%<extra></extra>"))
+            hovertemplate=f"{lab}<br>sparsity %{{x:.1f}}%<br>{metric} %{{y:.2f}}{unit}<extra></extra>"))
     fig.update_xaxes(range=[0, 100])
-    fig.update_yaxes(rangemode="tozero")
-    return _layout(fig, title=title or "Accuracy vs. parameter sparsity",
-                   x="parameter sparsity (% of parameters removed)", y="accuracy (%)", height=440,
-                   figure="sweep_plot", methods=[m for m in order if m in by])
-
-
-def lm_sweep_plot(rows: Sequence[Mapping], *, user_point: Mapping | None = None,
-                  title: str | None = None) -> go.Figure:
-    """Perplexity vs. fraction of parameters removed, one line per LM method (log y); the unfolded model is a
-    dotted line and ``user_point`` (``removed_fraction``, ``perplexity``) a star ("your plan")."""
-    by: dict[str, list] = defaultdict(list)
-    base = None
-    for r in rows:
-        if r["method"] == "original":
-            base = float(r["perplexity"])
-            continue
-        by[str(r["method"])].append((100 * float(r["removed_fraction"]), float(r["perplexity"]), float(r["ratio"])))
-    fig = go.Figure()
-    for m, pts in by.items():
-        pts.sort()
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                                 name=method_label(m), line=_style(m), customdata=[[100 * p[2]] for p in pts],
-                                 hovertemplate=f"{method_label(m)}<br>%{{x:.1f}}% of parameters removed<br>"
-                                               "perplexity %{y:.2f}<br>unit ratio %{customdata[0]:.0f}%<extra></extra>"))
-    if base is not None:
-        fig.add_hline(y=base, line=dict(color="#444", dash="dot"), annotation_text=f"unfolded ({base:.1f})",
-                      annotation_position="top left")
-    if user_point is not None and user_point.get("perplexity") is not None:
-        fig.add_trace(go.Scatter(x=[100 * float(user_point["removed_fraction"])], y=[float(user_point["perplexity"])],
-                                 mode="markers+text", name="your plan", text=[user_point.get("label", "your plan")],
-                                 textposition="top center",
-                                 marker=dict(symbol="star", size=18, color="#e45756", line=dict(width=1, color="black")),
-                                 hovertemplate="your plan<br>%{x:.1f}% removed<br>perplexity %{y:.2f}<extra></extra>"))
-    fig.update_yaxes(type="log")
-    return _layout(fig, title=title or "Perplexity vs. parameters removed",
-                   x="parameters removed (% of all parameters)", y="held-out perplexity (log scale)", height=440,
-                   figure="lm_sweep_plot", methods=list(by))
+    if acc:
+        fig.update_yaxes(rangemode="tozero")
+        ylab = "accuracy (%)"
+    else:
+        fig.update_yaxes(type="log", dtick="D1")   # readable ticks (1, 2, 5 per decade) on the log axis
+        ylab = "perplexity (log scale; lower is better)"
+    return _layout(fig, title=title or f"{metric.capitalize()} vs. parameter sparsity",
+                   x="parameter sparsity (% of parameters removed)", y=ylab, height=440,
+                   figure="sweep_plot", methods=[m for m in order if m in by], metric=metric)
 
 
 def lm_head_layout(n_layers: int, n_heads: int, n_kv: int, kept: Sequence[int] | None = None, *,

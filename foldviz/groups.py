@@ -13,9 +13,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_SUPPORTED = _CONV + _BN + (nn.Linear,)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_SUPPORTED = CONV_TYPES + BN_TYPES + (nn.Linear,)
 
 
 class GroupError(ValueError):
@@ -35,8 +35,17 @@ class Member:
 
 @dataclass
 class ChannelGroup:
+    """Units (channels, neurons or heads) that fold together, with every tensor slice they own.
+
+    Every model kind describes its groups this way, so features, clustering and the merge rule are one code path:
+    a conv channel owns a producer row and a consumer column; an MLP neuron owns a gate row, an up row and a down
+    column; a query head owns ``head_dim`` q rows and ``head_dim`` o columns. ``partitions`` splits the units into
+    that many equal contiguous blocks that are clustered separately with the same k each (the query heads of one
+    KV group); 1 for everything else.
+    """
+
     id: str
-    channels: int
+    channels: int                       # units in the group
     producers: list[str]
     consumers: list[str]
     foldable: bool
@@ -45,6 +54,29 @@ class ChannelGroup:
     first_conv: str | None
     has_bn: bool
     members: list[Member] = field(default_factory=list, repr=False)
+    unit: str = "channel"               # what one unit is: "channel", "neuron", "head"
+    partitions: int = 1                 # equal contiguous blocks clustered separately (KV groups of query heads)
+    layer: int | None = None            # decoder layer (language models)
+    role: str = "conv"                  # "conv" (channel groups of a traced network), "mlp", "heads", "other"
+    info: dict = field(default_factory=dict)   # kind-specific facts shown to users (head_dim, KV groups, ...)
+
+    @property
+    def per_partition(self) -> int:
+        return self.channels // self.partitions
+
+    def partition(self, j: int) -> "ChannelGroup":
+        """The group restricted to partition ``j`` (units ``j*per .. (j+1)*per - 1``, renumbered from 0)."""
+        if self.partitions == 1:
+            return self
+        per = self.per_partition
+        lo, hi = j * per, (j + 1) * per
+        members = []
+        for m in self.members:
+            keep = [(i, r - lo) for i, r in zip(m.idxs, m.root_idxs) if lo <= r < hi]
+            members.append(Member(m.module, m.side, m.type, [i for i, _ in keep], [r for _, r in keep]))
+        return ChannelGroup(f"{self.id}#{j}", per, self.producers, self.consumers, self.foldable, self.reason,
+                            self.root_type, self.first_conv, self.has_bn, members, self.unit, 1, self.layer,
+                            self.role, self.info)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,10 +89,11 @@ class GroupGraph:
     """All channel groups of a model plus the traced dependency graph they came from."""
 
     groups: list[ChannelGroup]
-    dg: tp.DependencyGraph = field(repr=False)
+    dg: tp.DependencyGraph | None = field(repr=False)   # None for kinds whose groups come from their layout
     model: nn.Module = field(repr=False)
     output_layers: list[str] = field(default_factory=list)
     error: str | None = None
+    kind: str = "cnn"
 
     @property
     def by_id(self) -> dict[str, ChannelGroup]:
@@ -81,18 +114,18 @@ class GroupGraph:
 
 
 def _is_grouped(m: nn.Module) -> bool:
-    return isinstance(m, _CONV) and 1 < m.groups
+    return isinstance(m, CONV_TYPES) and 1 < m.groups
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, _CONV) and m.groups == m.in_channels == m.out_channels and m.groups > 1
+    return isinstance(m, CONV_TYPES) and m.groups == m.in_channels == m.out_channels and m.groups > 1
 
 
 def _output_layers(dg: tp.DependencyGraph, names: dict) -> list[nn.Module]:
     """Parametrised layers whose output reaches the model output without passing another parametrised layer."""
     out = []
     for mod, node in dg.module2node.items():
-        if not isinstance(mod, (nn.Linear,) + _CONV) or mod not in names:
+        if not isinstance(mod, (nn.Linear,) + CONV_TYPES) or mod not in names:
             continue
         stack, seen, reaches_param = list(node.outputs), set(), False
         while stack:
@@ -116,7 +149,7 @@ def _check_foldable(members: list[Member], modules: dict[str, nn.Module], n: int
             return f"member {mem.module} is a {type(m).__name__}, which foldviz cannot merge"
         if _is_grouped(m) and not _is_depthwise(m):
             return f"{mem.module} is a grouped convolution (groups={m.groups}): clusters would cross groups"
-        if isinstance(m, _CONV) and getattr(m, "transposed", False):
+        if isinstance(m, CONV_TYPES) and getattr(m, "transposed", False):
             return f"{mem.module} is a transposed convolution"
         counts: dict[int, int] = {}
         for r in mem.root_idxs:
@@ -187,7 +220,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, dg: tp.Dependency
         n = len(g[0].idxs)
         producers = sorted({m.module for m in members if m.side == "out"}, key=lambda s: order.get(s, 1e9))
         consumers = sorted({m.module for m in members if m.side == "in"}, key=lambda s: order.get(s, 1e9))
-        weighted = [p for p in producers if isinstance(modules.get(p), (nn.Linear,) + _CONV)]
+        weighted = [p for p in producers if isinstance(modules.get(p), (nn.Linear,) + CONV_TYPES)]
         gid = weighted[0] if weighted else producers[0]
         reason = None if "<parameter>" not in producers else "a bare nn.Parameter is coupled to these channels"
         reason = reason or _check_foldable(members, modules, n)
@@ -197,7 +230,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, dg: tp.Dependency
         groups.append(ChannelGroup(
             id=gid, channels=n, producers=producers, consumers=consumers, foldable=reason is None, reason=reason,
             root_type=type(modules[gid]).__name__ if gid in modules else "Parameter", first_conv=first_conv,
-            has_bn=any(isinstance(modules.get(p), _BN) for p in producers), members=members,
+            has_bn=any(isinstance(modules.get(p), BN_TYPES) for p in producers), members=members,
         ))
     groups.sort(key=lambda grp: order.get(grp.id, 1e9))
     return GroupGraph(groups, dg, model, [names[m] for m in outputs])

@@ -1,6 +1,6 @@
 """IFM (Iterative Feature Merging, Chen, Zhou & Yan, ICLR 2024): the paper's data-free merging competitor.
 
-Selection (folding-spec §7). Per channel group, the weight vector of channel i is the concatenation of the
+Selection. Per channel group, the weight vector of channel i is the concatenation of the
 group's tensors with at least two dimensions only: the producers' fan-in rows (conv/linear weights indexed by
 the group on axis 0) and the consumers' fan-out columns (weights indexed on axis 1). Biases and BatchNorm tensors
 (1-D) are left out of the distance, as in IFM. In every round the pair of (current) channels with the smallest
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .fold import as_plan
-from .groups import _BN, ChannelGroup
+from .groups import BN_TYPES, ChannelGroup
 from .plans import FoldPlan
 from .repair import RepairContext
 from .surgery import Decision, FoldResult, compress, merge_decision
@@ -56,7 +56,7 @@ def ifm_features(model: nn.Module, group: ChannelGroup) -> tuple[torch.Tensor, t
     prod, cons = [], []
     for mem in group.members:
         mod = modules.get(mem.module)
-        if mod is None or isinstance(mod, _BN) or getattr(mod, "weight", None) is None or mod.weight.dim() < 2:
+        if mod is None or isinstance(mod, BN_TYPES) or getattr(mod, "weight", None) is None or mod.weight.dim() < 2:
             continue
         order = np.argsort(np.asarray(mem.root_idxs), kind="stable")
         idx = torch.as_tensor(np.asarray(mem.idxs)[order])

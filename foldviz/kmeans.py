@@ -461,6 +461,30 @@ def _kmeans_gram(gram: torch.Tensor, k: int, seed: int, n_init: int, max_iter: i
     return _canonical(labels.cpu().numpy()), max(0.0, err), it
 
 
+def gram_matrix(blocks) -> torch.Tensor:
+    """The centred float32 Gram matrix (n, n) that :func:`kmeans_blocks` clusters, from feature column blocks
+    (n, w_b); computing it apart lets a caller overlap it with other work (the next group's, on a second thread)."""
+    return _gram_blocks(blocks, torch.float32)
+
+
+def seed_restarts(gram: torch.Tensor, k: int, seed: int, n_init: int) -> list[np.ndarray]:
+    """The k-means++ seeds of the ``n_init`` restarts :func:`kmeans_on_gram` draws from ``gram``."""
+    return _seed_restarts(gram, k, seed, n_init)
+
+
+def kmeans_on_gram(gram: torch.Tensor, k: int, *, seed: int = 0, n_init: int = DEFAULT_CLUSTERING["n_init"],
+                   max_iter: int = DEFAULT_CLUSTERING["max_iter"], refine: str = DEFAULT_CLUSTERING["refine"],
+                   seeds: list[np.ndarray] | None = None) -> ClusterResult:
+    """:func:`kmeans_blocks` on a ready Gram matrix (:func:`gram_matrix`), with the restarts' seeds when already
+    drawn (:func:`seed_restarts`): the same labels, bit for bit."""
+    if refine not in REFINES:
+        raise ValueError(f"unknown k-means refinement {refine!r}; choose one of {REFINES}")
+    n = gram.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of channels ({n}), got {k}")
+    return _kmeans_on_gram(gram, n, k, seed, n_init, max_iter, refine, seeds)
+
+
 def _sklearn_cluster(x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int, algorithm: str) -> ClusterResult:
     from sklearn.cluster import AgglomerativeClustering, KMeans
 
@@ -501,5 +525,6 @@ def inertia_curve(features, ratios, *, seed: int = 0, n_init: int = 2) -> list[d
     return out
 
 
-__all__ = ["ALGORITHMS", "DEFAULT_CLUSTERING", "ClusterResult", "k_for_ratio", "kmeans", "cluster_order",
+__all__ = ["ALGORITHMS", "DEFAULT_CLUSTERING", "ClusterResult", "k_for_ratio", "kmeans", "kmeans_blocks",
+           "gram_matrix", "seed_restarts", "kmeans_on_gram", "cluster_order",
            "inertia_curve"]

@@ -59,8 +59,8 @@ METHODS: dict[str, Method] = {m.key: m for m in (
            "each cluster (mean on the producing side, sum on the consuming side); no repair",
            color="#2ca02c", applies_to=("lm",)),
     Method("magnitude", "Magnitude pruning", "prune", "none", False,
-           "language models: keep the units whose feature vector has the largest L2 norm",
-           importance="l2", color="#7f7f7f", dash="dot", applies_to=("lm",)),
+           "language models: keep the units whose whole feature vector (the rows and columns they own) has the "
+           "largest L2 norm", importance="feature-l2", color="#7f7f7f", dash="dot", applies_to=("lm",)),
     Method("random", "Random pruning", "prune", "none", False, "remove randomly chosen channels or units (seeded)",
            importance="random", color="#bbbbbb", dash="dash", applies_to=("cnn", "lm")),
 )}

@@ -13,7 +13,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .groups import _BN, _CONV
+from .groups import BN_TYPES, CONV_TYPES
 
 
 def count_params(model: nn.Module) -> int:
@@ -102,11 +102,11 @@ def _measured_layers(model: nn.Module) -> list[str]:
     out = []
     for i, n in enumerate(names):
         m = mods[n]
-        if isinstance(m, _BN):
+        if isinstance(m, BN_TYPES):
             out.append(n)
-        elif isinstance(m, (nn.Linear,) + _CONV):
+        elif isinstance(m, (nn.Linear,) + CONV_TYPES):
             nxt = mods[names[i + 1]] if i + 1 < len(names) else None
-            if not isinstance(nxt, _BN):
+            if not isinstance(nxt, BN_TYPES):
                 out.append(n)
     return out
 
@@ -114,9 +114,9 @@ def _measured_layers(model: nn.Module) -> list[str]:
 def _expected_channels(m: nn.Module) -> int | None:
     if isinstance(m, nn.Linear):
         return m.out_features
-    if isinstance(m, _CONV):
+    if isinstance(m, CONV_TYPES):
         return m.out_channels
-    if isinstance(m, _BN):
+    if isinstance(m, BN_TYPES):
         return m.num_features
     if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) >= 1:
         return int(m.normalized_shape[-1])

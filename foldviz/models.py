@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import persist
+from .utils import ASSETS_DIR, MODELS_DIR
 from .checkpoints import (
     MAX_CHECKPOINT_BYTES,
     ModelLoadError,
@@ -48,8 +49,6 @@ from .zoo import (  # noqa: F401  (re-exported: the architectures used to live h
 __all__ = ["ModelLoadError", "LoadedModel", "ASSETS_DIR", "MODELS_DIR", "RANDOM_INIT_NOTE", "list_demos",
            "demo_card", "load_model"]
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-MODELS_DIR = ASSETS_DIR / "models"
 
 RANDOM_INIT_NOTE = (
     "Random initialisation: no weights were loaded — an untrained network shows little redundancy."
@@ -202,6 +201,23 @@ def _infer_num_classes(arch: str, state: dict) -> int | None:
     return None
 
 
+def is_lm_spec(spec: str) -> bool:
+    """Whether ``spec`` names a language model: ``hf:DIR``, a bundled LM demo, or a directory holding one (a
+    ``config.json`` or foldviz's per-layer format, and not an image classifier saved by foldviz)."""
+    s = str(spec).strip()
+    if s.startswith("hf:"):
+        return True
+    if s.startswith("demo:"):
+        return (MODELS_DIR / s[5:] / "card.json").is_file() and _DEMO_NAME.fullmatch(s[5:]) is not None
+    if s.startswith(("torchvision:",)) or ":" in s.split("/")[0] and not s.startswith("file:"):
+        return False
+    p = Path(s.removeprefix("file:")).expanduser()
+    if not p.is_dir():
+        return False
+    kind = persist.marker_kind(p)
+    return kind == "lm" if kind else (p / "config.json").is_file() or (p / "foldviz_lm.json").is_file()
+
+
 def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_classes: int | None = None,
                cifar_stem: bool = False, pretrained: bool = False) -> LoadedModel:
     """Load a model from a spec (see module docstring).
@@ -214,10 +230,26 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
     torchvision's default weights (needs internet).
     """
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
-        raise ModelLoadError("empty model spec; use demo:NAME, torchvision:ARCH or a folded-model directory")
+        raise ModelLoadError("empty model spec; use demo:NAME, torchvision:ARCH, hf:DIR or file:DIR")
     s = str(spec).strip()
-    if s.startswith("hf:") or (s.startswith("demo:") and (MODELS_DIR / s[5:] / "card.json").is_file()):
-        raise ModelLoadError(f"{s} is a language model: load it with foldviz.lm.load_lm or python -m foldviz.lm")
+    if is_lm_spec(s):
+        given = [f for f, v in (("weights", weights), ("num_classes", num_classes), ("cifar_stem", cifar_stem),
+                                ("pretrained", pretrained)) if v]
+        if given:
+            raise ModelLoadError(f"{s} is a language model: {', '.join(given)} do(es) not apply to it")
+        from .lm.io import load_lm
+
+        return load_lm(s)
+    if s.startswith("file:"):
+        path = Path(s[5:].strip()).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"{s}: no such directory (file:DIR names a model saved by foldviz fold --out)")
+        if weights is not None or num_classes is not None or cifar_stem or pretrained:
+            raise ModelLoadError(f"{s} is a folded model with its own weights; --weights, --num-classes, "
+                                 "--cifar-stem and --pretrained do not apply to it")
+        loaded = persist.load_folded(path)
+        loaded.spec = s   # the spec as the user wrote it: plans and reports name it
+        return loaded
     if s.startswith("demo:"):
         if cifar_stem or pretrained:
             raise ModelLoadError("cifar_stem and pretrained only apply to torchvision:ARCH models")

@@ -1,4 +1,4 @@
-"""Saving and loading folded models without pickle, validated and atomic (issue #13).
+"""Saving and loading folded models without pickle, validated and atomic.
 
 A folded model directory holds ``model.safetensors`` (weights), ``plan.json`` (the plan used) and
 ``foldviz-model.json``: the base model's card plus the constructor arguments of every conv/linear/BatchNorm layer.
@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import struct
 from pathlib import Path
 
 import jsonschema
 import torch
 from torch import nn
 
-from .groups import _BN, _CONV
-from .checkpoints import ModelLoadError
+from .groups import BN_TYPES, CONV_TYPES
+from .checkpoints import FLOAT_DTYPE_NAMES, ModelLoadError, json_depth, read_safetensors_header
 from .zoo import LoadedModel, build_architecture
-from .utils import all_finite, atomic_dir, check_output_dir, dumps_json, state_dict_hash
+from .utils import MODELS_DIR, OutputError, all_finite, atomic_dir, check_output_dir, dumps_json, state_dict_hash
 
 FORMAT = "foldviz-folded-model"
 FORMAT_VERSION = 1
@@ -39,8 +37,6 @@ PLAN_FILE = "plan.json"
 MAX_META_BYTES = 5 * 1024 * 1024
 #: Deepest JSON nesting accepted in the metadata (the real files nest 5 levels).
 MAX_JSON_DEPTH = 32
-#: Largest safetensors header (bytes).
-MAX_HEADER_BYTES = 64 * 1024 * 1024
 #: Largest weights file (bytes).
 MAX_WEIGHTS_BYTES = 8 * 1024 ** 3
 
@@ -48,7 +44,7 @@ MAX_WEIGHTS_BYTES = 8 * 1024 ** 3
 def _layer_args(m: nn.Module) -> dict:
     if isinstance(m, nn.Linear):
         return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
-    if isinstance(m, _CONV):
+    if isinstance(m, CONV_TYPES):
         return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
                 "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
                 "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
@@ -59,29 +55,68 @@ def _layer_args(m: nn.Module) -> dict:
 
 def _layers(model: nn.Module) -> dict:
     return {n: {"type": type(m).__name__, "args": _layer_args(m)} for n, m in model.named_modules()
-            if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + _BN}
+            if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + BN_TYPES}
 
 
-def save_folded(result, loaded: LoadedModel, out_dir, *, report: dict | None = None, force: bool = False) -> Path:
-    """Write a folded model (a FoldResult from ``fold``/``prune``) to ``out_dir``, atomically.
+def marker_kind(path) -> str | None:
+    """The model kind ("cnn", "lm") recorded in the foldviz-model.json of a directory foldviz wrote; None when the
+    directory holds no such file (or an unreadable one)."""
+    m = Path(path) / META_FILE
+    try:
+        if m.is_symlink() or not m.is_file() or m.stat().st_size > MAX_META_BYTES:
+            return None
+        meta = json.loads(m.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    kind = meta.get("kind", "cnn")
+    return kind if kind in ("cnn", "lm") else None
 
-    ``out_dir`` must be new, empty, or (with ``force``) an existing folded model, which is then replaced by
-    renames so that one complete model exists at every instant.  The input model's own directory is refused.
+
+def _protected(loaded) -> list[Path]:
+    """Directories a fold of ``loaded`` must never write into: the one it was loaded from, and the bundled models."""
+    spec = str(loaded.spec)
+    out = [MODELS_DIR]
+    for prefix in ("file:", "hf:", ""):
+        if spec.startswith(prefix) and Path(spec[len(prefix):]).expanduser().is_dir():
+            out.append(Path(spec[len(prefix):]).expanduser())
+            break
+    return out
+
+
+def save_folded(result, loaded: LoadedModel, out_dir, *, report: dict | None = None, force: bool = False,
+                fmt: str | None = None) -> Path:
+    """Write a fold (a FoldResult of any kind) with its plan and report to ``out_dir``, atomically.
+
+    ``out_dir`` must be new, empty, or (with ``force``) a directory foldviz wrote before, which is then replaced by
+    renames so that one complete model exists at every instant; the input model's own directory and the bundled
+    models are refused, even with ``force``. An image classifier is written in the foldviz format
+    (``model.safetensors`` + ``foldviz-model.json``); a language model as a transformers directory (``fmt="hf"``,
+    the default) or in foldviz's per-layer format (``fmt="foldviz-lm"``).
     """
-    protected = [loaded.spec] if Path(str(loaded.spec)).is_dir() else []
-    out = check_output_dir(out_dir, force, protected=protected)
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in result.model.state_dict().items()}
-    meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "base_spec": loaded.spec, "base_card": loaded.card,
-        "input_shape": list(loaded.input_shape), "method": result.method, "label": result.label,
-        "layers": _layers(result.model), "weights_sha256": state_dict_hash(state),
-        "groups": [{k: v for k, v in g.items() if k in ("id", "channels_before", "channels_after", "ratio")}
-                   for g in result.groups],
-    }
+    out = check_output_dir(out_dir, force, protected=_protected(loaded))
+    kind = getattr(result, "kind", "cnn")
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "base_spec": loaded.spec,
+            "method": result.method, "label": result.label,
+            "groups": [{k: v for k, v in g.items() if k in ("id", "unit", "channels_before", "channels_after", "ratio")}
+                       for g in result.groups]}
     with atomic_dir(out) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE))
+        if kind == "lm":
+            from .lm.io import write_lm
+
+            meta["lm_format"] = write_lm(tmp, result.model, tokenizer=getattr(loaded, "tokenizer", None),
+                                         fmt=fmt or "hf", card=loaded.card)
+            meta["weights_sha256"] = state_dict_hash(result.model)
+        else:
+            if fmt not in (None, "foldviz"):
+                raise OutputError(f"image classifiers are saved in the foldviz format, not {fmt!r}")
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().contiguous().cpu() for k, v in result.model.state_dict().items()}
+            meta.update({"base_card": loaded.card, "input_shape": list(loaded.input_shape),
+                         "layers": _layers(result.model), "weights_sha256": state_dict_hash(state)})
+            save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / META_FILE).write_text(dumps_json(meta))
         (tmp / PLAN_FILE).write_text(result.plan.to_json())
         if report is not None:
@@ -89,10 +124,30 @@ def save_folded(result, loaded: LoadedModel, out_dir, *, report: dict | None = N
     return out
 
 
+def folded_zip(result, loaded, report: dict | None = None, extra: dict[str, bytes] | None = None, *,
+               fmt: str | None = None) -> bytes:
+    """The folded model directory :func:`save_folded` writes, as a zip (folder ``folded/``), plus ``extra`` files
+    (name -> bytes) beside it: what the app offers for download."""
+    import io
+    import tempfile
+    import zipfile
+
+    buf = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = save_folded(result, loaded, Path(tmp) / "folded", report=report, fmt=fmt)
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for p in sorted(out.rglob("*")):
+                if p.is_file():
+                    z.write(p, p.relative_to(out.parent))
+            for name, data in (extra or {}).items():
+                z.writestr(f"folded/{name}", data)
+    return buf.getvalue()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------------------
-_TYPES = {c.__name__: c for c in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + _BN}
+_TYPES = {c.__name__: c for c in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + BN_TYPES}
 _MAX_DIM = 1 << 20  # no single layer size above a million channels
 _POS = {"type": "integer", "minimum": 1, "maximum": _MAX_DIM}
 _NONNEG = {"type": "integer", "minimum": 0, "maximum": _MAX_DIM}
@@ -120,7 +175,7 @@ ARG_SCHEMAS = {
     "Linear": {"type": "object", "additionalProperties": False, "required": ["in_features", "out_features"],
                "properties": {"in_features": _POS, "out_features": _POS, "bias": {"type": "boolean"}}},
     "Conv1d": _conv_schema(1), "Conv2d": _conv_schema(2), "Conv3d": _conv_schema(3),
-    **{c.__name__: _BN_SCHEMA for c in _BN},
+    **{c.__name__: _BN_SCHEMA for c in BN_TYPES},
 }
 
 META_SCHEMA = {
@@ -145,18 +200,6 @@ META_SCHEMA = {
         "groups": {"type": ["array", "null"], "items": {"type": "object"}},
     },
 }
-
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
-
-
-def _json_depth(raw: bytes) -> int:
-    """Deepest nesting of ``[``/``{`` outside strings, without recursion."""
-    import numpy as np
-
-    b = np.frombuffer(_STRINGS.sub(b'""', raw), dtype=np.uint8)
-    step = (np.isin(b, (ord("["), ord("{"))).astype(np.int64) - np.isin(b, (ord("]"), ord("}"))).astype(np.int64))
-    return int(step.cumsum().max()) if len(step) else 0
-
 
 def _where(err) -> str:
     return ".".join(str(p) for p in err.absolute_path) or "(top level)"
@@ -190,7 +233,7 @@ def read_meta(path) -> dict:
     meta_path = path / META_FILE
     _checked_size(meta_path, MAX_META_BYTES, f"{path} is not a folded-model directory: {META_FILE} is missing")
     raw = meta_path.read_bytes()[: MAX_META_BYTES + 1]
-    depth = _json_depth(raw)
+    depth = json_depth(raw)
     if depth > MAX_JSON_DEPTH:
         raise ModelLoadError(f"{meta_path} nests {depth} levels deep (limit {MAX_JSON_DEPTH}); not a foldviz file")
     try:
@@ -202,6 +245,9 @@ def read_meta(path) -> dict:
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise ModelLoadError(f"{meta_path}: unsupported format {str(meta.get('format'))[:60]!r} "
                              f"v{str(meta.get('version'))[:20]!r}")
+    if meta.get("kind", "cnn") != "cnn":
+        raise ModelLoadError(f"{path} holds a {meta.get('kind')!r} model, not an image classifier; load it with "
+                             "foldviz.models.load_model")
     _schema_check(meta, META_SCHEMA, str(meta_path))
     if math.prod(meta["input_shape"]) > 3 * 4096 * 4096:
         raise ModelLoadError(f"{meta_path}: input_shape {meta['input_shape']} is implausibly large")
@@ -216,57 +262,6 @@ def read_meta(path) -> dict:
 
 def _no_constant(tok):
     raise ValueError(f"non-finite number {tok} is not JSON")
-
-
-_ST_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-
-
-def read_safetensors_header(path) -> dict[str, dict]:
-    """Read and validate only the header of a safetensors file: ``{name: {"dtype", "shape", "data_offsets"}}``.
-
-    Checks the 8-byte little-endian header length, the JSON, dtypes, shapes and that every tensor's byte range
-    lies inside the file and matches its shape; raises :class:`ModelLoadError` otherwise.
-    """
-    path = Path(path)
-    size = _checked_size(path, MAX_WEIGHTS_BYTES, f"{path.parent}: {path.name} is missing")
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelLoadError(f"{path} is not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER_BYTES, size - 8):
-            raise ModelLoadError(f"{path} is not a valid safetensors file (header length {n} for a {size}-byte file)")
-        raw = f.read(n)
-    if _json_depth(raw) > 4:
-        raise ModelLoadError(f"{path}: safetensors header nests too deeply")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelLoadError(f"{path}: safetensors header is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(header, dict):
-        raise ModelLoadError(f"{path}: safetensors header is not a JSON object")
-    data_len = size - 8 - n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict):
-            raise ModelLoadError(f"{path}: tensor {name!r}: malformed header entry")
-        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _ST_DTYPES:
-            raise ModelLoadError(f"{path}: tensor {name!r} has unknown dtype {str(dtype)[:20]!r}")
-        if not (isinstance(shape, list) and len(shape) <= 8
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise ModelLoadError(f"{path}: tensor {name!r} has a malformed shape")
-        if not (isinstance(offs, list) and len(offs) == 2
-                and all(isinstance(o, int) and not isinstance(o, bool) for o in offs) and 0 <= offs[0] <= offs[1] <= data_len):
-            raise ModelLoadError(f"{path}: tensor {name!r} has data offsets outside the file (truncated file?)")
-        if offs[1] - offs[0] != math.prod(shape) * _ST_DTYPES[dtype]:
-            raise ModelLoadError(f"{path}: tensor {name!r}: {offs[1] - offs[0]} bytes do not match shape {shape} {dtype}")
-        out[name] = {"dtype": dtype, "shape": tuple(shape), "data_offsets": tuple(offs)}
-    return out
 
 
 def _build_meta_model(meta: dict, meta_path: Path) -> nn.Module:
@@ -304,7 +299,7 @@ def _check_against_header(model: nn.Module, header: dict, weights: Path) -> None
         raise ModelLoadError(f"{weights}: layer sizes do not match the weights ({len(bad)} tensor(s)): "
                              + "; ".join(bad[:3]))
     wrong = [f"{k} ({header[k]['dtype']})" for k in own
-             if own[k].is_floating_point() and header[k]["dtype"] not in _FLOAT_DTYPES
+             if own[k].is_floating_point() and header[k]["dtype"] not in FLOAT_DTYPE_NAMES
              or not own[k].is_floating_point() and header[k]["dtype"] not in ("I64", "I32")]
     if wrong:
         raise ModelLoadError(f"{weights}: tensors of the wrong dtype (need fp16/bf16/fp32/fp64 weights): "
@@ -321,7 +316,7 @@ def load_folded(path) -> LoadedModel:
     meta_path = path / META_FILE
     meta = read_meta(path)
     weights = path / WEIGHTS_FILE
-    header = read_safetensors_header(weights)
+    header = read_safetensors_header(weights, MAX_WEIGHTS_BYTES)
     model = _build_meta_model(meta, meta_path)
     _check_against_header(model, header, weights)
     from safetensors import safe_open

@@ -242,7 +242,8 @@ class CostModel:
         rows = []
         for g in self.graph.groups:
             r = plan.ratio_for(g.id) if g.foldable else 0.0
-            k = k_for_ratio(g.channels, r) if g.foldable else g.channels
+            parts = getattr(g, "partitions", 1)   # query heads: the same k in each KV group
+            k = parts * k_for_ratio(g.channels // parts, r) if g.foldable else g.channels
             rows.append({"id": g.id, "channels_before": g.channels, "channels_after": k, "ratio": r,
                          "skip": g.id in plan.skip, "foldable": bool(g.foldable), "override": g.id in plan.ratios})
             for mem in g.members:
@@ -265,10 +266,13 @@ class CostModel:
     def estimate(self, plan: FoldPlan) -> dict:
         """Channels per group, parameters and FLOPs after folding with ``plan`` (exact for conv/linear/BN)."""
         out_keep, in_keep, rows = self._keep(plan)
-        params = 0.0
+        params, seen = 0.0, set()
         for name, mod in self.modules.items():
             grouped = getattr(mod, "groups", 1) > 1   # depthwise: the input side shrinks with the output
             for pname, p in mod.named_parameters(recurse=False):
+                if id(p) in seen:   # a tied weight (an LM's embedding and output layer) counts once
+                    continue
+                seen.add(id(p))
                 f = out_keep.get(name, 1.0)
                 if pname == "weight" and p.dim() >= 2 and not grouped:
                     f *= in_keep.get(name, 1.0)

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from .fold import as_plan
-from .groups import _CONV, ChannelGroup
+from .features import feature_blocks
+from .groups import CONV_TYPES, ChannelGroup
+from .kmeans import gram_cols
 from .plans import FoldPlan
 from .repair import RepairContext
 from .surgery import Decision, FoldResult, compress
@@ -38,12 +40,25 @@ class MagnitudeImportance(Importance):
         imp = torch.zeros(group.channels, dtype=torch.float64)
         for mem in group.members:
             m = modules.get(mem.module)
-            if mem.side != "out" or not isinstance(m, (nn.Linear,) + _CONV):
+            if mem.side != "out" or not isinstance(m, (nn.Linear,) + CONV_TYPES):
                 continue
             rows = m.weight.detach().double().cpu().index_select(0, torch.as_tensor(mem.idxs)).flatten(1)
             norms = rows.abs().sum(1) if self.p == 1 else rows.pow(2).sum(1).sqrt()
             imp.index_add_(0, torch.as_tensor(mem.root_idxs), norms)
         return imp
+
+
+class FeatureNormImportance(Importance):
+    """L2 norm of each unit's whole feature vector: every row it owns on the producing side and every column on the
+    consuming side (an MLP neuron's gate row, up row and down column), accumulated block by block."""
+
+    key = "feature-l2"
+
+    def __call__(self, model, group, seed):
+        sq = torch.zeros(group.channels, dtype=torch.float64)
+        for blk in feature_blocks(model, group, gram_cols(group.channels)):
+            sq += blk.double().pow(2).sum(1).cpu()
+        return sq.sqrt()
 
 
 class RandomImportance(Importance):
@@ -57,12 +72,22 @@ class RandomImportance(Importance):
 
 
 IMPORTANCES: dict[str, Importance] = {i.key: i for i in (MagnitudeImportance(1), MagnitudeImportance(2),
-                                                         RandomImportance())}
+                                                         FeatureNormImportance(), RandomImportance())}
+
+
+def top_k(scores: torch.Tensor, group: ChannelGroup, k: int) -> list[int]:
+    """The ``k`` highest-scoring units of each partition of ``group`` (ties: the lower index), sorted."""
+    per, keep = group.per_partition, []
+    for j in range(group.partitions):
+        part = scores[j * per:(j + 1) * per]
+        keep += (torch.argsort(part, descending=True, stable=True)[:k] + j * per).tolist()
+    return sorted(keep)
 
 
 def prune(model: nn.Module, plan: FoldPlan | float = 0.5, *, importance: str | Importance = "l1",
           example_input: torch.Tensor, repair: str = "none", repair_data: torch.Tensor | None = None,
-          progress: Progress = None, device=None, method: str | None = None, norm: int | None = None) -> FoldResult:
+          progress: Progress = None, device=None, method: str | None = None, norm: int | None = None, kind=None,
+          inplace: bool = False) -> FoldResult:
     """Prune a copy of ``model`` with ``plan``'s ratios: ``importance`` "l1", "l2", "random" or an
     :class:`Importance`; ``repair`` "none" or "r". ``method`` is the registry key recorded in the result.
     ``norm`` (1 or 2) is the deprecated spelling of ``importance="l1"/"l2"``."""
@@ -75,9 +100,9 @@ def prune(model: nn.Module, plan: FoldPlan | float = 0.5, *, importance: str | I
         raise ValueError(f"repair: pruning baselines support 'none' or 'r', not {repair!r}")
 
     def select(ctx: RepairContext, group: ChannelGroup, k: int) -> Decision:
-        scores = imp(ctx.work, group, ctx.plan.seed)
-        return Decision(keep=sorted(torch.argsort(scores, descending=True, stable=True)[:k].tolist()))
+        seed = ctx.plan.seed + int(group.info.get("seed_offset", 0))
+        return Decision(keep=top_k(imp(ctx.work, group, seed), group, k))
 
     key = method or imp.key + ("+r" if repair == "r" else "")
     return compress(model, as_plan(plan, repair), select, method=key, repair=repair, example_input=example_input,
-                    repair_data=repair_data, progress=progress, device=device)
+                    repair_data=repair_data, progress=progress, device=device, kind=kind, inplace=inplace)

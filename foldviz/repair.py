@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .features import group_features
-from .groups import _BN, _CONV, build_dependency_graph
+from .groups import BN_TYPES, CONV_TYPES, build_dependency_graph
 from .utils import Progress, state_dict_hash
 
 
@@ -36,10 +36,10 @@ def _bn_producers(dg, model: nn.Module) -> dict[nn.Module, nn.Module]:
     """Map each BatchNorm to the conv/linear whose output it normalises, when that output feeds only the BN."""
     pairs = {}
     for mod, node in dg.module2node.items():
-        if not isinstance(mod, _BN) or len(node.inputs) != 1:
+        if not isinstance(mod, BN_TYPES) or len(node.inputs) != 1:
             continue
         prod = node.inputs[0].module
-        if not isinstance(prod, (nn.Linear,) + _CONV) or len(node.inputs[0].outputs) != 1:
+        if not isinstance(prod, (nn.Linear,) + CONV_TYPES) or len(node.inputs[0].outputs) != 1:
             continue
         out_ch = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
         if out_ch == mod.num_features and mod.track_running_stats and mod.running_var is not None:
@@ -98,7 +98,7 @@ def linear_bns(model: nn.Module, groups) -> set[str]:
     for g in groups:
         weighted = [mods[p] for p in g.producers if isinstance(mods.get(p), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         if weighted and all(isinstance(m, nn.Linear) for m in weighted):
-            out |= {m.module for m in g.members if m.side == "out" and isinstance(mods.get(m.module), _BN)}
+            out |= {m.module for m in g.members if m.side == "out" and isinstance(mods.get(m.module), BN_TYPES)}
     return out
 
 
@@ -124,7 +124,7 @@ def reset_bn_stats(model: nn.Module, inputs: torch.Tensor | Iterable[torch.Tenso
     Only the BatchNorm layers run in training mode (dropout stays off), each accumulating an exact cumulative
     average (momentum=None). Returns the number of samples seen.
     """
-    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    bns = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats]
     if not bns:
         return 0
     device = next(model.parameters()).device
@@ -189,7 +189,7 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
     device = device or next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn((batch_size, *input_shape), generator=gen).to(device).requires_grad_(True)
-    bns = [m for m in model.modules() if isinstance(m, _BN) and m.running_mean is not None]
+    bns = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.running_mean is not None]
     losses: list[torch.Tensor] = []
 
     def hook(mod, inp, _out):
@@ -272,7 +272,7 @@ def ar_group_scales(work: nn.Module, group, labels, k: int) -> dict[str, torch.T
     Returns {bn_name: (k,) scale}; ``surgery.GroupSurgery.apply`` multiplies the merged BN's gamma by it.
     """
     modules = dict(work.named_modules())
-    bns = [m.module for m in group.members if m.side == "out" and isinstance(modules.get(m.module), _BN)]
+    bns = [m.module for m in group.members if m.side == "out" and isinstance(modules.get(m.module), BN_TYPES)]
     if not bns:  # nothing to rescale (e.g. VGG's hidden FC groups): skip reading the group's features
         return {}
     s = cluster_scale(group_features(work, group, scale=False), labels, k)
@@ -280,7 +280,7 @@ def ar_group_scales(work: nn.Module, group, labels, k: int) -> dict[str, torch.T
 
 
 def ar_fanin_scales(work: nn.Module, group, labels, k: int, fused: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Earlier foldviz estimate (pre-issue-#12 "ar"): per BN, E[c] from that BN's own fused producer rows only."""
+    """Earlier foldviz estimate (the first "ar"): per BN, E[c] from that BN's own fused producer rows only."""
     modules = dict(work.named_modules())
     out = {}
     for mem in group.members:
@@ -299,7 +299,7 @@ def ar_fanin_scales(work: nn.Module, group, labels, k: int, fused: dict[str, str
 DFR_DEFAULTS = {"proxy": "di", "samples": 64, "sequential": True, "linear_repair": True}
 # The Deep Inversion proxy costs samples x 50 forward+backward passes: at 224x224 on one CPU thread, 64 samples took
 # 418 s and 2.9 GiB for torchvision resnet18 (8 samples: 43 s, 1.2 GiB; resnet50 with 8 samples: 1.84 GiB, over the
-# 1.69 GiB bound of issue #13). Unless a plan sets "samples", inputs larger than 32x32 get proportionally fewer
+# 1.69 GiB bound of benchmarks/bench_memory.py). Unless a plan sets "samples", inputs larger than 32x32 get proportionally fewer
 # samples (the BN statistics are averaged over every spatial position, so larger images carry more of them per
 # sample: 4 images at 224x224 give 12,544 positions per channel after the stem), never fewer than DFR_MIN_SAMPLES.
 DFR_MIN_SAMPLES = 4
@@ -326,9 +326,9 @@ def _layers_without_bn(model: nn.Module) -> list[str]:
     named = [(n, m) for n, m in model.named_modules() if n]
     out = []
     for i, (n, m) in enumerate(named):
-        if isinstance(m, (nn.Linear,) + _CONV):
+        if isinstance(m, (nn.Linear,) + CONV_TYPES):
             nxt = named[i + 1][1] if i + 1 < len(named) else None
-            if not isinstance(nxt, _BN):
+            if not isinstance(nxt, BN_TYPES):
                 out.append(n)
     return out
 
@@ -417,7 +417,7 @@ def bn_proxy_stats(model: nn.Module, proxy: torch.Tensor) -> dict[str, tuple[tor
         stats.setdefault(names[mod], _bn_input_stats(inp[0]))
 
     _forward_with(model, proxy, [m.register_forward_pre_hook(hook) for m in model.modules()
-                                 if isinstance(m, _BN) and m.track_running_stats and m.running_var is not None])
+                                 if isinstance(m, BN_TYPES) and m.track_running_stats and m.running_var is not None])
     return stats
 
 
@@ -479,7 +479,7 @@ def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.
         mod.running_var.copy_(var.clamp_min(0).to(mod.running_var.dtype))
         mod.running_mean.copy_(mean.to(mod.running_mean.dtype))
 
-    bns = [m for m in work.modules() if isinstance(m, _BN) and m.track_running_stats and m.running_var is not None]
+    bns = [m for m in work.modules() if isinstance(m, BN_TYPES) and m.track_running_stats and m.running_var is not None]
     bare = _layers_without_bn(work) if linear_repair else []
     goals = _output_stats(original, bare, x) if bare else {}
     was = work.training

@@ -1,27 +1,24 @@
-"""The app's memory, without Streamlit: one loaded model and what it is worth remembering about it.
+"""The app's memory, without Streamlit: one loaded model of any kind and what it is worth remembering about it.
 
     from foldviz.session import ModelSource, DataSource, Workbench
-    wb = Workbench.load(ModelSource("demo:digits-resnet"))
+    wb = Workbench.load(ModelSource("demo:digits-resnet"))          # or "demo:shakespeare-llama", "hf:DIR", ...
     plan = wb.default_plan(0.3)
-    detail = wb.group_detail("layer1.0.conv1", plan)        # the clusters the fold will use
-    outcome = wb.fold(plan, DataSource("digits"))           # FoldOutcome: FoldResult + the one report schema
+    detail = wb.group_detail("layer1.0.conv1", plan)                 # the clusters the fold will use
+    outcome = wb.fold(plan, DataSource("digits"))                    # FoldOutcome: FoldResult + the one report
 
-A Workbench only memoises: the channel groups, the weights hash, the model in each feature space, features,
-similarities and clusterings, the cost model and the baseline evaluation. Every computation is the library's
-(``fold.cluster_group``, ``plans.CostModel``, ``apply.apply_method``, ``report.build_report``, ``explain``), so
-what a page shows is what the CLI computes. The base model is read-only; folds work on copies. User-facing
-failures raise :class:`WorkbenchError` (a ``ValueError``).
+A Workbench memoises engine results: the groups, the weights hash, the model in each feature space, features,
+similarities and clusterings, the cost model, evaluations and folds. Every number comes from the library
+(:func:`foldviz.fold.cluster_group`, :class:`foldviz.plans.CostModel`, :func:`foldviz.apply.apply_method`,
+:func:`foldviz.report.build_report`, the model kind's :mod:`foldviz.kinds` hooks), so what a page shows is what
+the CLI computes. Background work runs in :mod:`foldviz.jobs`. The base model is read-only; folds work on copies.
+User-facing failures raise :class:`WorkbenchError` (a ``ValueError``).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import tempfile
 import threading
-import zipfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,23 +27,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import explain
+from . import checkpoints, explain
 from .apply import DEFAULT_REPAIR_SAMPLES, apply_method, repair_inputs
-from . import checkpoints
 from .checkpoints import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 from .embedding import embed
-from .executors import make_executor
+from .executors import executor_from_env
 from .features import cosine_similarity, group_features, redundancy
 from .fold import cluster_group, feature_model, feature_scaling, fused_bns
-from .groups import GroupGraph, find_groups
-from .kmeans import ClusterResult, cluster_order, inertia_curve, k_for_ratio
-from .methods import DEFAULT_REPAIR, METHODS
-from .metrics import count_params, model_size_bytes, variance_ratios
+from .groups import GroupGraph
+from .jobs import Runner
+from .kinds import kind_of
+from .kmeans import ClusterResult, cluster_order, k_for_ratio
+from .methods import METHODS, keys_for
+from .metrics import count_params, model_size_bytes
 from .models import load_model
-from .persist import save_folded
+from .persist import folded_zip
 from .plans import CostModel, FoldPlan, suggest, suggest_ratio
 from .repair import REPAIRS
-from .report import build_report, evaluate_on, report_json, variance_inputs
+from .report import build_report, evaluate_on
 from .surgery import FoldResult
 from .sweep import sweep
 from .utils import Progress, atomic_write_bytes, resolve_device, state_dict_hash
@@ -93,14 +91,14 @@ class DataSource:
     """Evaluation data: a dataset spec ("digits", "cifar10:ROOT", "imagefolder:DIR") or None."""
 
     spec: str | None = "digits"
-    limit: int | None = 500                          # evaluation samples (None = whole split)
+    limit: int | None = 500                          # evaluation samples (language models: windows; None = all)
     repair_samples: int = DEFAULT_REPAIR_SAMPLES     # real training inputs for Fold-R / REPAIR
 
     @property
     def label(self) -> str:
         if not self.spec:
             return "no evaluation data"
-        return f"{self.spec} (up to {self.limit} test samples)" if self.limit else f"{self.spec} (full test split)"
+        return f"{self.spec} (up to {self.limit} test samples)" if self.limit else f"{self.spec} (all of it)"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,12 +108,19 @@ class DataSource:
         return cls(**(d or {}))
 
 
-def default_data_for(spec: str) -> DataSource:
-    """Vision demos are evaluated on digits; other models (and language models, which use text) start without."""
-    from .lm.io import list_lm_demos
+#: the app evaluates language models on the first this many tokens (whole windows; the CLI scores everything)
+LM_EVAL_TOKENS = 16_384
 
-    s = str(spec)
-    return DataSource("digits") if s.startswith("demo:") and s[5:] not in list_lm_demos() else DataSource(None)
+
+def default_data_for(loaded: LoadedModel) -> DataSource:
+    """The evaluation data a freshly loaded model starts with: the bundled digits for the vision demos, the
+    held-out plays for the language-model demos, none otherwise."""
+    spec = kind_of(loaded).default_data(loaded)
+    if spec is None:
+        return DataSource(None)
+    if loaded.kind == "lm":
+        return DataSource(spec, max(1, LM_EVAL_TOKENS // loaded.context_length))
+    return DataSource(spec)
 
 
 def save_upload(data: bytes, filename: str, directory: str | Path | None = None) -> str:
@@ -148,16 +153,6 @@ class FoldOutcome:
         return self.result.model
 
 
-def fmt_count(n) -> str:
-    if n is None:
-        return "—"
-    n = float(n)
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n:.0f}"
-
-
 def _space(repair: str) -> str:
     return REPAIRS[repair].feature_space
 
@@ -181,10 +176,11 @@ SLIDER_RATIOS = tuple(round(0.05 * i, 2) for i in range(20))
 
 
 class Workbench:
-    """A loaded base model with its channel groups and memoised per-group analyses."""
+    """A loaded base model of any kind with its groups and memoised per-group analyses."""
 
     def __init__(self, loaded: LoadedModel, source: ModelSource | None = None):
         self.loaded = loaded
+        self.kind = kind_of(loaded)
         self.source = source or ModelSource(loaded.spec)
         self.weights_sha256 = state_dict_hash(loaded.model)
         # one device for the explorer's clusterings and the fold: a GPU's float32 Gram rounds differently from
@@ -193,11 +189,9 @@ class Workbench:
         self._lock = threading.RLock()
         self._memo: dict[tuple, object] = {}
         self._pending: dict[tuple, threading.Event] = {}   # keys being computed (by another thread)
-        self._background = None                             # one worker thread for precomputations
-        self._foreground = 0                                # page requests in flight: the background waits
-        self._idle = threading.Condition(threading.Lock())
-        # folds, repairs and measurements put forward hooks on the base model: one at a time per model (the
-        # app folds in a background thread for its live estimate while a page may fold too)
+        self.jobs = Runner()                                 # background work (live estimates, precomputations)
+        # folds, repairs and measurements put forward hooks on the base model: one at a time per model (a
+        # background estimate may fold while a page folds too)
         self._model_lock = threading.RLock()
 
     @classmethod
@@ -242,6 +236,15 @@ class Workbench:
                     self._pending.pop(key, None)
                 ev.set()
 
+    def memo(self, key: tuple, fn):
+        """Memoise ``fn()`` under ``key`` in this workbench (for views that combine several engine results)."""
+        return self._get(("view",) + tuple(key), fn)
+
+    def cached(self, key: tuple):
+        """A memoised value if it is already there (None otherwise): lets a page show what is ready at once."""
+        with self._lock:
+            return self._memo.get(key)
+
     # ---- the model ------------------------------------------------------------------------------------
     @property
     def model(self) -> nn.Module:
@@ -252,30 +255,62 @@ class Workbench:
     def spec(self) -> str:
         return self.loaded.spec
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Registry keys of the methods that apply to this model's kind."""
+        return keys_for(self.kind.key)
+
+    @property
+    def fold_methods(self) -> tuple[str, ...]:
+        """The fold-family methods (the plan's repairs for image classifiers; "fold" for language models)."""
+        return tuple(k for k in self.methods if METHODS[k].family == "fold")
+
+    def default_method(self, plan: FoldPlan) -> str:
+        """The method a plan's fold runs: its repair for image classifiers, the fold for language models."""
+        return plan.repair if self.kind.key == "cnn" else "fold"
+
     def example_input(self, batch: int = 2) -> torch.Tensor:
         return self.loaded.example_input(batch)
 
     @property
     def graph(self) -> GroupGraph:
-        return self._get(("graph",), lambda: self._locked(lambda: find_groups(self.model, self.example_input(2))))
+        return self._get(("graph",), lambda: self._locked(lambda: self.kind.graph(self.loaded)))
 
     @property
     def cost(self) -> CostModel:
         graph = self.graph
-        return self._get(("cost",), lambda: self._locked(lambda: CostModel(self.model, graph, self.example_input(1))))
+        return self._get(("cost",), lambda: self._locked(
+            lambda: CostModel(self.model, graph, self.kind.cost_input(self.loaded))))
 
     def summary(self) -> dict:
         g, card = self.graph, self.loaded.card
-        return {
-            "spec": self.spec, "label": self.source.label, "arch": card.get("arch") or type(self.model).__name__,
-            "input_shape": list(self.loaded.input_shape), "num_classes": card.get("num_classes"),
-            "params": count_params(self.model), "flops": self.cost.flops,
-            "size_bytes": self._get(("size",), lambda: model_size_bytes(self.model)),
+        out = {
+            "spec": self.spec, "kind": self.kind.key, "kind_label": self.kind.label, "label": self.source.label,
+            "arch": card.get("arch") or type(self.model).__name__, "input_shape": list(self.loaded.input_shape),
+            "num_classes": card.get("num_classes"), "params": count_params(self.model), "flops": self.cost.flops,
+            "flops_unit": self.kind.flops_unit, "size_bytes": self._get(("size",), lambda: model_size_bytes(self.model)),
             "groups": len(g.groups), "foldable_groups": len(g.foldable),
-            "foldable_channels": int(sum(x.channels for x in g.foldable)), "note": self.loaded.note,
+            "foldable_units": int(sum(x.channels for x in g.foldable)), "note": self.loaded.note,
             "graph_error": g.error, "weights_sha256": self.weights_sha256,
             "card": {k: v for k, v in card.items() if k != "history"},
         }
+        if self.kind.key == "lm":
+            out.update(self._lm_facts())
+        return out
+
+    def _lm_facts(self) -> dict:
+        c = self.model.config
+        heads = [g for g in self.graph.groups if g.role == "heads"]
+        nq = int(getattr(c, "num_attention_heads", 0))
+        nkv = int(getattr(c, "num_key_value_heads", nq) or nq)
+        emb = self.model.get_input_embeddings().weight.numel()
+        return {"model_type": getattr(c, "model_type", "?"), "layers": int(c.num_hidden_layers),
+                "hidden": int(c.hidden_size), "heads": nq, "kv_heads": nkv, "heads_per_kv": nq // max(1, nkv),
+                "head_dim": int(heads[0].info["head_dim"]) if heads else int(getattr(c, "head_dim", 0) or 0),
+                "mlp": int(getattr(c, "intermediate_size", 0)), "vocab": int(c.vocab_size),
+                "context": self.loaded.context_length, "params_non_embedding": count_params(self.model) - emb,
+                "tied_embeddings": bool(getattr(c, "tie_word_embeddings", False)), "dtype": str(self.loaded.dtype),
+                "attention": "MHA" if nq == nkv else f"GQA ({nq // max(1, nkv)} query heads per KV head)"}
 
     @_exclusive
     def architecture_rows(self, max_rows: int = 400) -> list[dict]:
@@ -286,7 +321,7 @@ class Workbench:
                                            if torch.is_tensor(out) else None) for name, mod in leaves]
         try:
             with torch.no_grad():
-                self.model(self.example_input(1))
+                self.model(self.kind.cost_input(self.loaded))
         finally:
             for h in hooks:
                 h.remove()
@@ -296,18 +331,35 @@ class Workbench:
                 for name, mod in leaves[:max_rows]]
 
     def group_rows(self) -> list[dict]:
-        return [{"#": i, "group": g.id, "type": g.root_type, "channels": g.channels, "foldable": bool(g.foldable),
-                 "reason": g.reason or "", "producers": ", ".join(g.producers), "consumers": ", ".join(g.consumers),
-                 "first conv": g.first_conv or ""} for i, g in enumerate(self.graph.groups)]
+        rows = []
+        for i, g in enumerate(self.graph.groups):
+            row = {"#": i, "group": g.id, "units": g.channels, "unit": g.unit, "foldable": bool(g.foldable),
+                   "reason": g.reason or "", "producers": ", ".join(g.producers), "consumers": ", ".join(g.consumers)}
+            if self.kind.key == "cnn":
+                row.update({"type": g.root_type, "first conv": g.first_conv or ""})
+            else:
+                row.update({"layer": g.layer, "KV groups": g.partitions if g.role == "heads" else None,
+                            "params per unit": g.info.get("params_per_unit")})
+            rows.append(row)
+        return rows
 
-    def foldable_ids(self) -> list[str]:
-        return [g.id for g in self.graph.foldable]
+    def foldable_ids(self, role: str | None = None) -> list[str]:
+        return [g.id for g in self.graph.foldable if role is None or g.role == role]
 
     def group(self, group_id: str):
         try:
             return self.graph.get(group_id)
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None
+
+    def kept_options(self, group_id: str) -> list[int]:
+        """Valid numbers of units kept in each partition of a group (query heads per KV group: 1..heads)."""
+        return list(range(1, self.group(group_id).per_partition + 1))
+
+    @staticmethod
+    def ratio_for_kept(per: int, kept: int) -> float:
+        """A ratio whose k = round(per (1 - r)) is exactly ``kept`` (plans store ratios)."""
+        return round(1.0 - kept / per, 6)
 
     # ---- features and clusters, in the fold's own feature space -------------------------------------
     def _bns(self, group_id: str, plan: FoldPlan | None, repair: str) -> frozenset | None:
@@ -325,7 +377,7 @@ class Workbench:
                          lambda: feature_model(self.model, self.example_input(1), repair, bns))
 
     def features(self, group_id: str, repair: str = "none", plan: FoldPlan | None = None) -> np.ndarray:
-        """(channels, d) features of a group in the space ``repair`` clusters in (under ``plan``, which decides
+        """(units, d) features of a group in the space ``repair`` clusters in (under ``plan``, which decides
         the fused BNs of Fold-DFR's space)."""
         bns = self._bns(group_id, plan, repair)
 
@@ -339,81 +391,55 @@ class Workbench:
         return self._get(("sim", group_id, _space(repair), self._bns(group_id, plan, repair)),
                          lambda: cosine_similarity(self.features(group_id, repair, plan)))
 
+    def _k(self, group_id: str, plan: FoldPlan, ratio: float | None) -> int:
+        """Units kept per partition at ``ratio`` (default: the plan's ratio for the group)."""
+        g = self.group(group_id)
+        return k_for_ratio(g.per_partition, plan.ratio_for(group_id) if ratio is None else float(ratio))
+
     def cluster(self, group_id: str, plan: FoldPlan, ratio: float | None = None) -> ClusterResult:
         """The clusters :func:`foldviz.fold.fold` forms for this group under ``plan`` (at ``ratio``, default the
         plan's ratio for the group)."""
         g = self.group(group_id)
-        k = k_for_ratio(g.channels, plan.ratio_for(group_id) if ratio is None else float(ratio))
+        k = self._k(group_id, plan, ratio)
         bns = self._bns(group_id, plan, plan.repair)
-        return self._get(self._cluster_key(group_id, plan, ratio), lambda: cluster_group(self.feature_model(plan.repair, bns), g, k, plan, features=
-                                                    torch.as_tensor(self.features(group_id, plan.repair, plan)),
-                                                    device=self.device))
+        return self._get(self._cluster_key(group_id, plan, ratio), lambda: cluster_group(
+            self.feature_model(plan.repair, bns), g, k, plan,
+            features=torch.as_tensor(self.features(group_id, plan.repair, plan)), device=self.device))
 
     def slider_ks(self, group_id: str, ratios: Sequence[float] = SLIDER_RATIOS) -> dict[float, int]:
-        """k = round(n (1 - r)) at each slider stop ``r`` (several stops can share one k)."""
-        n = self.group(group_id).channels
-        return {round(float(r), 4): k_for_ratio(n, float(r)) for r in ratios}
+        """k per partition at each slider stop ``r`` (several stops can share one k)."""
+        per = self.group(group_id).per_partition
+        return {round(float(r), 4): k_for_ratio(per, float(r)) for r in ratios}
 
     def cluster_path(self, group_id: str, plan: FoldPlan, ratios: Sequence[float] = SLIDER_RATIOS, *,
                      background: bool = False) -> dict:
         """The fold's clusters at every slider stop, so that moving the ratio is instant once they exist.
 
-        Each k is computed once by :meth:`cluster` (the same code and cache the fold's explorer uses), distinct ks
-        only, the plan's own ratio first. ``background=True`` starts the computation in this workbench's worker
-        thread and returns at once. Returns ``{"ready": [ratios done], "total": stops}``.
+        Each k is computed once by :meth:`cluster` (the same code and cache the explorer uses), the plan's own ratio
+        first. ``background=True`` computes them in the background lane of :attr:`jobs` (superseding the path of
+        another group) and returns at once. Returns ``{"ready": [ratios done], "total": stops}``.
         """
         stops = self.slider_ks(group_id, ratios)
         first = round(float(plan.ratio_for(group_id)), 4)
         todo = sorted(stops, key=lambda r: (r != first, abs(r - first)))
-
-        def run():
-            for r in todo:
-                if background:
-                    self._yield_to_foreground()
-                self.cluster(group_id, plan, r)
-
+        steps = [lambda r=r: self.cluster(group_id, plan, r) for r in todo]
         if background:
-            self._submit(run)
+            self.jobs.precompute(("path",), (group_id, plan.to_json()), steps)
         else:
-            run()
+            for step in steps:
+                step()
         return self.path_status(group_id, plan, ratios)
 
-    def warm_groups(self, plan: FoldPlan, *, max_channels: int = 512) -> None:
-        """In the background worker: each foldable group's detail at the plan's ratio (features, similarity, the
-        fold's clusters, PCA), so that opening another group in the explorer is quick. Groups wider than
-        ``max_channels`` are left for when they are opened."""
-        ids = [g.id for g in self.graph.groups if g.foldable and g.channels <= max_channels]
+    def warm_groups(self, plan: FoldPlan, *, max_units: int = 512) -> None:
+        """In the background: each foldable group's detail at the plan's ratio (features, similarity, the fold's
+        clusters, embedding), so that opening another group in the explorer is quick. Groups wider than
+        ``max_units`` are left for when they are opened."""
+        ids = [g.id for g in self.graph.foldable if g.channels <= max_units]
+        self.jobs.precompute(("warm",), plan.to_json(), [lambda gid=gid: self.group_detail(gid, plan) for gid in ids])
 
-        def run():
-            for gid in ids:
-                self._yield_to_foreground()
-                self.group_detail(gid, plan)
-        self._submit(run)
-
-    @contextmanager
     def foreground(self):
-        """Mark a page request in flight: background precomputations pause between their steps until it is done
-        (on two cores a background k-means would otherwise halve the speed of what the user is waiting for)."""
-        with self._idle:
-            self._foreground += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._foreground -= 1
-                self._idle.notify_all()
-
-    def _yield_to_foreground(self, timeout: float = 60.0) -> None:
-        with self._idle:
-            self._idle.wait_for(lambda: self._foreground == 0, timeout=timeout)
-
-    def _submit(self, fn) -> None:
-        with self._lock:
-            if self._background is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._background = ThreadPoolExecutor(1, thread_name_prefix="foldviz-precompute")
-        self._background.submit(fn)
+        """Mark a page request in flight (background precomputations pause meanwhile); a context manager."""
+        return self.jobs.foreground()
 
     def path_status(self, group_id: str, plan: FoldPlan, ratios: Sequence[float] = SLIDER_RATIOS) -> dict:
         """Which slider stops of ``group_id`` already have their clusters cached."""
@@ -421,13 +447,11 @@ class Workbench:
         return {"ready": ready, "total": len(ratios)}
 
     def _cluster_key(self, group_id: str, plan: FoldPlan, ratio: float | None) -> tuple:
-        g = self.group(group_id)
-        k = k_for_ratio(g.channels, plan.ratio_for(group_id) if ratio is None else float(ratio))
-        return ("cluster", group_id, k, _space(plan.repair), self._bns(group_id, plan, plan.repair), plan.seed,
-                json.dumps(plan.clustering, sort_keys=True))
+        return ("cluster", group_id, self._k(group_id, plan, ratio), _space(plan.repair),
+                self._bns(group_id, plan, plan.repair), plan.seed, json.dumps(plan.clustering, sort_keys=True))
 
     def selection_stats(self, group_id: str, plan: FoldPlan, channels: Sequence[int], ratio: float | None = None) -> dict:
-        """Cluster statistics of a set of channels (a lasso in the embedding); see :func:`explain.selection_stats`."""
+        """Cluster statistics of a set of units (a lasso in the embedding); see :func:`explain.selection_stats`."""
         try:
             return explain.selection_stats(self.cluster(group_id, plan, ratio).labels,
                                            self.similarity(group_id, plan.repair, plan), channels)
@@ -438,13 +462,13 @@ class Workbench:
         return self._get(("redundancy", group_id), lambda: redundancy(self.features(group_id)))
 
     def overview_rows(self, level: float = 0.3) -> list[dict]:
-        """One row per group: channels, mean/max cosine, a 0..1 redundancy score, and the ratio
+        """One row per group: units, mean/max cosine, a 0..1 redundancy score, and the ratio
         :func:`foldviz.plans.suggest` would give it around ``level``."""
         rows = []
         for g in self.graph.groups:
             red = self.redundancy(g.id) if g.foldable else dict.fromkeys(("mean_cos", "max_cos", "score"), float("nan"))
-            rows.append({"id": g.id, "type": g.root_type, "channels": g.channels, "foldable": bool(g.foldable),
-                         "reason": g.reason or "", **red,
+            rows.append({"id": g.id, "type": g.root_type, "channels": g.channels, "unit": g.unit,
+                         "foldable": bool(g.foldable), "reason": g.reason or "", **red,
                          "suggested_ratio": round(suggest_ratio(red["score"], level), 2) if g.foldable else 0.0})
         return rows
 
@@ -477,11 +501,14 @@ class Workbench:
         emb = self._get(("embed", group_id, _space(plan.repair), self._bns(group_id, plan, plan.repair), embed_method,
                          plan.seed),
                         lambda: embed(x, embed_method, seed=plan.seed))
-        pw = explain.producer_weight(self.model, g)
+        pw = explain.producer_weight(self.model, g) if self.kind.key == "cnn" else None
+        # query heads stay in head order (KV group by KV group: clusters live inside one); the rest by cluster
+        order = np.arange(g.channels) if g.partitions > 1 else cluster_order(res.labels)
         return {
-            "id": group_id, "channels": g.channels, "ratio": ratio, "k": int(res.k), "labels": res.labels,
-            "order": cluster_order(res.labels), "sizes": res.sizes, "inertia": float(res.inertia),
-            "n_iter": res.n_iter, "similarity": self.similarity(group_id, plan.repair, plan), "coords": emb.coords,
+            "id": group_id, "channels": g.channels, "unit": g.unit, "role": g.role, "partitions": g.partitions,
+            "per_partition": g.per_partition, "ratio": ratio, "k": int(res.k), "labels": res.labels, "order": order,
+            "sizes": res.sizes, "inertia": float(res.inertia), "n_iter": res.n_iter,
+            "similarity": self.similarity(group_id, plan.repair, plan), "coords": emb.coords,
             "embedding": emb.label, "embedding_note": emb.note, "features_dim": int(x.shape[1]),
             "feature_space": _space(plan.repair), "features_fused": bool(self._bns(group_id, plan, plan.repair) and
                                                                          feature_scaling(self.model, g, plan.repair))
@@ -497,16 +524,18 @@ class Workbench:
             raise WorkbenchError(str(exc)) from None
 
     # ---- plans ------------------------------------------------------------------------------------------
-    def default_plan(self, ratio: float = 0.3, repair: str = DEFAULT_REPAIR, seed: int = 0) -> FoldPlan:
-        return FoldPlan(default_ratio=float(ratio), repair=repair, seed=int(seed), model=self.spec,
-                        weights_sha256=self.weights_sha256)
+    def default_plan(self, ratio: float | None = None, repair: str | None = None, seed: int = 0) -> FoldPlan:
+        fields = {"seed": int(seed), "model": self.spec, "weights_sha256": self.weights_sha256}
+        if repair is not None:
+            fields["repair"] = repair
+        return self.kind.default_plan(self.loaded, ratio, **fields)
 
     def plan_from(self, plan_dict: dict) -> FoldPlan:
         """A FoldPlan from a plain dict, validated against this model's groups."""
         try:
             plan = FoldPlan.from_dict(dict(plan_dict))
             plan.validate(self.graph)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise WorkbenchError(str(exc)) from None
         return plan
 
@@ -525,8 +554,17 @@ class Workbench:
         return plan, warnings
 
     def preview(self, plan: FoldPlan) -> dict:
-        """Channels per group, parameters and FLOPs after ``plan``, computed without folding."""
+        """Units per group, parameters and FLOPs after ``plan``, computed without folding."""
         return self.cost.estimate(plan)
+
+    def output_problem(self, plan: FoldPlan, fmt: str | None = None) -> str:
+        """Why a fold with ``plan`` could not be saved as ``fmt`` (a language model's transformers directory), ""
+        when it can; the message names the nearest plan that can."""
+        try:
+            self.kind.check_output(self.loaded, self.graph, plan, fmt)
+        except ValueError as exc:
+            return str(exc)
+        return ""
 
     def suggest(self, target_sparsity: float, base: FoldPlan) -> FoldPlan:
         """``base`` with per-group ratios that follow redundancy and reach ``target_sparsity`` (skips kept)."""
@@ -537,44 +575,63 @@ class Workbench:
             raise WorkbenchError(str(exc)) from None
 
     # ---- data -----------------------------------------------------------------------------------------
+    def default_data(self) -> DataSource:
+        return default_data_for(self.loaded)
+
     def evaluate(self, model: nn.Module | None, data: DataSource, progress: Progress = None) -> dict:
-        """{"accuracy", "loss", "samples"} of ``model`` (None: the base model, memoised) on ``data``."""
+        """The kind's metric of ``model`` (None: the base model, memoised) on ``data``: {"accuracy" or
+        "perplexity", "loss", "samples", ...}."""
         if not data.spec:
             raise WorkbenchError("no evaluation data selected")
         cb = (lambda d, n: progress("evaluate", d, n)) if progress else None
+        prepared = self._get(("evalset", data.spec, data.limit),
+                             lambda: self.kind.prepare_eval(self.loaded, data.spec, data.limit))
         try:
             if model is None:
-                return self._get(("baseline", data.spec, data.limit),
-                                 lambda: evaluate_on(self.model, self.loaded, data.spec, data.limit))
-            return evaluate_on(model, self.loaded, data.spec, data.limit, progress=cb)
+                return self._get(("baseline", data.spec, data.limit), lambda: self.kind.evaluate(
+                    self.loaded, self.model, data.spec, data.limit, prepared=prepared))
+            return self.kind.evaluate(self.loaded, model, data.spec, data.limit, progress=cb, prepared=prepared)
         except (ValueError, OSError) as exc:
             raise WorkbenchError(f"cannot evaluate on {data.label}: {exc}") from None
+
+    def check_data(self, data: DataSource) -> None:
+        """One-line WorkbenchError when ``data`` cannot be read for this model."""
+        try:
+            self.kind.check_data(self.loaded, data.spec)
+        except (ValueError, OSError) as exc:
+            raise WorkbenchError(str(exc)) from None
 
     def data_label(self, data: DataSource) -> str:
         """``data.label`` with the real number of test samples once the baseline was evaluated (a limit of 500 on
         the 450-sample digits test split evaluates 450)."""
         hit = self._memo.get(("baseline", data.spec, data.limit)) if data.spec else None
+        if hit and self.kind.key == "lm":
+            return f"{data.spec} ({hit['samples']} windows of {hit['seq_len']} tokens)"
         return f"{data.spec} ({hit['samples']} test samples)" if hit else data.label
 
-    def quick_accuracy(self, plan: FoldPlan, data: DataSource, n: int = QUICK_EVAL_SAMPLES) -> dict:
-        """Accuracy of ``plan``'s fold on the first ``n`` test samples of ``data``, next to the baseline on the same
-        samples: a quick estimate while editing a plan (the fold is the real one; only the evaluation is small).
-        Returns ``{"accuracy", "baseline", "samples", "param_sparsity", "seconds"}``."""
+    def quick_metric(self, plan: FoldPlan, data: DataSource, n: int = QUICK_EVAL_SAMPLES, *,
+                     progress: Progress = None) -> dict:
+        """The metric of ``plan``'s fold on the first ``n`` test samples of ``data`` (language models: 1/8 of the
+        evaluation windows), next to the baseline on the same samples: a quick estimate while editing a plan (the
+        fold is the real one; only the evaluation is small). Returns ``{"metric", "value", "baseline", "samples",
+        "param_sparsity", "seconds"}``."""
         if not data.spec:
             raise WorkbenchError("no evaluation data selected")
         import time
 
         t0 = time.perf_counter()
-        small = DataSource(data.spec, int(n), data.repair_samples)
-        res = self.run(plan, plan.repair, data)
-        acc = self.evaluate(res.model, small)
+        small = DataSource(data.spec, int(n) if self.kind.key == "cnn" else max(1, (data.limit or 64) // 8),
+                           data.repair_samples)
+        res = self.run(plan, self.default_method(plan), data, progress)
+        value = self.evaluate(res.model, small)
         base = self.evaluate(None, small)
         pb, pa = count_params(self.model), count_params(res.model)
-        return {"accuracy": acc["accuracy"], "baseline": base["accuracy"], "samples": acc["samples"],
+        metric = self.kind.metric
+        return {"metric": metric, "value": value[metric], "baseline": base[metric], "samples": value["samples"],
                 "param_sparsity": 1.0 - pa / pb, "seconds": time.perf_counter() - t0}
 
     def repair_inputs(self, data: DataSource | None, seed: int = 0) -> torch.Tensor | None:
-        if data is None or not data.spec:
+        if data is None or not data.spec or self.kind.key != "cnn":
             return None
         try:
             return self._get(("repair_inputs", data.spec, data.repair_samples, seed),
@@ -583,9 +640,15 @@ class Workbench:
             raise WorkbenchError(f"cannot read repair data from {data.label}: {exc}") from None
 
     def sample_batch(self, data: DataSource | None, n: int = 128) -> torch.Tensor:
-        """The inputs variance measurements use (test samples of ``data``, else standard-normal inputs)."""
-        return self._get(("vinputs", data.spec if data else None, n),
-                         lambda: variance_inputs(self.loaded, data.spec if data else None, n)[0])
+        """The inputs variance measurements and the Learn page use (test samples of ``data``, else
+        standard-normal inputs)."""
+        def make():
+            from .data import sample_inputs
+
+            if data is not None and data.spec:
+                return sample_inputs(data.spec, "test", n, card=self.loaded.card, seed=1)
+            return self.loaded.example_input(n, seed=1)
+        return self._get(("vinputs", data.spec if data else None, n), make)
 
     @_exclusive
     def activations(self, result: FoldResult, group_id: str, image: torch.Tensor) -> dict:
@@ -604,44 +667,67 @@ class Workbench:
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None
 
+    def generate(self, model: nn.Module | None, prompt: str, max_new_tokens: int = 40) -> str:
+        """Greedy continuation of ``prompt`` by ``model`` (None: the base model); language models only."""
+        from .lm.evaluate import generate
+
+        if self.kind.key != "lm":
+            raise WorkbenchError("text generation applies to language models")
+        if getattr(self.loaded, "tokenizer", None) is None:
+            raise WorkbenchError(f"{self.spec} has no tokenizer.json: generation needs one")
+        if not prompt:
+            raise WorkbenchError("the prompt is empty")
+        with self._model_lock:
+            return generate(model if model is not None else self.model, self.loaded.tokenizer, prompt,
+                            max_new_tokens=int(max_new_tokens))
+
     # ---- folding --------------------------------------------------------------------------------------
     @_exclusive
     def run(self, plan: FoldPlan, method: str, data: DataSource | None, progress: Progress = None) -> FoldResult:
         """Run registered ``method`` with ``plan``'s ratios (real repair data drawn from ``data`` if needed)."""
         if METHODS[method].needs_data and (data is None or not data.spec):
             raise WorkbenchError(f"{METHODS[method].label} needs real data: pick a dataset on the Model & data page")
+        key = ("fold", method, plan.to_json(), data.spec if METHODS[method].needs_data else None)
         try:
-            return apply_method(self.loaded, plan, method, repair_data=self.repair_inputs(data, plan.seed),
-                                progress=progress, device=self.device)
+            return self._get(key, lambda: apply_method(self.loaded, plan, method,
+                                                        repair_data=self.repair_inputs(data, plan.seed),
+                                                        progress=progress, device=self.device))
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None
+
+    def forget_folds(self) -> None:
+        """Drop memoised folds (they hold whole models)."""
+        with self._lock:
+            for k in [k for k in self._memo if k[0] == "fold"]:
+                del self._memo[k]
 
     @_exclusive
     def fold(self, plan: FoldPlan, data: DataSource | None = None, progress: Progress = None, *,
              method: str | None = None, latency: bool = True) -> FoldOutcome:
         """Fold with ``plan`` (or run ``method`` with its ratios) and build the report the CLI writes."""
-        res = self.run(plan, method or plan.repair, data, progress)
+        res = self.run(plan, method or self.default_method(plan), data, progress)
         spec = data.spec if data is not None else None
         baseline = self.evaluate(None, data) if spec else None
         report = build_report(self.loaded, res, data_spec=spec, eval_limit=data.limit if spec else None,
-                              baseline=baseline, latency=latency, progress=progress)
+                              baseline=baseline, latency=latency, progress=progress,
+                              weights_sha256=self.weights_sha256)
         return FoldOutcome(res, report)
 
     @_exclusive
     def variance_comparison(self, plan: FoldPlan, methods: Sequence[str], data: DataSource | None,
                             progress: Progress = None, known: dict | None = None) -> dict:
-        """{method: {"rows", "accuracy", "error"}}: per-layer variance ratios with the plan's clusters for each
+        """{method: {"rows", "metric", "error"}}: per-layer variance ratios with the plan's clusters for each
         method; ``known`` maps methods to FoldResults already computed for this plan."""
-        inputs = self.sample_batch(data)
         out = {}
         for i, m in enumerate(methods):
             try:
                 res = (known or {}).get(m) or self.run(plan, m, data, progress)
-                acc = self.evaluate(res.model, data)["accuracy"] if data is not None and data.spec else None
-                rows = variance_ratios(self.model, res.model, inputs, res.channel_maps)
-                out[m] = {"rows": rows, "accuracy": acc, "error": None}
+                value = self.evaluate(res.model, data)[self.kind.metric] if data is not None and data.spec else None
+                rows, _desc = self.kind.variance(self.loaded, self.model, res.model, res,
+                                                 data.spec if data is not None else None, 128)
+                out[m] = {"rows": rows, "metric": value, "error": None}
             except WorkbenchError as exc:
-                out[m] = {"rows": [], "accuracy": None, "error": str(exc)}
+                out[m] = {"rows": [], "metric": None, "error": str(exc)}
             if progress:
                 progress("compare", i + 1, len(methods))
         return out
@@ -649,23 +735,24 @@ class Workbench:
     @_exclusive
     def sweep(self, ratios: Sequence[float], methods: Sequence[str], data: DataSource, *,
               seeds: Sequence[int] = (0,), plan: FoldPlan | None = None, progress: Progress = None) -> list[dict]:
-        """Accuracy vs. parameter sparsity for each (method, ratio, seed): the CLI's ``sweep`` rows."""
+        """The metric vs. parameter sparsity for each (method, ratio, seed): the CLI's ``sweep`` rows."""
         if not data.spec:
-            raise WorkbenchError("a sweep measures accuracy: pick evaluation data on the Model & data page")
-        address = os.environ.get("FOLDVIZ_RAY_ADDRESS")  # set: every cell is a task on that Ray cluster
+            raise WorkbenchError("a sweep measures the model on data: pick evaluation data on the Model & data page")
         try:
             return sweep(self.loaded, list(ratios), list(methods), data.spec, seeds=tuple(seeds),
                          eval_limit=data.limit, repair_samples=data.repair_samples,
-                         clustering=plan.clustering if plan else None,
-                         executor=make_executor("ray", address=address) if address else None,
+                         clustering=plan.clustering if plan else None, executor=executor_from_env(),
                          progress=(lambda done, total, *_: progress("sweep", done, total)) if progress else None)
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None
 
     @staticmethod
     def sweep_target() -> str:
-        """Where a sweep runs: this process, or the Ray cluster named by FOLDVIZ_RAY_ADDRESS."""
-        address = os.environ.get("FOLDVIZ_RAY_ADDRESS")
+        """Where a sweep runs: this process, or the Ray cluster named by the environment."""
+        from .executors import ADDRESS_ENV
+        import os
+
+        address = os.environ.get(ADDRESS_ENV)
         return f"the Ray cluster at {address}" if address else "this process"
 
     # ---- teaching (explain.*) on the fold's clusters -------------------------------------------------------
@@ -683,18 +770,9 @@ class Workbench:
 
     # ---- export ---------------------------------------------------------------------------------------
     def export_folded(self, outcome: FoldOutcome, extra: dict[str, bytes] | None = None) -> bytes:
-        """A zip: the folded model directory (safetensors, card, plan, report) plus ``extra`` files."""
-        buf = io.BytesIO()
-        with tempfile.TemporaryDirectory() as tmp:
-            out = save_folded(outcome.result, self.loaded, Path(tmp) / "folded", report=outcome.report)
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-                for p in sorted(out.rglob("*")):
-                    if p.is_file():
-                        z.write(p, p.relative_to(out.parent))
-                for name, data in (extra or {}).items():
-                    z.writestr(f"folded/{name}", data)
-        return buf.getvalue()
+        """A zip: the folded model directory (weights, plan, report, and its kind's files) plus ``extra`` files."""
+        return folded_zip(outcome.result, self.loaded, outcome.report, extra)
 
 
 __all__ = ["ModelSource", "DataSource", "Workbench", "WorkbenchError", "FoldOutcome", "save_upload",
-           "default_data_for", "fmt_count", "report_json", "DEFAULT_MODEL"]
+           "default_data_for", "DEFAULT_MODEL", "SLIDER_RATIOS", "QUICK_EVAL_SAMPLES", "LM_EVAL_TOKENS"]

@@ -1,6 +1,6 @@
 """Surgery on channel groups, and the one compression loop that folding and pruning share.
 
-Merge rule (folding-spec §0): tensors indexed by the group on their output axis (conv/linear rows, biases,
+Merge rule (the model-folding paper's): tensors indexed by the group on their output axis (conv/linear rows, biases,
 BatchNorm parameters) take the cluster *mean*; consumers' input columns take the cluster *sum*. A cluster of
 identical channels therefore collapses without changing the function. A :class:`Decision` may name another rule
 (``Decision.rule``, keys of :data:`MERGE_RULES`): ``"ifm"`` is IFM's inverse rule (output side summed, input side
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch_pruning.dependency.group import Group
 
-from .groups import _BN, _CONV, ChannelGroup, GroupGraph, build_dependency_graph, find_groups, root_handler
+from .groups import BN_TYPES, CONV_TYPES, ChannelGroup, GroupGraph, build_dependency_graph, find_groups, root_handler
 from .kmeans import k_for_ratio
 from .methods import METHODS
 from .plans import FoldPlan, PlanError
@@ -74,6 +74,9 @@ class FoldResult:
     fused: dict[str, str] = field(default_factory=dict)   # BN -> producer it was fused into (fused feature space)
     synthetic: torch.Tensor | None = None         # Fold-DIR: the synthesised repair batch
     repair_samples: int = 0
+    unit_maps: dict[str, np.ndarray] = field(default_factory=dict)  # group -> new index of each unit (-1 removed)
+    kind: str = "cnn"                             # the model kind (foldviz.kinds) the result belongs to
+    notes: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -81,7 +84,7 @@ class FoldResult:
 
 
 def _out_size(m: nn.Module) -> int:
-    return m.num_features if isinstance(m, _BN) else m.weight.shape[0]
+    return m.num_features if isinstance(m, BN_TYPES) else m.weight.shape[0]
 
 
 # bytes of float64 scratch one step of _combine may use (larger tensors are merged in column chunks)
@@ -118,7 +121,7 @@ def _combine(t: torch.Tensor, axis: int, src: torch.Tensor, dst: torch.Tensor, m
         part[uniq[hit]] = acc[hit].to(t.dtype)
 
 
-def _merge_member(mod: nn.Module, side: str, src, dst, rule: str = "fold") -> None:
+def merge_member(mod: nn.Module, side: str, src, dst, rule: str = "fold") -> None:
     out_mean, in_mean = MERGE_RULES[rule]
     s = torch.as_tensor(src, device=mod.weight.device)
     d = torch.as_tensor(dst, device=mod.weight.device)
@@ -138,7 +141,7 @@ class GroupSurgery:
         self.work, self.dg = work, dg
         self.names = {m: n for n, m in work.named_modules() if n}
         self.maps = {n: np.arange(_out_size(m)) for m, n in self.names.items()
-                     if isinstance(m, (nn.Linear,) + _CONV + _BN)}
+                     if isinstance(m, (nn.Linear,) + CONV_TYPES + BN_TYPES)}
 
     def apply(self, gid: str, n: int, d: Decision) -> None:
         """Merge (``d.rep_of`` given) or prune group ``gid`` down to ``d.keep``."""
@@ -161,7 +164,7 @@ class GroupSurgery:
             if d.rep_of is not None:
                 src = list(item.idxs)
                 dst = [by_root[d.rep_of[r]][p] for r, p in zip(item.root_idxs, pos)]
-                _merge_member(mod, side, src, dst, d.rule)
+                merge_member(mod, side, src, dst, d.rule)
                 assign = dict(zip(src, dst))
                 scale = d.bn_scales.get(self.names[mod]) if side == "out" else None
                 if scale is not None:
@@ -200,7 +203,9 @@ def merge_decision(labels: np.ndarray, k: int, rule: str = "fold") -> Decision:
     return Decision(keep=sorted(reps.tolist()), rep_of=reps[labels], labels=labels, rule=rule)
 
 
-# select(ctx, group, k) -> Decision: what a method keeps in one group (fold: clusters; prune: importance)
+# select(ctx, group, k) -> Decision: what a method keeps in one group (fold: clusters; prune: importance). k is
+# the number kept in each partition of the group. A selector may also have ``lookahead(ctx, group, k)``, called with
+# the next group before the current one is decided (to overlap work), and ``close()``.
 Selector = Callable[[RepairContext, ChannelGroup, int], Decision]
 
 
@@ -213,25 +218,60 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> tuple[object, GroupG
     return dg, graph
 
 
+class TracedStructure:
+    """How the engine finds and changes the groups of a network it can trace (the image classifiers): groups from
+    Torch-Pruning's dependency graph, merges by :class:`GroupSurgery`. A model kind with another layout supplies
+    an object with the same three methods (``foldviz.lm.kind.DecoderStructure``)."""
+
+    def trace(self, model: nn.Module, example_input: torch.Tensor) -> tuple[object, GroupGraph]:
+        return trace(model, example_input)
+
+    def surgery(self, work: nn.Module, dg, graph: GroupGraph) -> GroupSurgery:
+        return GroupSurgery(work, dg)
+
+    def finish(self, ctx: RepairContext) -> None:
+        """After the repair: nothing to synchronise for a traced network."""
+
+
+TRACED = TracedStructure()
+
+
+def group_k(group: ChannelGroup, ratio: float) -> int:
+    """Units kept in each partition of ``group`` at ``ratio`` (the k of :func:`foldviz.kmeans.k_for_ratio`)."""
+    return k_for_ratio(group.per_partition, ratio)
+
+
 def folded_groups(graph: GroupGraph, plan: FoldPlan) -> list[tuple[ChannelGroup, int]]:
-    """(group, k) for every group ``plan`` shrinks: foldable, ratio > 0 and k < channels."""
-    todo = [(g, k_for_ratio(g.channels, plan.ratio_for(g.id))) for g in graph.foldable if plan.ratio_for(g.id) > 0]
-    return [(g, k) for g, k in todo if k < g.channels]
+    """(group, k per partition) for every group ``plan`` shrinks: foldable, ratio > 0 and k below the units."""
+    todo = [(g, group_k(g, plan.ratio_for(g.id))) for g in graph.foldable if plan.ratio_for(g.id) > 0]
+    return [(g, k) for g, k in todo if k < g.per_partition]
+
+
+def unit_map(decision: Decision, n: int) -> np.ndarray:
+    """(n,) new index of each unit after ``decision`` (kept units in their original order; -1: removed)."""
+    rank = np.full(n, -1, dtype=np.int64)
+    rank[np.asarray(decision.keep, dtype=np.int64)] = np.arange(len(decision.keep))
+    return rank[np.asarray(decision.rep_of)] if decision.rep_of is not None else rank
 
 
 def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str, repair: str | Repair,
              example_input: torch.Tensor, repair_data: torch.Tensor | None = None, progress: Progress = None,
-             device=None, num_classes: int | None = None) -> FoldResult:
-    """Compress a copy of ``model`` as ``plan`` says: ``select`` decides per group, ``repair`` (a key of
+             device=None, num_classes: int | None = None, kind=None, inplace: bool = False) -> FoldResult:
+    """Compress ``model`` as ``plan`` says: ``select`` decides per group, ``repair`` (a key of
     :data:`foldviz.repair.REPAIRS`, or a :class:`~foldviz.repair.Repair` to try a variant) repairs the statistics.
-    The input model is never modified."""
+
+    ``kind`` finds and changes the groups (``trace``, ``surgery``, ``finish``; default :data:`TRACED`). The input
+    model is never modified: the work is done on a copy, unless ``inplace`` (then ``model`` itself is folded, to
+    save memory on large models; the caller gives it up).
+    """
+    kind = kind or TRACED
     rep = REPAIRS[repair] if isinstance(repair, str) else repair
     dev = resolve_device(device)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    work = copy.deepcopy(model).to(dev).eval()
+    work = (model if inplace else copy.deepcopy(model)).to(dev).eval()
     x = example_input.to(dev)
-    dg, graph = trace(work, x)
+    dg, graph = kind.trace(work, x)
     plan.validate(graph)
     ctx = RepairContext(model, work, dg, x, plan, dev, repair_data, num_classes, progress)
     todo = folded_groups(graph, plan)
@@ -245,17 +285,21 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     # 1. decide every group on the unmerged weights
     t = time.perf_counter()
     decisions: dict[str, Decision] = {}
-    for i, (g, k) in enumerate(todo):
-        d = decisions[g.id] = select(ctx, g, k)
-        if d.rep_of is not None:  # read from the unmerged model, like every other decision: group indices into
-            d.bn_scales = rep.bn_scales(ctx, g, d.labels, k)  # shared (concatenated) consumers stay valid
-        if progress:
-            progress("cluster", i + 1, len(todo))
+    ahead = getattr(select, "lookahead", None)
+    with torch.no_grad():
+        for i, (g, k) in enumerate(todo):
+            if ahead is not None and i + 1 < len(todo):
+                ahead(ctx, *todo[i + 1])
+            d = decisions[g.id] = select(ctx, g, k)
+            if d.rep_of is not None:  # read from the unmerged model, like every other decision: group indices into
+                d.bn_scales = rep.bn_scales(ctx, g, d.labels, k)  # shared (concatenated) consumers stay valid
+            if progress:
+                progress("cluster", i + 1, len(todo))
     seconds["cluster"] = time.perf_counter() - t
 
     # 2. merge and physically shrink, one group after another
     t = time.perf_counter()
-    surgery = GroupSurgery(work, dg)
+    surgery = kind.surgery(work, dg, graph)
     ctx.channel_maps = surgery.maps
     for i, (g, _k) in enumerate(todo):
         surgery.apply(g.id, g.channels, decisions[g.id])
@@ -267,18 +311,22 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     gc.collect()  # traced graphs (reference cycles) of the selection phase still hold tensors
     t = time.perf_counter()
     rep.finish(ctx)
+    notes = kind.finish(ctx) or []
     seconds["repair"] = time.perf_counter() - t + seconds.pop("prepare")
     seconds["total"] = time.perf_counter() - t0
 
     rows = []
     for g in graph.groups:
         d = decisions.get(g.id)
-        rows.append({"id": g.id, "channels_before": g.channels, "channels_after": len(d.keep) if d else g.channels,
-                     "ratio": plan.ratio_for(g.id) if d else 0.0, "inertia": d.inertia if d else None,
-                     "n_iter": d.n_iter if d else None, "foldable": g.foldable, "reason": g.reason})
+        rows.append({"id": g.id, "unit": g.unit, "channels_before": g.channels,
+                     "channels_after": len(d.keep) if d else g.channels, "ratio": plan.ratio_for(g.id) if d else 0.0,
+                     "inertia": d.inertia if d else None, "n_iter": d.n_iter if d else None, "foldable": g.foldable,
+                     "reason": g.reason})
     work = work.cpu().eval()
     for p in work.parameters():
         p.requires_grad_(False)
     labels = {gid: d.labels for gid, d in decisions.items() if d.labels is not None}
+    units = {g.id: unit_map(decisions[g.id], g.channels) for g, _k in todo}
     synthetic = ctx.synthetic.cpu() if ctx.synthetic is not None else None
-    return FoldResult(work, plan, method, rows, labels, surgery.maps, seconds, ctx.fused, synthetic, ctx.samples)
+    return FoldResult(work, plan, method, rows, labels, surgery.maps, seconds, ctx.fused, synthetic, ctx.samples,
+                      units, graph.kind, list(notes))

@@ -21,32 +21,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .data import evaluate, load_dataset, make_loader
-from .metrics import count_params
-from .models import LoadedModel
-from .plans import FoldPlan
 from .apply import DEFAULT_REPAIR_SAMPLES, apply_method, repair_inputs
-from .methods import METHODS, keys_for
+from .kinds import KIND_LABELS, kind_of
+from .methods import METHODS
+from .metrics import count_params
+from .plans import FoldPlan
 from .sweepspec import ModelRef, SweepSpec, spec_from_args
 from .utils import state_dict_hash
+from .zoo import LoadedModel
 
 # legacy in-memory columns (``to_csv``, the app)
 FIELDS = ["method", "label", "ratio", "seed", "param_sparsity", "params", "accuracy", "loss", "seconds"]
 # the streamed, resumable CSV written by ``run_sweep`` / ``foldviz sweep``
-CSV_FIELDS = ["model", "family", "weights_sha256", "plan_sha256", "settings_hash", "method", "label", "ratio", "seed",
+CSV_FIELDS = ["model", "kind", "weights_sha256", "plan_sha256", "settings_hash", "method", "label", "ratio", "seed",
               "param_sparsity", "params", "accuracy", "perplexity", "loss", "eval_samples", "seconds", "eval_seconds",
               "host", "data", "finished_at"]
 KEY_FIELDS = ("model", "weights_sha256", "method", "ratio", "seed", "settings_hash")
 ORIGINAL = "original"
-FAIL_ONCE_ENV = "FOLDVIZ_SWEEP_FAIL_ONCE"  # test hook: path of a marker file; its first consumer fails once
 
 
 class SweepError(ValueError):
     """A sweep that cannot start (bad output file, unknown method...): one line for the user."""
-
-
-class TransientCellError(RuntimeError):
-    """A cell failure worth retrying (a flaky filesystem, a worker hiccup): executors retry these."""
 
 
 @dataclass(frozen=True)
@@ -62,14 +57,11 @@ class Cell:
     repair_samples: int = DEFAULT_REPAIR_SAMPLES
     clustering: dict = field(default_factory=dict, hash=False, compare=False)
     repair_settings: dict = field(default_factory=dict, hash=False, compare=False)
-
-    @property
-    def family(self) -> str:
-        return self.model.family
+    kind: str = "cnn"
 
     def settings(self) -> dict:
         """The settings that change this cell's result (besides model, weights, method, ratio, seed)."""
-        s = {"family": self.family, "data": self.data, "eval_limit": self.eval_limit}
+        s = {"kind": self.kind, "data": self.data, "eval_limit": self.eval_limit}
         if self.method != ORIGINAL:
             if METHODS[self.method].needs_data:
                 s["repair_samples"] = self.repair_samples
@@ -86,6 +78,15 @@ class Cell:
             return None
         return FoldPlan(default_ratio=float(self.ratio), repair="none", seed=int(self.seed),
                         clustering=dict(self.clustering), repair_settings=dict(self.repair_settings))
+
+    def for_kind(self, kind: str, clustering: dict) -> "Cell":
+        """This cell for a model of ``kind``, whose clustering defaults to ``clustering`` (the kind's)."""
+        from dataclasses import replace
+
+        if self.method != ORIGINAL and kind not in METHODS[self.method].applies_to:
+            raise SweepError(f"{METHODS[self.method].label} does not apply to {self.model.spec} ({'an' if kind == 'cnn' else 'a'} "
+                             f"{KIND_LABELS[kind]})")
+        return replace(self, kind=kind, clustering=dict(self.clustering or clustering))
 
     def key(self, weights_sha256: str) -> tuple:
         return (self.model.spec, weights_sha256, self.method, _ratio_text(self.ratio), str(int(self.seed)),
@@ -111,7 +112,7 @@ def plan_cells(spec: SweepSpec) -> list[Cell]:
     for m in spec.models:
         data = spec.data_for(m)
         common = dict(data=data, eval_limit=spec.eval_limit, repair_samples=spec.repair_samples,
-                      clustering=dict(spec.clustering), repair_settings=dict(spec.repair_settings))
+                      clustering=dict(spec.clustering or {}), repair_settings=dict(spec.repair_settings))
         if spec.include_original:
             cells.append(Cell(m, ORIGINAL, 0.0, 0, **common))
         for seed in spec.seeds:
@@ -124,8 +125,12 @@ def plan_cells(spec: SweepSpec) -> list[Cell]:
 
 
 # ------------------------------------------------------------------------------------------------ running cells
-# per-process caches: a worker (or the local process) loads a dataset and draws repair inputs once per setting
-_LOADERS: dict = {}
+class TransientCellError(RuntimeError):
+    """A cell failure worth retrying (a flaky filesystem, a worker hiccup): executors retry these."""
+
+
+# per-process caches: a worker (or the local process) prepares an evaluation set once per setting
+_EVAL: dict = {}
 _REPAIR: dict = {}
 _CACHE_MAX = 8
 
@@ -138,20 +143,14 @@ def _cached(cache: dict, key, make):
     return cache[key]
 
 
-def _maybe_fail_once() -> None:
-    marker = os.environ.get(FAIL_ONCE_ENV)
-    if marker:
-        try:
-            os.unlink(marker)  # only one process can remove it: exactly one failure
-        except FileNotFoundError:
-            return
-        raise TransientCellError(f"injected failure ({FAIL_ONCE_ENV}={marker})")
-
-
-def _run_cnn_cell(loaded: LoadedModel, cell: Cell, *, device=None, n0: int | None = None) -> dict:
-    card_key = json.dumps(loaded.card, sort_keys=True, default=str)
-    loader = _cached(_LOADERS, (cell.data, card_key, cell.eval_limit),
-                     lambda: make_loader(load_dataset(cell.data, "test", card=loaded.card), limit=cell.eval_limit))
+def run_cell(loaded: LoadedModel, cell: Cell, *, weights_sha256: str | None = None, device=None,
+             n0: int | None = None) -> dict:
+    """Run one cell on ``loaded`` (which it does not modify): fold or prune, then evaluate with the model kind's
+    metric; returns its CSV row (see ``CSV_FIELDS``)."""
+    kind = kind_of(loaded)
+    card_key = (loaded.spec, json.dumps(loaded.card, sort_keys=True, default=str))
+    prepared = _cached(_EVAL, (card_key, cell.data, cell.eval_limit),
+                       lambda: kind.prepare_eval(loaded, cell.data, cell.eval_limit))
     n0 = n0 if n0 is not None else count_params(loaded.model)
     t = time.perf_counter()
     if cell.method == ORIGINAL:
@@ -159,38 +158,68 @@ def _run_cnn_cell(loaded: LoadedModel, cell: Cell, *, device=None, n0: int | Non
     else:
         data = None
         if METHODS[cell.method].needs_data:
-            data = _cached(_REPAIR, (cell.data, card_key, cell.repair_samples, cell.seed),
+            data = _cached(_REPAIR, (card_key, cell.data, cell.repair_samples, cell.seed),
                            lambda: repair_inputs(loaded, cell.data, cell.repair_samples, seed=cell.seed))
         res = apply_method(loaded, cell.plan(), cell.method, repair_data=data, device=device)
         model, label = res.model, METHODS[cell.method].label
     fold_seconds = time.perf_counter() - t if cell.method != ORIGINAL else 0.0
     t = time.perf_counter()
-    ev = evaluate(model, loader, device=device)
+    ev = kind.evaluate(loaded, model, cell.data, cell.eval_limit, prepared=prepared, device=device)
     n = count_params(model)
-    return {"label": label, "param_sparsity": 1 - n / n0, "params": n, "accuracy": ev.accuracy, "perplexity": None,
-            "loss": ev.loss, "eval_samples": ev.n, "seconds": fold_seconds, "eval_seconds": time.perf_counter() - t}
-
-
-# family -> runner(loaded, cell, device=..., n0=...) -> partial row; a language-model family registers its own
-CELL_RUNNERS: dict[str, Callable[..., dict]] = {"cnn": _run_cnn_cell}
-
-
-def run_cell(loaded: LoadedModel, cell: Cell, *, weights_sha256: str | None = None, device=None,
-             n0: int | None = None) -> dict:
-    """Run one cell on ``loaded`` (which it does not modify) and return its CSV row (see ``CSV_FIELDS``)."""
-    _maybe_fail_once()
-    runner = CELL_RUNNERS.get(cell.family)
-    if runner is None:
-        raise SweepError(f"no cell runner for model family {cell.family!r} (known: {', '.join(CELL_RUNNERS)})")
-    part = runner(loaded, cell, device=device, n0=n0)
-    wh = weights_sha256 or state_dict_hash(loaded.model)
     plan = cell.plan()
-    row = {"model": cell.model.spec, "family": cell.family, "weights_sha256": wh,
+    row = {"model": cell.model.spec, "kind": kind.key, "weights_sha256": weights_sha256 or state_dict_hash(loaded.model),
            "plan_sha256": _sha(plan.to_json()) if plan else "", "settings_hash": cell.settings_hash(),
            "method": cell.method, "ratio": float(cell.ratio), "seed": int(cell.seed), "host": socket.gethostname(),
-           "data": cell.data, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    row.update(part)
+           "data": cell.data, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "label": label,
+           "param_sparsity": 1 - n / n0, "params": n, "accuracy": ev.get("accuracy"),
+           "perplexity": ev.get("perplexity"), "loss": ev["loss"], "eval_samples": ev["samples"],
+           "seconds": fold_seconds, "eval_seconds": time.perf_counter() - t}
     return row
+
+
+def retryable_exceptions() -> tuple[type[BaseException], ...]:
+    """Application exceptions worth another attempt: transient by nature, not a wrong input."""
+    excs: list[type[BaseException]] = [TransientCellError, TimeoutError, ConnectionError]
+    try:
+        import torch
+
+        excs.append(torch.cuda.OutOfMemoryError)  # another attempt may land on a less busy GPU
+    except (ImportError, AttributeError):
+        pass
+    return tuple(excs)
+
+
+class LocalExecutor:
+    """Cells one after another in this process; transient failures are retried ``max_retries`` times. ``run``
+    is the cell function (:func:`run_cell`; tests inject failures by wrapping it)."""
+
+    name = "local"
+
+    def __init__(self, max_retries: int = 2, device=None, run: Callable[..., dict] | None = None):
+        self.max_retries = int(max_retries)
+        self.device = device
+        self.run_cell = run or run_cell
+
+    def run(self, jobs, on_row, on_error) -> None:
+        retry = retryable_exceptions()
+        for job in jobs:
+            n0 = count_params(job.loaded.model)
+            for index, cell in job.cells:
+                attempt = 0
+                while True:
+                    try:
+                        row = self.run_cell(job.loaded, cell, weights_sha256=job.weights_sha256, device=self.device,
+                                            n0=n0)
+                    except retry as exc:
+                        attempt += 1
+                        if attempt <= self.max_retries:
+                            continue
+                        on_error(index, cell, exc)
+                    except Exception as exc:  # noqa: BLE001 - reported per cell; the caller decides
+                        on_error(index, cell, exc)
+                    else:
+                        on_row(index, cell, row)
+                    break
 
 
 # ------------------------------------------------------------------------------------------------ results file
@@ -354,12 +383,6 @@ class SweepSummary:
     failed: list = field(default_factory=list)  # (cell, error message)
 
 
-def _local_executor():
-    from .executors import LocalExecutor
-
-    return LocalExecutor()
-
-
 def run_sweep(spec: SweepSpec, out, *, executor=None, progress: ProgressLine | bool | None = True,
               callback: Callable[[int, int, dict], None] | None = None, loaded: dict | None = None) -> SweepSummary:
     """Run every cell of ``spec`` not yet in ``out`` (a CSV path), appending each finished row at once.
@@ -379,6 +402,12 @@ def run_sweep(spec: SweepSpec, out, *, executor=None, progress: ProgressLine | b
     for ref, items in by_model.items():
         lm = (loaded or {}).get(ref.spec) or ref.load()
         wh = state_dict_hash(lm.model)
+        kind = kind_of(lm)
+        clustering = kind.default_plan(lm).clustering
+        items = [(i, c.for_kind(kind.key, clustering)) for i, c in items]
+        for i, c in items:
+            kind.check_data(lm, c.data)   # a wrong data spec is one line before any cell runs
+            break
         todo = []
         for i, c in items:
             if c.key(wh) not in existing:
@@ -395,7 +424,7 @@ def run_sweep(spec: SweepSpec, out, *, executor=None, progress: ProgressLine | b
         progress.total, progress.done, progress.already = summary.total, summary.skipped, summary.skipped
     if progress:
         progress.start()
-    executor = executor or _local_executor()
+    executor = executor or LocalExecutor()
 
     with results:
         def on_row(index: int, cell: Cell, row: dict) -> None:
@@ -428,13 +457,17 @@ def sweep(loaded: LoadedModel, ratios, methods, data_spec: str, *, seeds=(0,), e
     Returns one row per (method, ratio, seed) plus one "original" row first (in plan order whatever the
     executor).  ``progress(done, total, last_row)`` counts the folded cells.
     """
-    bad = [m for m in methods if m not in keys_for("cnn")]
+    kind = kind_of(loaded)
+    bad = [m for m in methods if m not in METHODS or kind.key not in METHODS[m].applies_to]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(keys_for('cnn'))}")
+        from .methods import keys_for
+
+        raise ValueError(f"method(s) {bad} do not apply to {kind.a_label}; choose from {', '.join(keys_for(kind.key))}")
     spec = spec_from_args(ModelRef(spec=loaded.spec or "model"), ratios, methods, data_spec, seeds=seeds,
                           eval_limit=eval_limit, repair_samples=repair_samples, clustering=clustering,
                           repair_settings=repair_settings)
-    cells = plan_cells(spec)
+    default = kind.default_plan(loaded).clustering
+    cells = [c.for_kind(kind.key, default) for c in plan_cells(spec)]
     job = SweepJob(loaded, state_dict_hash(loaded.model), list(enumerate(cells)))
     rows: dict[int, dict] = {}
     total, done = len(cells) - 1, 0
@@ -450,7 +483,7 @@ def sweep(loaded: LoadedModel, ratios, methods, data_spec: str, *, seeds=(0,), e
     def on_error(i, cell, exc):
         raise exc
 
-    (executor or _local_executor()).run([job], on_row, on_error)
+    (executor or LocalExecutor()).run([job], on_row, on_error)
     return [rows[i] for i in sorted(rows)]
 
 

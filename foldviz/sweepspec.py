@@ -33,12 +33,11 @@ import jsonschema
 
 from .apply import DEFAULT_REPAIR_SAMPLES
 from .kmeans import DEFAULT_CLUSTERING
-from .methods import METHODS, keys_for
+from .methods import METHODS
 from .plans import SCHEMA as PLAN_SCHEMA
 
 SPEC_VERSION = 1
 MAX_SPEC_BYTES = 1024 * 1024
-FAMILIES = ("cnn",)  # a language-model family plugs in here (and in foldviz.sweep.CELL_RUNNERS)
 
 _RATIO = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
 _MODEL_OBJECT = {
@@ -51,7 +50,6 @@ _MODEL_OBJECT = {
         "num_classes": {"type": ["integer", "null"], "minimum": 1},
         "cifar_stem": {"type": "boolean"},
         "pretrained": {"type": "boolean"},
-        "family": {"enum": list(FAMILIES)},
         "data": {"type": "string", "minLength": 1},
     },
 }
@@ -73,7 +71,7 @@ def _schema() -> dict:
             "models": {"type": "array", "minItems": 1,
                        "items": {"type": ["string", "object"], "if": {"type": "object"}, "then": _MODEL_OBJECT,
                                  "else": {"minLength": 1}}},
-            "methods": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": list(keys_for("cnn"))}},
+            "methods": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": list(METHODS)}},
             "ratios": {"type": "array", "minItems": 1, "uniqueItems": True, "items": _RATIO},
             "seeds": {"type": "array", "minItems": 1, "uniqueItems": True,
                       "items": {"type": "integer", "minimum": 0}},
@@ -107,7 +105,6 @@ class ModelRef:
     num_classes: int | None = None
     cifar_stem: bool = False
     pretrained: bool = False
-    family: str = "cnn"
     data: str | None = None  # evaluation/repair data for this model; defaults to the spec's "data"
 
     def load(self):
@@ -127,7 +124,7 @@ class SweepSpec:
     eval_limit: int | None = None
     repair_samples: int = DEFAULT_REPAIR_SAMPLES
     include_original: bool = True
-    clustering: dict = field(default_factory=lambda: dict(DEFAULT_CLUSTERING))
+    clustering: dict | None = None          # None: each model kind's default (foldviz.kinds)
     repair_settings: dict = field(default_factory=dict)
     note: str = ""
 
@@ -136,8 +133,9 @@ class SweepSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["models"] = [{k: v for k, v in asdict(m).items() if v not in (None, False) and not (k == "family" and v == "cnn")}
-                       for m in self.models]
+        d["models"] = [{k: v for k, v in asdict(m).items() if v not in (None, False)} for m in self.models]
+        if d["clustering"] is None:
+            d.pop("clustering")
         return {"foldviz_sweep": SPEC_VERSION, **d}
 
 
@@ -180,7 +178,8 @@ def spec_from_dict(data) -> SweepSpec:
     kw = {k: v for k, v in data.items() if k not in ("foldviz_sweep", "models")}
     spec = SweepSpec(models=models, **kw)
     spec.ratios = [float(r) for r in spec.ratios]
-    spec.clustering = {**DEFAULT_CLUSTERING, **spec.clustering}
+    if spec.clustering is not None:
+        spec.clustering = {**DEFAULT_CLUSTERING, **spec.clustering}
     return spec
 
 
@@ -211,5 +210,7 @@ def spec_from_args(model: ModelRef, ratios, methods, data: str | None, *, seeds=
          "methods": list(dict.fromkeys(methods)), "ratios": list(dict.fromkeys(float(r) for r in ratios)),
          "seeds": list(dict.fromkeys(int(s) for s in seeds)), "data": data, "eval_limit": eval_limit,
          "repair_samples": int(repair_samples), "include_original": include_original,
-         "clustering": clustering or dict(DEFAULT_CLUSTERING), "repair_settings": repair_settings or {}}
+         "repair_settings": repair_settings or {}}
+    if clustering:
+        d["clustering"] = clustering
     return spec_from_dict(d)

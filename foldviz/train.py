@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 # torch and the engine are imported inside the functions that train: `python -m foldviz --help` and
-# argument errors must not pay for importing torch (issue #9: under 1 s)
+# argument errors must not pay for importing torch (under 1 s)
 
 __all__ = ["PRESETS", "DEFAULT_RECIPE", "train_preset", "add_train_subparser", "run_train", "main"]
 

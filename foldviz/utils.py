@@ -16,6 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+#: where the bundled models (assets/models) and texts live
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+MODELS_DIR = ASSETS_DIR / "models"
+
 # progress(stage, done, total): every long-running call reports through this one signature
 Progress = Callable[[str, int, int], None] | None
 
@@ -86,7 +90,7 @@ def state_dict_hash(model_or_state: nn.Module | dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# safe output: atomic writes and output-path checks (issue #13)
+# safe output: atomic writes and output-path checks
 # ----------------------------------------------------------------------------------------------------------------
 
 #: Files that make a directory "a foldviz model" (see foldviz.io).
@@ -253,6 +257,7 @@ def atomic_dir(path):
         yield tmp
         for f in tmp.iterdir():  # make the contents durable before they become visible
             if f.is_file():
+                os.chmod(f, 0o644)   # writers that go through temp files leave 0600 behind
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)

@@ -159,6 +159,7 @@ class LoadedModel:
     card: dict
     input_shape: tuple
     note: str | None = None
+    kind: str = "cnn"          # the model kind (foldviz.kinds): "cnn" image classifier, "lm" language model
 
     def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
         """A reproducible standard-normal batch shaped ``(batch, *input_shape)``."""

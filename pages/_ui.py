@@ -1,14 +1,13 @@
-"""Shared Streamlit glue for the foldviz pages (state, caches, progress, small widgets).
+"""Shared Streamlit glue for the foldviz pages (state, the workbench registry, progress, small widgets).
 
-Everything that computes lives in ``foldviz`` (``session.Workbench``, ``figures``); this module only
-wires it to Streamlit:
+Everything that computes lives in ``foldviz`` (``session.Workbench``, ``figures``); this module only wires it to
+Streamlit:
 
-* ``st.session_state`` holds plain data: ``model_source`` / ``data_source`` (dicts), ``plan``
-  (a FoldPlan dict), ``outcome`` (the last fold), ``sweep`` (rows), ``compare`` (variance ratios);
-* ``st.cache_resource`` holds one Workbench (base model + channel groups) per model source;
-  the base model is never folded in place (the engine folds copies);
-* ``st.cache_data`` holds per-group analyses, evaluations, repair comparisons and sweeps, keyed by
-  (model source, weights hash, group, ratio/k, seed, ...).
+* ``st.session_state`` holds plain data: ``model_source`` / ``data_source`` (dicts), ``plan`` (a FoldPlan dict),
+  ``outcome`` (the last fold), ``sweep`` (rows), ``compare`` (variance ratios);
+* ``st.cache_resource`` holds one Workbench per model source (shared by every session). The Workbench is the one
+  cache: it memoises every analysis, evaluation and fold, and runs background work (:mod:`foldviz.jobs`);
+  the base model is never folded in place.
 """
 from __future__ import annotations
 
@@ -22,21 +21,13 @@ from typing import Callable
 import plotly.graph_objects as go
 import streamlit as st
 
+from foldviz.figures import fmt_count
 from foldviz.methods import label as method_label
-from foldviz.lm.session import LMWorkbenchError
 from foldviz.share import StateError, decode_state, encode_state
-from foldviz.session import (
-    DEFAULT_MODEL,
-    DataSource,
-    ModelSource,
-    Workbench,
-    WorkbenchError,
-    default_data_for,
-    fmt_count,
-)
+from foldviz.session import DEFAULT_MODEL, DataSource, ModelSource, Workbench, WorkbenchError
 
-#: what a page catches as "the action failed, say why in one line": the CNN and the LM workbenches' errors
-LOAD_ERRORS = (WorkbenchError, LMWorkbenchError)
+#: what a page catches as "the action failed, say why in one line"
+LOAD_ERRORS = (WorkbenchError,)
 
 PLAN_WIDGET_PREFIX = "planw_"
 # plan-page widgets and the plan field each one edits: (field, sub-field or None). Per-group widgets are
@@ -66,7 +57,7 @@ def pkey(name: str, group: str | None = None) -> str:
 def init_state() -> None:
     ss = st.session_state
     ss.setdefault("model_source", ModelSource(DEFAULT_MODEL).to_dict())
-    ss.setdefault("data_source", default_data_for(DEFAULT_MODEL).to_dict())
+    ss.setdefault("data_source", DataSource("digits").to_dict())   # the default demo's data
     ss.setdefault("plan", None)          # FoldPlan.to_dict(); created once the model is loaded
     ss.setdefault("outcome", None)       # FoldOutcome of the last run
     ss.setdefault("sweep", None)         # {"key": ..., "rows": [...]}
@@ -125,9 +116,9 @@ def restore_from_url() -> None:
         data = None
     try:
         ss["data_source"] = DataSource.from_dict(data).to_dict() if data is not None \
-            else default_data_for(src.spec).to_dict()
+            else wb.default_data().to_dict()
     except TypeError:
-        ss["data_source"] = default_data_for(src.spec).to_dict()
+        ss["data_source"] = wb.default_data().to_dict()
     if state["plan"] is not None:
         try:  # validated like any imported plan
             ss["plan"] = dict(wb.plan_from(dict(state["plan"], model=src.spec)).to_dict(), model=src.spec)
@@ -180,38 +171,28 @@ def show_flash() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# caches
+# the workbench registry (the Workbench itself is the cache)
 # ------------------------------------------------------------------------------------------------
 
-@st.cache_resource(show_spinner="Loading the model and tracing its channel groups…", max_entries=4)
+@st.cache_resource(show_spinner="Loading the model and finding its groups…", max_entries=4)
 def _workbench(key: tuple) -> Workbench:
     spec, weights, weights_name, num_classes, cifar_stem = key
     wb = Workbench.load(ModelSource(spec, weights, weights_name, num_classes, cifar_stem))
-    _ = wb.graph  # trace once, inside the spinner
+    _ = wb.graph  # find the groups once, inside the spinner
     return wb
 
 
-@st.cache_resource(show_spinner="Loading the language model…", max_entries=3)
-def _lm_workbench(spec: str):
-    from foldviz.lm.session import LMWorkbench
-
-    return LMWorkbench.load(spec)
+def get_workbench(src: ModelSource | None = None) -> Workbench:
+    """The Workbench for ``src`` (default: the session's model), of any model kind; raises WorkbenchError."""
+    return _workbench(source_key(src or model_source()))
 
 
-def is_lm(src: ModelSource | None = None) -> bool:
-    """Whether the session's model (or ``src``) is a language model (foldviz.lm)."""
-    from foldviz.lm.session import is_lm_spec
-
-    return is_lm_spec((src or model_source()).spec)
-
-
-def get_workbench(src: ModelSource | None = None):
-    """The Workbench for ``src`` (default: the session's model): a foldviz.session.Workbench, or a
-    foldviz.lm.session.LMWorkbench for a language model; raises WorkbenchError."""
-    src = src or model_source()
-    if is_lm(src):
-        return _lm_workbench(src.spec)
-    return _workbench(source_key(src))
+def kind(wb: Workbench | None = None) -> str:
+    """The session model's kind: "cnn" (image classifier) or "lm" (language model)."""
+    try:
+        return (wb or get_workbench()).kind.key
+    except Exception:  # noqa: BLE001 - a model that does not load: the page reports it
+        return "cnn"
 
 
 def workbench_or_stop() -> Workbench:
@@ -222,62 +203,37 @@ def workbench_or_stop() -> Workbench:
         st.error(f"{exc}")
         if model_source().spec != DEFAULT_MODEL:
             st.info(f"Switching back to {DEFAULT_MODEL}.")
-            set_model(ModelSource(DEFAULT_MODEL), default_data_for(DEFAULT_MODEL))
-            wb = get_workbench()
+            wb = get_workbench(ModelSource(DEFAULT_MODEL))
+            set_model(ModelSource(DEFAULT_MODEL), wb.default_data())
         else:
             st.stop()
     ensure_plan(wb)
     return wb
 
 
-def page(title: str, caption: str) -> tuple[Workbench, tuple, object]:
-    """Start a page that works on the session's model: title, caption, then (workbench, cache key, plan)."""
+def page(title: str, caption: str) -> tuple[Workbench, object]:
+    """Start a page that works on the session's model: title, caption, then (workbench, plan)."""
     st.title(title)
     st.caption(caption)
     wb = workbench_or_stop()
-    return wb, wkey(wb), current_plan(wb)
-
-
-def wkey(wb: Workbench) -> tuple:
-    """Cache key of the current model: source + weights hash."""
-    return (*source_key(wb.source), wb.weights_sha256)
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def overview_rows(key: tuple, level: float) -> list[dict]:
-    wb = _wb(key)
-    with wb.foreground():
-        return wb.overview_rows(level)
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def group_detail(key: tuple, group_id: str, ratio: float, plan_json: str, embed_method: str) -> dict:
-    """The fold's clusters for ``group_id`` under the plan (at ``ratio``) and everything drawn around them."""
-    wb = _wb(key)
-    return wb.group_detail(group_id, wb.plan_from(json.loads(plan_json)), ratio, embed_method=embed_method)
+    return wb, current_plan(wb)
 
 
 def group_detail_live(wb: Workbench, group_id: str, ratio: float, plan, embed_method: str) -> dict:
-    """The Layer explorer's data for one group at ``ratio``. Not st.cache_data: every part is memoised inside the
-    Workbench (shared by all sessions), and pickling a 2048 x 2048 similarity matrix on every rerun would cost
-    more than computing the view."""
-    with wb.foreground():  # the background precomputations wait meanwhile
+    """The Layer explorer's data for one group at ``ratio``: every part is memoised inside the Workbench (shared
+    by all sessions); the background precomputations pause meanwhile."""
+    with wb.foreground():
         return wb.group_detail(group_id, plan, ratio, embed_method=embed_method)
 
 
 def precompute_stops(wb: Workbench, group_id: str, plan) -> dict:
-    """Start computing the group's clusters for every slider stop in the background (once per group and plan);
-    returns how many are ready."""
+    """Compute the group's clusters for every slider stop in the background (the latest group wins), then every
+    other group at the plan's ratio; returns how many stops are ready."""
     status = wb.path_status(group_id, plan)
     if len(status["ready"]) < status["total"]:
-        started = st.session_state.setdefault("le_precompute_started", set())
-        tag = (group_id, plan_json(plan.to_dict()))
-        if tag not in started:
-            started.add(tag)
-            wb.cluster_path(group_id, plan, background=True)
-            if ("*", tag[1]) not in started:  # then every other group at the plan's ratio, once per plan
-                started.add(("*", tag[1]))
-                wb.warm_groups(plan)
+        wb.cluster_path(group_id, plan, background=True)
+    else:
+        wb.warm_groups(plan)
     return status
 
 
@@ -286,7 +242,7 @@ def _umap_warm() -> dict:
     return {"started": False, "lock": threading.Lock()}
 
 
-def warm_up_umap(wb: Workbench | None = None) -> None:
+def warm_up_umap() -> None:
     """Compile UMAP once per server process, in a background thread, so the first real UMAP is quick."""
     state = _umap_warm()
     with state["lock"]:
@@ -298,107 +254,24 @@ def warm_up_umap(wb: Workbench | None = None) -> None:
     threading.Thread(target=warm_up, name="foldviz-umap-warmup", daemon=True).start()
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def baseline_eval(key: tuple, dkey: tuple) -> dict:
-    return _wb(key).evaluate(None, DataSource(*dkey))
+def session_id() -> str:
+    """This browser session's id (jobs are owned by it, so a closed session can stop them)."""
+    try:
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+        ctx = get_script_run_ctx()
+        return ctx.session_id if ctx else "local"
+    except Exception:  # noqa: BLE001
+        return "local"
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def preview(key: tuple, plan_json: str) -> dict:
-    wb = _wb(key)
-    return wb.preview(wb.plan_from(json.loads(plan_json)))
-
-
-@st.cache_resource
-def _job_store() -> dict:
-    return {"lock": threading.Lock(), "items": OrderedDict()}
-
-
-def cached_job(name: str, key: tuple, fn: Callable[[], object], max_items: int = 48):
-    """Process-wide cache for long jobs that report progress (st.cache_data cannot replay the
-    progress-bar updates made from inside the cached function). Returns a deep copy."""
-    store = _job_store()
-    k = (name, key)
-    with store["lock"]:
-        if k in store["items"]:
-            store["items"].move_to_end(k)
-            return copy.deepcopy(store["items"][k])
-    value = fn()
-    with store["lock"]:
-        store["items"][k] = value
-        while len(store["items"]) > max_items:
-            store["items"].popitem(last=False)
-    return copy.deepcopy(value)
-
-
-@st.cache_resource
-def _bg_store() -> dict:
-    from concurrent.futures import ThreadPoolExecutor
-
-    return {"lock": threading.Lock(), "jobs": OrderedDict(), "pool": ThreadPoolExecutor(1, thread_name_prefix="foldviz-bg")}
-
-
-def background(name: str, key: tuple, fn: Callable[[], object], max_items: int = 64) -> tuple[str, object]:
-    """Run ``fn`` once per (name, key) in a process-wide worker thread, off the script thread.
-    Returns ("done", value), ("running", None) or ("failed", exception); the page polls until done."""
-    store = _bg_store()
-    k = (name, key)
-    with store["lock"]:
-        fut = store["jobs"].get(k)
-        if fut is None:
-            fut = store["jobs"][k] = store["pool"].submit(fn)
-            while len(store["jobs"]) > max_items:
-                store["jobs"].popitem(last=False)
-    if not fut.done():
-        return "running", None
-    exc = fut.exception()
-    return ("failed", exc) if exc is not None else ("done", fut.result())
-
-
-def background_started(name: str, key: tuple) -> bool:
-    store = _bg_store()
-    with store["lock"]:
-        return (name, key) in store["jobs"]
-
-
-#: models up to this many parameters get the plan page's accuracy estimate on every change (the demos fold in
-#: well under a second with the cached Deep-Inversion proxy); larger ones estimate on request
+#: models up to this many parameters get the plan page's estimate on every change (the demos fold in well under a
+#: second with the cached proxy); larger ones estimate on request
 LIVE_AUTO_PARAMS = 5_000_000
 
 
 def live_estimate_auto(wb: Workbench) -> bool:
     return wb.summary()["params"] <= LIVE_AUTO_PARAMS
-
-
-def variance_comparison(key: tuple, dkey: tuple, plan_json: str, methods: tuple, _progress=None,
-                        _known: dict | None = None) -> dict:
-    def run():
-        wb = _wb(key)
-        return wb.variance_comparison(wb.plan_from(json.loads(plan_json)), list(methods), DataSource(*dkey),
-                                      progress=_progress, known=_known)
-    return cached_job("variance", (key, dkey, plan_json, tuple(methods)), run)
-
-
-def sweep(key: tuple, dkey: tuple, ratios: tuple, methods: tuple, seeds: tuple, _progress=None) -> list[dict]:
-    def run():
-        return _wb(key).sweep(list(ratios), list(methods), DataSource(*dkey), seeds=list(seeds), progress=_progress)
-    return cached_job("sweep", (key, dkey, tuple(ratios), tuple(methods), tuple(seeds)), run)
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def learn_bundle(key: tuple, group_id: str, ratio: float, plan_json: str, dkey: tuple) -> dict:
-    """Numbers for the Learn page's walkthrough of one group, on the fold's own clusters."""
-    wb = _wb(key)
-    plan = wb.plan_from(json.loads(plan_json))
-    labels = wb.cluster(group_id, plan, ratio).labels
-    inputs = wb.sample_batch(DataSource(*dkey), n=256)
-    return {"consumer": wb.consumer_columns(group_id, labels),
-            "merge_error": wb.merge_error(group_id, labels, inputs, seed=plan.seed),
-            "cluster_variance": wb.cluster_variance(group_id, labels, inputs)}
-
-
-def _wb(key: tuple) -> Workbench:
-    return _workbench(tuple(key[:5]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,18 +409,26 @@ def sidebar(wb: Workbench | None) -> None:
         st.markdown("**Data**")
         st.caption(wb.data_label(data_source()) if wb is not None else data_source().label)
         p = ss.get("plan")
-        if p:
+        if p and wb is not None:
             st.markdown("**Plan**")
-            st.caption(f"{'LM fold (no repair)' if is_lm() else method_label(p['repair'])} · ratio "
+            st.caption(f"{method_label(p['repair'] if wb.kind.key == 'cnn' else 'fold')} · ratio "
                        f"{100 * p['default_ratio']:.0f}% · "
                        f"{len(p.get('ratios', {}))} override(s) · {len(p.get('skip', []))} skipped · seed {p['seed']}")
         out = ss.get("outcome")
         if out is not None:
             r = out.report
-            acc_b, acc_a = r["accuracy_before"], r["accuracy_after"]
             st.markdown("**Last fold**")
             st.caption(f"{r['label']}: params {fmt_count(r['params_before'])} → {fmt_count(r['params_after'])}"
-                       + (f" · accuracy {fmt_pct(acc_b)} → {fmt_pct(acc_a)}" if acc_a is not None else ""))
+                       + metric_change(r))
+
+
+def metric_change(report: dict) -> str:
+    """" · accuracy 98.7% → 96.4%" (or perplexity) for a report, "" without evaluation data."""
+    if report.get("accuracy_after") is not None:
+        return f" · accuracy {fmt_pct(report['accuracy_before'])} → {fmt_pct(report['accuracy_after'])}"
+    if report.get("perplexity_after") is not None:
+        return f" · perplexity {report['perplexity_before']:.1f} → {report['perplexity_after']:.1f}"
+    return ""
 
 
 def teaching() -> bool:

@@ -11,35 +11,34 @@ import streamlit as st
 from foldviz import figures as F
 from foldviz.methods import METHODS, fold_keys, keys_for
 from foldviz.methods import label as method_label
+from foldviz.figures import fmt_count
 from foldviz.report import report_csv, report_json
-from foldviz.session import fmt_count
 from foldviz.sweep import to_csv as sweep_csv
 from pages import _ui
 
-if _ui.is_lm():  # a language model: its own views (pages/_lm.py)
-    from pages import _lm
-
-    _lm.results_page()
-    st.stop()
-
-wb, key, plan = _ui.page("Fold & results", "Run the plan on a copy of the model, compare before and after, and see "
-                         "what each repair method does to the activation statistics.")
+wb, plan = _ui.page("Fold & results", "Run the plan on a copy of the model, compare before and after, and see what "
+                    "folding does to the activation statistics.")
 data = _ui.data_source()
 ss = st.session_state
 pj = _ui.plan_json(plan.to_dict())
 dkey = _ui.data_key(data)
+LM = wb.kind.key == "lm"
+METRIC = wb.kind.metric
+main_method = wb.default_method(plan)
 
-st.info(f"**Plan:** {method_label(plan.repair)} · global ratio {100 * plan.default_ratio:.0f}% · "
+st.info(f"**Plan:** {method_label(main_method)} · global ratio {100 * plan.default_ratio:.0f}% · "
         f"{len(plan.ratios)} override(s) · {len(plan.skip)} skipped · seed {plan.seed} · data: {wb.data_label(data)}")
 
-available = [m for m in fold_keys() if data.spec or not METHODS[m].needs_data]
-default_methods = [m for m in ("none", "r", "ar") if m in available]
-if plan.repair not in default_methods and plan.repair in available:
-    default_methods.append(plan.repair)
+# methods whose variance is compared with the plan's clusters: the repairs for networks, the baselines for LMs
+available = [m for m in (wb.fold_methods if not LM else wb.methods) if data.spec or not METHODS[m].needs_data]
+default_methods = [m for m in (("none", "r", "ar") if not LM else ("fold", "magnitude")) if m in available]
+if main_method not in default_methods and main_method in available:
+    default_methods.append(main_method)
 c1, c2 = st.columns([3, 1])
-methods = c1.multiselect("Repair methods to overlay in the variance plot", available, default=default_methods,
+methods = c1.multiselect("Methods to overlay in the variance plot" if LM else
+                         "Repair methods to overlay in the variance plot", available, default=default_methods,
                          format_func=method_label, key="fr_methods",
-                         help="The plan is folded once per method (same clusters, same seed). Fold-DIR is slower.")
+                         help="The plan is run once per method (same ratios, same seed).")
 run = c2.button("Run fold", type="primary", key="fr_run", width="stretch")
 
 def _activations_section(outcome) -> None:
@@ -80,18 +79,40 @@ def _activations_section(outcome) -> None:
                    f"{fm['module']}; singletons pass through unchanged except for what upstream folds changed.")
 
 
+def _generations(outcome) -> None:
+    """A language model's greedy continuation of a prompt, before and after the fold."""
+    st.markdown("**Greedy generations**")
+    prompt = st.text_input("Prompt", "ROMEO.\\n", key="fr_prompt",
+                           help="\\n is a newline. 40 new tokens, greedy.").replace("\\n", "\n")
+    left, right = st.columns(2)
+    try:
+        left.text_area("Before", wb.generate(None, prompt), height=160, disabled=True, key="fr_gen_before")
+        right.text_area(f"After ({outcome.report['label']})", wb.generate(outcome.model, prompt), height=160,
+                        disabled=True, key="fr_gen_after")
+    except Exception as exc:  # noqa: BLE001
+        _ui.report_failure(exc, "Generation")
+
+
+def _export(outcome) -> bytes:
+    try:
+        return wb.export_folded(outcome)
+    except ValueError as exc:  # a fold transformers cannot hold: the per-layer format instead
+        from foldviz.persist import folded_zip
+
+        return folded_zip(outcome.result, wb.loaded, outcome.report, fmt="foldviz-lm") if LM else b""
+
+
 if run:
     with st.status("Folding…", expanded=True) as status:
         try:
-            status.write(f"Folding with {method_label(plan.repair)}")
+            status.write(f"Folding with {method_label(main_method)}")
             outcome = wb.fold(plan, data, progress=_ui.progress_reporter(status))
             ss["outcome"] = outcome
             ss["outcome_plan"] = pj
             if methods:
-                status.write("Comparing repair methods: " + ", ".join(method_label(m) for m in methods))
-                comp = _ui.variance_comparison(key, dkey, pj, tuple(methods),
-                                               _progress=_ui.progress_reporter(status),
-                                               _known={plan.repair: outcome.result})
+                status.write("Comparing methods: " + ", ".join(method_label(m) for m in methods))
+                comp = wb.variance_comparison(plan, list(methods), data, progress=_ui.progress_reporter(status),
+                                              known={main_method: outcome.result})
                 ss["compare"] = {"plan": pj, "methods": list(methods), "data": comp}
             status.update(label=f"Folded in {outcome.report['seconds']['total']:.1f} s", state="complete",
                           expanded=False)
@@ -106,18 +127,21 @@ else:
     r = outcome.report
     if ss.get("outcome_plan") != pj:
         st.warning("These results come from an earlier version of the plan; press **Run fold** to update them.")
-    b, a = ({k: r[f"{k}_{side}"] for k in ("accuracy", "params", "flops", "size_bytes")} for side in ("before", "after"))
+    b, a = ({k: r[f"{k}_{side}"] for k in (METRIC, "params", "flops", "size_bytes")} for side in ("before", "after"))
     st.subheader(f"Result — {r['label']}")
     m = st.columns(5)
-    if a.get("accuracy") is not None:
+    if a.get(METRIC) is not None and METRIC == "accuracy":
         m[0].metric("Accuracy", _ui.fmt_pct(a["accuracy"]), delta=f"{100 * (a['accuracy'] - b['accuracy']):+.1f} pts",
                     help=f"before: {_ui.fmt_pct(b['accuracy'])} (top-1 on {wb.data_label(data)})")
+    elif a.get(METRIC) is not None:
+        m[0].metric("Perplexity", f"{a['perplexity']:.2f}", delta=f"{a['perplexity'] - b['perplexity']:+.2f}",
+                    delta_color="inverse", help=f"before: {b['perplexity']:.2f} ({wb.data_label(data)})")
     else:
-        m[0].metric("Accuracy", "—", help="pick evaluation data on the Model & data page")
+        m[0].metric(wb.kind.metric_label, "—", help="pick evaluation data on the Model & data page")
     m[1].metric("Parameters", fmt_count(a["params"]), delta=f"{-100 * r['param_sparsity']:.1f}%", delta_color="inverse",
                 help=f"before: {fmt_count(b['params'])}")
     if a.get("flops") and b.get("flops"):
-        m[2].metric("FLOPs / image", fmt_count(a["flops"]), delta=f"{100 * (a['flops'] / b['flops'] - 1):.1f}%",
+        m[2].metric("FLOPs / token" if LM else "FLOPs / image", fmt_count(a["flops"]), delta=f"{100 * (a['flops'] / b['flops'] - 1):.1f}%",
                     delta_color="inverse", help=f"before: {fmt_count(b['flops'])}")
     m[3].metric("Size", f"{a['size_bytes'] / 1e6:.2f} MB", delta=f"{100 * (a['size_bytes'] / b['size_bytes'] - 1):.1f}%",
                 delta_color="inverse", help=f"before: {b['size_bytes'] / 1e6:.2f} MB")
@@ -130,34 +154,49 @@ else:
                     help=f"before {lat['a']['median_ms']:.2f} ± {lat['a']['iqr_ms']:.2f} ms, after "
                          f"{lat['b']['median_ms']:.2f} ± {lat['b']['iqr_ms']:.2f} ms (median ± IQR of alternating "
                          "runs); a change smaller than the spread is noise.")
-    st.caption(f"Accuracy before: {_ui.fmt_pct(b.get('accuracy'))} → after: {_ui.fmt_pct(a.get('accuracy'))} · "
-               f"parameter sparsity {_ui.fmt_pct(r['param_sparsity'])} · "
-               + " · ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items()))
-    _ui.chart(F.before_after_bars(b, a, metrics=[k for k in ("accuracy", "params", "flops", "size_bytes")
+    st.caption(f"{wb.kind.metric_label}{_ui.metric_change(r) or ': no evaluation data'} · parameter sparsity "
+               f"{_ui.fmt_pct(r['param_sparsity'])} · " + " · ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items()))
+    for note in r.get("notes") or []:
+        st.caption(f"Note: {note}")
+    _ui.chart(F.before_after_bars(b, a, metrics=[k for k in (METRIC, "params", "flops", "size_bytes")
                                                  if b.get(k) is not None and a.get(k) is not None]),
               key="fr_before_after")
     _ui.chart(F.channels_per_group([g for g in r["groups"] if g.get("foldable", True)]), key="fr_channels")
+    if LM:
+        _generations(outcome)
 
     comp = ss.get("compare")
     if comp and comp["plan"] == ss.get("outcome_plan"):
-        st.subheader("Why repair matters: activation variance per layer")
         series = {m_: v["rows"] for m_, v in comp["data"].items() if v["rows"]}
         log_y = st.toggle("Log scale", value=True, key="fr_logy")
-        _ui.chart(F.variance_ratio_plot(series, log_y=log_y), key="fr_variance")
-        st.caption("Var(folded) / Var(original) of each layer's output channels on the same inputs. Merging channels "
-                   "averages them, which shrinks the variance (below 1 = collapse); the error compounds layer after "
-                   "layer. Fold-R and Fold-DIR re-estimate BatchNorm statistics; Fold-AR rescales each merged "
-                   "channel from the weights alone.")
-        rows = [{"method": method_label(m_), "accuracy": _ui.fmt_pct(v["accuracy"]),
+        if LM:
+            st.subheader("MLP output variance per layer")
+            _ui.chart(F.variance_ratio_plot(series, log_y=log_y, title="Var(folded MLP output) / Var(original MLP "
+                                            "output)", x_label="decoder layer"), key="fr_variance")
+            st.caption("Each layer's MLP output on the same held-out tokens, after vs. before. Merging neurons "
+                       "averages the gate/up rows and sums the down columns; below 1 the layer's contribution to the "
+                       "residual stream shrank.")
+        else:
+            st.subheader("Why repair matters: activation variance per layer")
+            _ui.chart(F.variance_ratio_plot(series, log_y=log_y), key="fr_variance")
+            st.caption("Var(folded) / Var(original) of each layer's output channels on the same inputs. Merging "
+                       "channels averages them, which shrinks the variance (below 1 = collapse); the error compounds "
+                       "layer after layer. Fold-R and Fold-DIR re-estimate BatchNorm statistics; Fold-AR rescales each "
+                       "merged channel from the weights alone.")
+        rows = [{"method": method_label(m_),
+                 METRIC: (_ui.fmt_pct(v["metric"]) if METRIC == "accuracy" else
+                          (f"{v['metric']:.2f}" if v["metric"] is not None else "—")),
                  "mean variance ratio": (f"{sum(x['ratio'] for x in v['rows']) / len(v['rows']):.3f}" if v["rows"] else "—"),
                  "note": v["error"] or ""} for m_, v in comp["data"].items()]
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="fr_compare_table")
 
-    _activations_section(outcome)
+    if not LM:
+        _activations_section(outcome)
 
     st.subheader("Downloads")
     c1, c2, c3 = st.columns(3)
-    c1.download_button("Folded model (.zip: safetensors + card + plan)", lambda: wb.export_folded(outcome),
+    c1.download_button("Folded model (.zip: a transformers directory + plan + report)" if LM else
+                       "Folded model (.zip: safetensors + card + plan)", lambda: _export(outcome),
                        file_name="folded-model.zip", mime="application/zip", key="fr_dl_model")
 
     # read session state now: Streamlit calls the download callable outside this script run
@@ -178,7 +217,7 @@ else:
             sw = zip_sweep
             if sw and sw.get("rows"):
                 z.writestr("sweep.csv", sweep_csv(sw["rows"]))
-                figs["sweep"] = F.sweep_plot(sw["rows"], methods=sw["methods"])
+                figs["sweep"] = F.sweep_plot(sw["rows"], methods=sw["methods"], metric=METRIC)
             for name, fig in figs.items():
                 z.writestr(f"plots/{name}.html", fig.to_html(include_plotlyjs="cdn", full_html=True))
                 z.writestr(f"plots/{name}.json", fig.to_json())
@@ -190,31 +229,33 @@ else:
 
 # ---------------------------------------------------------------------------- sweep
 st.divider()
-st.subheader("Sweep: accuracy vs. parameter sparsity")
-st.caption("The paper's main figure: fold (or prune) the whole model at several uniform ratios and measure accuracy. "
-           "L1/L2 magnitude pruning removes the channels with the smallest weights instead of merging clusters.")
+st.subheader(f"Sweep: {METRIC} vs. parameter sparsity")
+st.caption("The paper's main figure: fold (or prune) the whole model at several uniform ratios and measure it. "
+           + ("Magnitude and random pruning remove the same units instead of merging clusters." if LM else
+              "L1/L2 magnitude pruning removes the channels with the smallest weights instead of merging clusters."))
 if not data.spec:
-    st.warning("A sweep measures accuracy: pick evaluation data on the Model & data page.")
+    st.warning(f"A sweep measures {METRIC}: pick evaluation data on the Model & data page.")
 else:
-    sweep_methods = list(keys_for("cnn"))
+    sweep_methods = list(wb.methods)
     c1, c2, c3 = st.columns([3, 3, 1])
-    sm = c1.multiselect("Methods", sweep_methods, default=["none", "ar", "l1"], key="fr_sweep_methods",
-                        format_func=F.method_label)
+    sm = c1.multiselect("Methods", sweep_methods, default=["fold", "magnitude", "random"] if LM else ["none", "ar", "l1"],
+                        key="fr_sweep_methods", format_func=F.method_label)
     ratio_opts = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    sr = c2.multiselect("Per-group ratios", ratio_opts, default=[0.1, 0.3, 0.5, 0.7], key="fr_sweep_ratios",
-                        format_func=lambda x: f"{100 * x:.0f}%")
+    sr = c2.multiselect("Per-group ratios", ratio_opts, default=[0.1, 0.2, 0.3, 0.5] if LM else [0.1, 0.3, 0.5, 0.7],
+                        key="fr_sweep_ratios", format_func=lambda x: f"{100 * x:.0f}%")
     seeds = c3.number_input("Seeds", 1, 5, 1, key="fr_sweep_seeds")
-    skey = (key, dkey, tuple(sorted(sr)), tuple(sm), tuple(range(int(seeds))))
+    skey = (wb.spec, wb.weights_sha256, dkey, tuple(sorted(sr)), tuple(sm), tuple(range(int(seeds))))
     st.caption(f"Cells run in {wb.sweep_target()} (set FOLDVIZ_RAY_ADDRESS before starting the app to use a "
                "Ray cluster); the progress bar counts finished cells.")
     if st.button("Run sweep", key="fr_sweep_run", disabled=not (sm and sr)):
         with st.status(f"Sweeping {len(sm)} method(s) × {len(sr)} ratio(s) × {int(seeds)} seed(s)…",
                        expanded=True) as status:
             try:
-                rows = _ui.sweep(*skey, _progress=_ui.progress_reporter(status))
+                rows = wb.sweep(sorted(sr), list(sm), data, seeds=range(int(seeds)), plan=plan,
+                                progress=_ui.progress_reporter(status))
                 ss["sweep"] = {"key": skey, "rows": rows, "methods": list(sm)}
-                status.update(label=f"Sweep done: {len(rows)} points", state="complete", expanded=False)
-                _ui.flash("success", f"Sweep done: {len(rows)} points (also in the report download above).")
+                status.update(label=f"Sweep done: {len(rows) - 1} points", state="complete", expanded=False)
+                _ui.flash("success", f"Sweep done: {len(rows) - 1} points (also in the report download above).")
                 st.rerun()  # the Downloads section above was drawn before the sweep: redraw it with the sweep
             except Exception as exc:  # noqa: BLE001
                 status.update(label="Sweep failed", state="error", expanded=False)
@@ -222,20 +263,13 @@ else:
     sw = ss.get("sweep")
     if sw and sw.get("rows"):
         if sw["key"] != skey:
-            st.caption("Showing the last sweep; press **Run sweep** for the current selection "
-                       "(points already computed come from the cache).")
-        base = None
-        try:
-            base = _ui.baseline_eval(key, dkey)["accuracy"]
-        except Exception:  # noqa: BLE001
-            pass
+            st.caption("Showing the last sweep; press **Run sweep** for the current selection.")
         mine = None
-        if outcome is not None and outcome.report.get("accuracy_after") is not None:
+        if outcome is not None and outcome.report.get(f"{METRIC}_after") is not None:
             rep = outcome.report
-            mine = {"param_sparsity": rep["param_sparsity"], "accuracy": rep["accuracy_after"],
+            mine = {"param_sparsity": rep["param_sparsity"], METRIC: rep[f"{METRIC}_after"],
                     "label": "your plan" + (" (earlier version)" if ss.get("outcome_plan") != pj else "")}
-        _ui.chart(F.sweep_plot(sw["rows"], methods=sw["methods"], baseline_accuracy=base, user_point=mine),
-                  key="fr_sweep")
+        _ui.chart(F.sweep_plot(sw["rows"], methods=sw["methods"], metric=METRIC, user_point=mine), key="fr_sweep")
         st.caption("The star is your plan as last folded (its own per-group ratios), against uniform ratios."
                    if mine else "Run the fold above to mark your plan on this plot.")
         st.download_button("Sweep (CSV)", sweep_csv(sw["rows"]), file_name="sweep.csv", mime="text/csv",

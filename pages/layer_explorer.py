@@ -1,4 +1,5 @@
-"""Page 2 — Layer explorer: which channel groups are redundant, and what k-means does to one of them."""
+"""Page 2 — Layer explorer: which groups are redundant, and what k-means does to one of them (channels of a network,
+MLP neurons and query heads of a language model)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,15 +10,9 @@ from foldviz import figures as F
 from foldviz.methods import label as method_label
 from pages import _ui
 
-if _ui.is_lm():  # a language model: its own views (pages/_lm.py)
-    from pages import _lm
-
-    _lm.explorer_page()
-    st.stop()
-
-wb, key, plan = _ui.page("Layer explorer", "Overview first: how similar are the channels of each group? Then one "
-                         "group in detail: its similarity matrix, the fold's clusters and the filters each cluster "
-                         "merges.")
+wb, plan = _ui.page("Layer explorer", "Overview first: how similar are the units of each group? Then one group in "
+                    "detail: its similarity matrix, the fold's clusters and what each cluster merges.")
+LM = wb.kind.key == "lm"
 ids = wb.foldable_ids()
 if not ids:
     st.warning("This model has no foldable channel groups (see the reasons on the Model & data page).")
@@ -26,8 +21,8 @@ if not ids:
 # ---------------------------------------------------------------------------- overview
 st.subheader("Overview")
 try:
-    with st.spinner("Measuring redundancy per group…"):
-        rows = _ui.overview_rows(key, float(plan.default_ratio))
+    with st.spinner("Measuring redundancy per group…"), wb.foreground():
+        rows = wb.overview_rows(float(plan.default_ratio))
 except Exception as exc:  # noqa: BLE001
     _ui.report_failure(exc, "Measuring redundancy")
     st.stop()
@@ -44,11 +39,11 @@ def _pick_group() -> None:
 
 st.plotly_chart(F.group_overview(rows), key="le_overview", on_select=_pick_group, selection_mode="points",
                 config={"displaylogo": False})
-st.caption(f"Click a bar to open that group below. Bars: mean cosine similarity between the channels' weight vectors; "
+st.caption(f"Click a bar to open that group below. Bars: mean cosine similarity between the units' weight vectors; "
            f"diamonds: the most similar pair; green: a suggested fold ratio that scales the plan's "
            f"{100 * plan.default_ratio:.0f}% by redundancy (the redundancy score is the mean cosine of each channel to "
            "its nearest neighbour).")
-df = pd.DataFrame([{"group": r["id"], "type": r["type"], "channels": r["channels"], "foldable": r["foldable"],
+df = pd.DataFrame([{"group": r["id"], "type": r["type"], "units": f"{r['channels']} {r['unit']}s", "foldable": r["foldable"],
                     "mean cos": r["mean_cos"], "max cos": r["max_cos"], "redundancy": r["score"],
                     "suggested ratio": r["suggested_ratio"], "plan ratio": plan.ratio_for(r["id"]) if r["foldable"] else 0.0}
                    for r in rows])
@@ -89,21 +84,33 @@ def _detail() -> None:
     default_gid = ss.get("le_group_value", ids[0])
     if ss.get("le_group") not in ids:
         ss["le_group"] = default_gid if default_gid in ids else ids[0]
-    gid = c1.selectbox("Channel group", ids, key="le_group")
+    gid = c1.selectbox("Group", ids, key="le_group",
+                       format_func=lambda i: f"{i} ({wb.group(i).channels} {wb.group(i).unit}s)")
     ss["le_group_value"] = gid
     g = wb.group(gid)
+    unit = g.unit
     plan_ratio = plan.ratio_for(gid)
-    ratio = c2.slider("Fold ratio (fraction of channels removed)", 0.0, 0.95, value=float(round(plan_ratio, 2)),
-                      step=0.05, key=f"le_ratio_{gid}",
-                      help="k = round(channels × (1 − ratio)) clusters; each cluster becomes one channel. The "
-                           "clusters for every stop are computed in the background, so moving the slider is instant.")
+    if g.partitions > 1 or g.role == "heads":
+        per = g.per_partition
+        cur = max(1, min(per, per - int(round(per * plan_ratio)))) if plan_ratio else per
+        kept = c2.select_slider("Query heads kept per KV group" if g.partitions > 1 else "Heads kept",
+                                wb.kept_options(gid), value=int(cur), key=f"le_kept_{gid}",
+                                help="Heads fold only within their KV group, and every KV group keeps the same "
+                                     "number, so the folded model stays a plain grouped-query-attention model.")
+        ratio = wb.ratio_for_kept(per, int(kept))
+    else:
+        ratio = c2.slider(f"Fold ratio (fraction of {unit}s removed)", 0.0, 0.95, value=float(round(plan_ratio, 2)),
+                          step=0.05, key=f"le_ratio_{gid}",
+                          help=f"k = round({unit}s × (1 − ratio)) clusters; each cluster becomes one {unit}. The "
+                               "clusters for every stop are computed in the background, so moving the slider is "
+                               "instant.")
     method = c3.radio("Embedding", ["PCA", "UMAP"], horizontal=False, key="le_embed",
                       help="PCA is instant; UMAP shows neighbourhoods better (its kernels compile in the background "
                            "when this page opens).")
 
     try:
-        with st.spinner(f"Clustering {g.channels} channels…" if method == "PCA"
-                        else f"Clustering {g.channels} channels and running UMAP…"):
+        with st.spinner(f"Clustering {g.channels} {unit}s…" if method == "PCA"
+                        else f"Clustering {g.channels} {unit}s and running UMAP…"):
             d = _ui.group_detail_live(wb, gid, float(ratio), plan, method.lower())
     except Exception as exc:  # noqa: BLE001
         _ui.report_failure(exc, f"Analysing {gid}")
@@ -111,15 +118,18 @@ def _detail() -> None:
     status = _ui.precompute_stops(wb, gid, plan)
 
     m = st.columns(5)
-    m[0].metric("Channels → clusters", f"{g.channels} → {d['k']}")
+    m[0].metric(f"{unit.capitalize()}s → clusters", f"{g.channels} → {d['k']}")
     m[1].metric("Mean cosine", f"{d['mean_cos']:.3f}")
     m[2].metric("Max cosine", f"{d['max_cos']:.3f}")
     m[3].metric("Redundancy score", f"{d['score']:.2f}")
     m[4].metric("k-means inertia", f"{d['inertia']:.3g}", help="sum of squared distances to the cluster centres")
+    what = {"mlp": "its gate row, up row and down column", "heads": "its q_proj rows and o_proj columns"
+            + ("; MHA: also k and v" if g.info.get("mha") else "")}.get(
+        g.role, "fan-in rows, biases, BatchNorm γ/β, fan-out columns"
+        + (", BatchNorm-fused and robust-scaled" if d["features_fused"] else ""))
     st.caption(f"Producers: {', '.join(d['producers'])} · consumers: {', '.join(d['consumers']) or '—'} · "
-               f"feature vector per channel: {d['features_dim']} numbers (fan-in rows, biases, BatchNorm γ/β, fan-out columns"
-               + (", BatchNorm-fused and robust-scaled" if d["features_fused"] else "")
-               + f"). These are the clusters {method_label(plan.repair)} merges when you run the fold. "
+               f"feature vector per {unit}: {d['features_dim']} numbers ({what}). These are the clusters "
+               f"{method_label(wb.default_method(plan))} merges when you run the fold. "
                + (f"Slider stops ready: {len(status['ready'])}/{status['total']} (computing the rest in the background)."
                   if len(status["ready"]) < status["total"] else "Every slider stop is precomputed."))
     if abs(ratio - plan_ratio) > 1e-9:
@@ -128,31 +138,39 @@ def _detail() -> None:
             p["ratios"] = {**p.get("ratios", {}), gid: float(ratio)}
             p["skip"] = [s for s in p.get("skip", []) if s != gid]
             _ui.replace_plan(p)
-            _ui.flash("success", f"Plan updated: {gid} folds {100 * ratio:.0f}% of its channels.")
+            _ui.flash("success", f"Plan updated: {gid} folds {100 * ratio:.0f}% of its {unit}s.")
             st.rerun()
 
     # ---- the selected channel, linked across every view
     labels = np.asarray(d["labels"])
     f1, f2 = st.columns([1, 3])
-    f1.number_input("Find channel", min_value=0, max_value=g.channels - 1, value=None, step=1,
+    f1.number_input(f"Find {unit}", min_value=0, max_value=g.channels - 1, value=None, step=1,
                     key=f"le_find_{gid}", placeholder=f"0 … {g.channels - 1}",
                     on_change=lambda: _select_channel(gid, ss[f"le_find_{gid}"]),
-                    help="Highlights the channel in the heatmap, the embedding, the filter grid and the neighbour "
+                    help=f"Highlights the {unit} in the heatmap, the embedding, the filter grid and the neighbour "
                          "table. Clicking a point in the embedding does the same; a lasso selects several.")
     ch = ss.get(f"le_sel_{gid}")
     ch = int(ch) if ch is not None and 0 <= int(ch) < g.channels else None
     if ch is not None:
         members = np.where(labels == labels[ch])[0]
-        f2.info(f"**Channel {ch}** is in cluster {int(labels[ch])} with {len(members) - 1} other channel(s)"
-                + (f": {', '.join(str(int(x)) for x in members if x != ch)[:200]}" if len(members) > 1 else "")
-                + f". After the fold it {'merges into one channel with them' if len(members) > 1 else 'stays as it is'}.")
+        f2.info(f"**{unit.capitalize()} {ch}** is in cluster {int(labels[ch])} with {len(members) - 1} other "
+                f"{unit}(s)" + (f": {', '.join(str(int(x)) for x in members if x != ch)[:200]}" if len(members) > 1 else "")
+                + f". After the fold it {'merges into one ' + unit + ' with them' if len(members) > 1 else 'stays as it is'}.")
         f2.button("Clear selection", key=f"le_clear_{gid}", on_click=lambda: (
             _select_channel(gid, None), ss.__setitem__(f"le_lasso_{gid}", None)))
 
     left, right = st.columns(2)
     with left:
-        _ui.chart(F.similarity_heatmap(d["similarity"], d["labels"], order=d["order"], group=gid, highlight=ch),
-                  key="le_heatmap")
+        if g.partitions > 1:   # query heads: head order, KV groups outlined (heads fold only inside one)
+            kv = np.arange(g.channels) // g.per_partition
+            _ui.chart(F.similarity_heatmap(d["similarity"], kv, order=d["order"], group=gid, highlight=ch,
+                                           zrange="full", axis_label="query head (KV group order)",
+                                           title=f"Query-head cosine similarity by KV group — {gid}"),
+                      key="le_heatmap")
+        else:
+            _ui.chart(F.similarity_heatmap(d["similarity"], d["labels"], order=d["order"], group=gid, highlight=ch,
+                                           axis_label=f"{unit} (ordered by cluster)" if LM else None),
+                      key="le_heatmap")
     with right:
         st.plotly_chart(F.embedding_scatter(d["coords"], d["labels"], method=d["embedding"], group=gid,
                                             highlight=[ch] if ch is not None else None),
@@ -164,6 +182,10 @@ def _detail() -> None:
     if lasso:
         _lasso_panel(gid, lasso, float(ratio))
 
+    if g.partitions > 1:
+        st.dataframe(pd.DataFrame({"query head": np.arange(g.channels), "KV group": np.arange(g.channels) //
+                                   g.per_partition, "cluster": labels}), hide_index=True, key=f"le_heads_{gid}")
+        st.caption("Heads in the same cluster merge into one (q rows averaged, o columns summed).")
     if d["weight"] is not None:
         n_cl = int(labels.max()) + 1
         start = 0
@@ -224,5 +246,5 @@ def _lasso_panel(gid: str, chans: list[int], ratio: float) -> None:
                   on_click=lambda: st.session_state.__setitem__(f"le_lasso_{gid}", None))
 
 
-_ui.warm_up_umap(wb)
+_ui.warm_up_umap()
 _detail()

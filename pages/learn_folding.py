@@ -7,7 +7,7 @@ import streamlit as st
 
 from foldviz import figures as F
 from foldviz.kmeans import k_for_ratio
-from foldviz.session import DEFAULT_MODEL, ModelSource, default_data_for
+from foldviz.session import DEFAULT_MODEL, ModelSource
 from pages import _ui
 
 STEPS = [
@@ -29,8 +29,9 @@ ss.setdefault("learn_step", 0)
 
 # the Learn page always uses a demo (the current model when it is one)
 cur = _ui.model_source()
-src = cur if cur.spec.startswith("demo:") and not cur.weights and not _ui.is_lm(cur) else ModelSource(DEFAULT_MODEL)
-if _ui.is_lm(cur):
+cur_is_lm = _ui.kind() == "lm"
+src = cur if cur.spec.startswith("demo:") and not cur.weights and not cur_is_lm else ModelSource(DEFAULT_MODEL)
+if cur_is_lm:
     st.info("The walkthrough explains folding on a CNN (filters and BatchNorm statistics). For your language model, "
             "the Layer explorer shows the MLP neurons and query heads the fold merges, and Fold & results compares "
             "perplexity and generations.")
@@ -39,9 +40,7 @@ try:
 except Exception as exc:  # noqa: BLE001
     _ui.report_failure(exc, f"Loading {src.spec}")
     st.stop()
-key = _ui.wkey(wb)
-data = _ui.data_source() if src == cur else default_data_for(src.spec)
-dkey = _ui.data_key(data)
+data = _ui.data_source() if src == cur else wb.default_data()
 if src != cur:
     st.info(f"The walkthrough uses the bundled demo **{src.spec}** (your model, {cur.label}, is unchanged).")
 
@@ -51,7 +50,8 @@ if not ids:
     st.stop()
 seed = int((ss.get("plan") or {}).get("seed", 0))
 try:  # default: the most redundant group (where folding has the most to show), not simply the first conv
-    scores = {r["id"]: r["score"] for r in _ui.overview_rows(key, 0.3) if r["foldable"]}
+    with wb.foreground():
+        scores = {r["id"]: r["score"] for r in wb.overview_rows(0.3) if r["foldable"]}
     most = max(ids, key=lambda i: (scores.get(i, -1.0), -ids.index(i)))
 except Exception:  # noqa: BLE001
     most = ids[0]
@@ -84,16 +84,24 @@ pj = _ui.plan_json(learn_plan.to_dict())
 
 
 def _bundle(what: str) -> dict:
-    """The walkthrough's numbers for this group (consumer columns, merge error, cluster variance)."""
+    """The walkthrough's numbers for this group (consumer columns, merge error, cluster variance), on the fold's
+    own clusters; memoised in the workbench."""
+    def compute():
+        labels_ = wb.cluster(gid, learn_plan, float(ratio)).labels
+        inputs = wb.sample_batch(data, n=256)
+        return {"consumer": wb.consumer_columns(gid, labels_),
+                "merge_error": wb.merge_error(gid, labels_, inputs, seed=learn_plan.seed),
+                "cluster_variance": wb.cluster_variance(gid, labels_, inputs)}
     try:
-        return _ui.learn_bundle(key, gid, float(ratio), pj, dkey)
+        return wb.memo(("learn", gid, float(ratio), pj, data.spec), compute)
     except Exception as exc:  # noqa: BLE001
         _ui.report_failure(exc, what)
         st.stop()
 
 
 try:
-    d = _ui.group_detail(key, gid, float(ratio), pj, "pca")
+    with wb.foreground():
+        d = wb.group_detail(gid, learn_plan, float(ratio))
 except Exception as exc:  # noqa: BLE001
     _ui.report_failure(exc, "Clustering")
     st.stop()
@@ -205,11 +213,11 @@ elif step == 5:
                     "**variance collapse**.")
     try:
         with st.spinner("Folding the whole demo without repair…"):
-            comp = _ui.variance_comparison(key, dkey, pj, ("none",))
+            comp = wb.variance_comparison(learn_plan, ["none"], data)
         _ui.chart(F.variance_ratio_plot({"none": comp["none"]["rows"]}), key="learn_var_naive")
-        acc = comp["none"]["accuracy"]
+        acc = comp["none"]["metric"]
         if acc is not None:
-            base = _ui.baseline_eval(key, dkey)["accuracy"]
+            base = wb.evaluate(None, data)["accuracy"]
             st.markdown(f"Fold-Naive at {100 * ratio:.0f}% per layer: accuracy **{_ui.fmt_pct(base)} → "
                         f"{_ui.fmt_pct(acc)}**.")
     except Exception as exc:  # noqa: BLE001
@@ -235,15 +243,14 @@ elif step == 6:
         methods.append("dir")
     try:
         with st.status("Folding the demo with each repair method…", expanded=False) as status:
-            comp = _ui.variance_comparison(key, dkey, pj, tuple(methods),
-                                           _progress=_ui.progress_reporter(status))
+            comp = wb.variance_comparison(learn_plan, list(methods), data, progress=_ui.progress_reporter(status))
             status.update(label="Repair methods compared", state="complete")
         _ui.chart(F.variance_ratio_plot({m: v["rows"] for m, v in comp.items() if v["rows"]}), key="learn_var_all")
         rows = []
-        base = _ui.baseline_eval(key, dkey)["accuracy"] if data.spec else None
+        base = wb.evaluate(None, data)["accuracy"] if data.spec else None
         for m, v in comp.items():
             vr = [x["ratio"] for x in v["rows"]]
-            rows.append({"method": F.method_label(m), "accuracy": _ui.fmt_pct(v["accuracy"]),
+            rows.append({"method": F.method_label(m), "accuracy": _ui.fmt_pct(v["metric"]),
                          "mean variance ratio": f"{np.mean(vr):.3f}" if vr else "—",
                          "last layer variance ratio": f"{vr[-1]:.3f}" if vr else "—", "note": v["error"] or ""})
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="learn_table")

@@ -129,15 +129,15 @@ def test_identity_merge_through_surgery_changes_nothing(name):
     assert all(np.array_equal(cmap, np.arange(len(cmap))) for cmap in surgery.maps.values())
 
 
-def test_one_default_repair_for_every_entry_point():
-    from foldviz.cli import build_parser
+def test_one_default_repair_for_every_entry_point(tmp_path):
+    from foldviz.cli import main
     from foldviz.methods import DEFAULT_REPAIR
     from foldviz.session import Workbench
 
     assert fold(random_demo("mlp"), 0.3, example_input=X8[:1]).plan.repair == DEFAULT_REPAIR
     assert FoldPlan().repair == DEFAULT_REPAIR
-    args = build_parser().parse_args(["plan", "demo:digits-mlp", "--ratio", "0.3", "--out", "x.json"])
-    assert args.repair == DEFAULT_REPAIR
+    assert main(["plan", "demo:digits-mlp", "--ratio", "0.3", "--out", str(tmp_path / "x.json")]) == 0
+    assert FoldPlan.load(tmp_path / "x.json").repair == DEFAULT_REPAIR
     from foldviz.models import load_model
     assert Workbench(load_model("demo:digits-mlp")).default_plan().repair == DEFAULT_REPAIR
 

@@ -10,7 +10,7 @@ from torch import nn
 from foldviz.apply import apply_method
 from foldviz.data import sample_inputs
 from foldviz.fold import fold
-from foldviz.groups import _BN, find_groups
+from foldviz.groups import BN_TYPES, find_groups
 from foldviz.ifm import greedy_merge, ifm, ifm_labels
 from foldviz.methods import METHODS, fold_keys
 from foldviz.metrics import count_params, variance_ratios
@@ -27,7 +27,7 @@ def strip_bn(model: nn.Module) -> nn.Module:
     """The same network with every BatchNorm replaced by Identity (a BN-free ReLU network)."""
     m = copy.deepcopy(model)
     for name, mod in list(m.named_modules()):
-        if isinstance(mod, _BN):
+        if isinstance(mod, BN_TYPES):
             parent, _, leaf = name.rpartition(".")
             setattr(m.get_submodule(parent) if parent else m, leaf, nn.Identity())
     return m.eval()
@@ -79,7 +79,7 @@ def test_duplicates_with_batchnorm_overshoot_by_sqrt_n(name):
     bns = {mem.module for g in graph.foldable for mem in g.members if mem.side == "out"}
     with torch.no_grad():
         for name_, mod in expected.named_modules():
-            if isinstance(mod, _BN) and name_ in bns:
+            if isinstance(mod, BN_TYPES) and name_ in bns:
                 mod.weight.mul_(math.sqrt(2.0))
                 mod.eps = mod.eps / 2
     assert (res.model(X8) - expected(X8)).abs().max().item() < 1e-4

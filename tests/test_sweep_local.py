@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 
 import pytest
 
@@ -149,7 +150,7 @@ def test_interrupt_keeps_finished_cells_and_resume_runs_only_the_rest(tmp_path):
 
 def test_cli_ctrl_c_exits_130_and_a_torn_line_is_rerun(tmp_path, capsys, monkeypatch):
     out = tmp_path / "s.csv"
-    real, calls = executors.run_cell, []
+    real, calls = S.run_cell, []
 
     def flaky(*a, **kw):
         calls.append(1)
@@ -157,7 +158,7 @@ def test_cli_ctrl_c_exits_130_and_a_torn_line_is_rerun(tmp_path, capsys, monkeyp
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(executors, "run_cell", flaky)
+    monkeypatch.setattr(S, "run_cell", flaky)   # the executor the CLI builds runs this
     argv = ["sweep", MODEL, "--ratios", "0.3", "0.5", "--methods", "none", "l1", "--data", "digits",
             "--eval-limit", "60", "--out", str(out)]
     assert main(argv) == 130
@@ -166,31 +167,39 @@ def test_cli_ctrl_c_exits_130_and_a_torn_line_is_rerun(tmp_path, capsys, monkeyp
     assert len(rows(out)) == 2
     with out.open("a") as fh:  # a crash in the middle of writing a row
         fh.write("demo:digits-mlp,cnn,abc")
-    monkeypatch.setattr(executors, "run_cell", real)
+    monkeypatch.setattr(S, "run_cell", real)
     assert main(argv) == 0
     assert "3 new cell(s), 2 already there" in capsys.readouterr().out
     assert len([r for r in rows(out) if r["accuracy"]]) == 5
 
 
-def test_transient_failure_is_retried_locally(tmp_path, monkeypatch):
+def fail_once(marker):
+    """A cell function that fails with a transient error the first time any process sees ``marker`` (injected
+    into the executor by the test; the library reads no test hook)."""
+    def run(loaded, cell, **kw):
+        try:
+            os.unlink(marker)   # only one caller can remove it: exactly one failure
+        except FileNotFoundError:
+            return S.run_cell(loaded, cell, **kw)
+        raise S.TransientCellError("injected failure")
+    return run
+
+
+def test_transient_failure_is_retried_locally(tmp_path):
     marker = tmp_path / "fail-once"
     marker.touch()
-    monkeypatch.setenv(S.FAIL_ONCE_ENV, str(marker))
-    s = S.run_sweep(small_spec(ratios=[0.3]), tmp_path / "s.csv", executor=LocalExecutor(max_retries=1),
-                    progress=False)
+    s = S.run_sweep(small_spec(ratios=[0.3]), tmp_path / "s.csv",
+                    executor=LocalExecutor(max_retries=1, run=fail_once(marker)), progress=False)
     assert not marker.exists() and s.executed == 3 and not s.failed
 
 
-def test_persistent_failure_is_reported_and_the_rest_completes(tmp_path, monkeypatch):
-    real = executors.run_cell
-
+def test_persistent_failure_is_reported_and_the_rest_completes(tmp_path):
     def broken(loaded, cell, **kw):
         if cell.method == "l1":
             raise RuntimeError("boom")
-        return real(loaded, cell, **kw)
+        return S.run_cell(loaded, cell, **kw)
 
-    monkeypatch.setattr(executors, "run_cell", broken)
-    s = S.run_sweep(small_spec(), tmp_path / "s.csv", progress=False)
+    s = S.run_sweep(small_spec(), tmp_path / "s.csv", executor=LocalExecutor(run=broken), progress=False)
     assert s.executed == 3 and len(s.failed) == 2 and s.failed[0][1] == "boom"
 
 
@@ -200,15 +209,21 @@ def test_user_errors_stop_the_sweep(tmp_path):
         S.run_sweep(spec, tmp_path / "s.csv", progress=False)
 
 
-def test_cells_dispatch_on_model_family(tmp_path, monkeypatch):
-    """A language-model family plugs in with its own runner; its rows fill ``perplexity``."""
-    monkeypatch.setitem(S.CELL_RUNNERS, "lm", lambda loaded, cell, **kw: {
-        "label": cell.method, "param_sparsity": 0.0, "params": 1, "accuracy": None, "perplexity": 12.5,
-        "loss": 2.5, "eval_samples": 3, "seconds": 0.0, "eval_seconds": 0.0})
-    loaded = ModelRef(MODEL).load()
-    cell = S.Cell(ModelRef("lm:tiny", family="lm"), "none", 0.3, 0, data="shakespeare")
-    row = S.run_cell(loaded, cell)
-    assert row["family"] == "lm" and row["perplexity"] == 12.5 and row["accuracy"] is None
+def test_a_language_model_sweeps_through_the_same_cells_with_perplexity(tmp_path):
+    """Same spec, CSV, resume and executor; the kind decides the metric column and the default clustering."""
+    spec = spec_from_args(ModelRef("demo:shakespeare-llama"), [0.3], ["fold", "random"], "shakespeare:test",
+                          eval_limit=4)
+    out = tmp_path / "lm.csv"
+    s = S.run_sweep(spec, out, progress=False)
+    got = rows(out)
+    assert s.executed == 3 and {r["kind"] for r in got} == {"lm"}
+    assert all(r["perplexity"] and not r["accuracy"] and r["eval_samples"] == "4" for r in got)
+    orig = next(r for r in got if r["method"] == "original")
+    assert all(float(r["perplexity"]) > float(orig["perplexity"]) for r in got if r["method"] != "original")
+    assert S.run_sweep(spec, out, progress=False).skipped == 3
+    bad = spec_from_args(ModelRef("demo:shakespeare-llama"), [0.3], ["l1"], "shakespeare:test")
+    with pytest.raises(ValueError, match="L1 pruning does not apply to demo:shakespeare-llama"):
+        S.run_sweep(bad, tmp_path / "bad.csv", progress=False)
 
 
 def test_progress_is_one_line_per_cell_without_a_tty(tmp_path):

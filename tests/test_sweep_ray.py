@@ -24,8 +24,7 @@ SAME = ("method", "label", "ratio", "seed", "param_sparsity", "params", "accurac
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     marker = tmp_path_factory.mktemp("ray") / "fail-once"
-    saved = {k: os.environ.get(k) for k in (S.FAIL_ONCE_ENV, "PYTHONPATH")}  # init_ray extends PYTHONPATH
-    os.environ[S.FAIL_ONCE_ENV] = str(marker)  # inherited by the workers; armed by creating the file
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH",)}  # init_ray extends PYTHONPATH
     try:
         if ray.is_initialized():
             ray.shutdown()
@@ -68,9 +67,25 @@ def test_ray_gives_the_same_rows_as_local(ray_local, tmp_path, capsys):
     assert ray.is_initialized()  # an instance the executor did not start is left running
 
 
+def fail_once(marker):
+    """A cell function that fails with a transient error in the first task that sees ``marker`` (shipped to the
+    workers by value; the library reads no test hook)."""
+    def run(loaded, cell, **kw):
+        import os as _os
+
+        from foldviz import sweep as _S
+        try:
+            _os.unlink(marker)
+        except FileNotFoundError:
+            return _S.run_cell(loaded, cell, **kw)
+        raise _S.TransientCellError("injected failure")
+    return run
+
+
 def test_failed_task_is_retried_and_the_sweep_completes(ray_local, tmp_path):
     ray_local.touch()  # the first task to see it fails once
-    s = S.run_sweep(spec(["none", "l1"]), tmp_path / "s.csv", executor=RayExecutor(max_retries=2), progress=False)
+    s = S.run_sweep(spec(["none", "l1"]), tmp_path / "s.csv",
+                    executor=RayExecutor(max_retries=2, run=fail_once(str(ray_local))), progress=False)
     assert not ray_local.exists(), "no task consumed the injected failure"
     assert (s.executed, s.failed) == (3, []) and len(rows(tmp_path / "s.csv")) == 3
 
@@ -78,7 +93,8 @@ def test_failed_task_is_retried_and_the_sweep_completes(ray_local, tmp_path):
 def test_failure_without_retries_is_reported_then_resumed(ray_local, tmp_path):
     out = tmp_path / "s.csv"
     ray_local.touch()
-    s = S.run_sweep(spec(["none"]), out, executor=RayExecutor(max_retries=0), progress=False)
+    s = S.run_sweep(spec(["none"]), out, executor=RayExecutor(max_retries=0, run=fail_once(str(ray_local))),
+                    progress=False)
     assert s.executed == 1 and len(s.failed) == 1 and "injected failure" in s.failed[0][1]
     s = S.run_sweep(spec(["none"]), out, executor=RayExecutor(), progress=False)
     assert (s.skipped, s.executed) == (1, 1)

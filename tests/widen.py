@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from foldviz.groups import _BN, find_groups
+from foldviz.groups import BN_TYPES, find_groups
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def duplicate_channels(model: nn.Module, example_input: torch.Tensor) -> nn.Modu
                         continue
                     new = torch.cat([t.data, t.data.index_select(0, idx)], 0)
                     setattr(mod, name, nn.Parameter(new) if isinstance(t, nn.Parameter) else new)
-                if isinstance(mod, _BN):
+                if isinstance(mod, BN_TYPES):
                     mod.num_features *= 2
                 elif isinstance(mod, nn.Linear):
                     mod.out_features *= 2

@@ -1,30 +1,15 @@
-"""Model folding for LLaMA-style decoders (Llama, Mistral, Qwen2, Qwen3 layouts in transformers).
+"""What is specific to decoder language models (Llama, Mistral, Qwen2, Qwen3, Gemma layouts in transformers).
 
-Public API::
+Language models go through foldviz's one pipeline (:func:`foldviz.models.load_model`,
+:func:`foldviz.apply.apply_method`, :func:`foldviz.report.build_report`, :func:`foldviz.persist.save_folded`,
+the CLI and the app). This package holds only what differs for them:
 
-    from foldviz.lm import load_lm, find_lm_groups, fold_lm, lm_plan, perplexity, generate, save_lm
+* :mod:`~foldviz.lm.groups` — the groups of a decoder (MLP neurons, query heads per KV group);
+* :mod:`~foldviz.lm.kind` — the kind adapter: applying a decision to the projections, perplexity, variance,
+  what a transformers config can hold;
+* :mod:`~foldviz.lm.io` — reading ``hf:DIR`` / ``demo:NAME`` validated before allocating, writing folds;
+* :mod:`~foldviz.lm.corpus` and :mod:`~foldviz.lm.evaluate` — text specs, perplexity, generation;
+* :mod:`~foldviz.lm.train` — training the bundled demo LMs.
 
-    lm = load_lm("demo:shakespeare-llama")            # or "hf:/path/to/save_pretrained_dir"
-    groups = find_lm_groups(lm.model)                 # list[LMGroup]: MLP neurons + query heads per layer
-    res = fold_lm(lm.model, lm_plan(0.2), method="fold")   # or "magnitude" / "random"
-    tokens = lm.encode_documents(split_text("shakespeare:test"))
-    perplexity(res.model, tokens)["perplexity"]
-    generate(res.model, lm.tokenizer, "ROMEO.\\n")
-    save_lm(res.model, "out/folded", tokenizer=lm.tokenizer, fold_summary=res.summary())
-
-Command line: ``python -m foldviz.lm {inspect,fold,eval,train}`` (see docs/LLM.md).
-No Streamlit import here; ``transformers`` and ``tokenizers`` are imported lazily where possible.
+Nothing is imported here, so ``import foldviz.lm.corpus`` stays light.
 """
-from .corpus import TextError, read_text_file, split_text
-from .evaluate import PROTOCOL, generate, perplexity
-from .fold import LM_METHODS, LMFoldResult, count_params, fold_lm, layer_sizes, lm_plan, sync_config
-from .groups import LMGroup, UnsupportedLMError, find_lm_groups
-from .io import LMLoadError, LoadedLM, list_lm_demos, load_lm, save_lm
-
-__all__ = [
-    "LMGroup", "UnsupportedLMError", "find_lm_groups",
-    "LM_METHODS", "LMFoldResult", "fold_lm", "lm_plan", "layer_sizes", "sync_config", "count_params",
-    "PROTOCOL", "perplexity", "generate",
-    "LMLoadError", "LoadedLM", "load_lm", "save_lm", "list_lm_demos",
-    "TextError", "read_text_file", "split_text",
-]

@@ -14,7 +14,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from ..models import ASSETS_DIR
+from ..utils import ASSETS_DIR
 
 __all__ = ["TEXT_DIR", "TRAIN_PLAYS", "TEST_PLAYS", "MORE_WORKS", "TRAIN_SETS", "MAX_TEXT_BYTES", "TextError", "build_text_assets",
            "read_plays", "read_text_file", "split_text"]

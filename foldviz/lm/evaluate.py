@@ -23,12 +23,17 @@ PROTOCOL = ("Wanda convention: documents joined with '\\n\\n', tokenised once, c
             "independently; ppl = exp(mean over windows of the mean next-token CE over seq_len-1 predictions)")
 
 
+#: float32 logits held at once while scoring (the batch shrinks for long contexts and large vocabularies)
+LOGIT_BYTES = 256 * 1024 * 1024
+
+
 @torch.no_grad()
 def perplexity(model, tokens, *, seq_len: int | None = None, batch_size: int = 8, max_windows: int | None = None,
-               device=None) -> dict:
+               device=None, progress=None) -> dict:
     """Perplexity of ``model`` on a 1-D token tensor (see the module docstring for the protocol).
 
-    Returns ``{"perplexity", "nll", "windows", "seq_len", "tokens_scored", "protocol"}``.
+    ``progress(done, total)`` is called with window counts. Returns ``{"perplexity", "nll", "windows",
+    "seq_len", "tokens_scored", "protocol"}``.
     """
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     if seq_len is None:
@@ -38,8 +43,12 @@ def perplexity(model, tokens, *, seq_len: int | None = None, batch_size: int = 8
     n = tokens.numel() // seq_len
     if max_windows is not None:
         n = min(n, int(max_windows))
+    if max_windows is not None and int(max_windows) < 1:
+        raise ValueError(f"the number of windows must be at least 1, got {max_windows}")
     if n < 1:
         raise ValueError(f"need at least {seq_len} tokens for one window, got {tokens.numel()}")
+    vocab = int(getattr(model.config, "vocab_size", 1))
+    batch_size = max(1, min(int(batch_size), LOGIT_BYTES // max(1, seq_len * vocab * 4)))
     dev = device or next(model.parameters()).device
     windows = tokens[: n * seq_len].view(n, seq_len)
     was_training = model.training
@@ -52,6 +61,8 @@ def perplexity(model, tokens, *, seq_len: int | None = None, batch_size: int = 8
             ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
                                  reduction="none").view(x.size(0), -1).mean(1)
             total += float((ce * seq_len).sum())
+            if progress is not None:
+                progress(min(n, i + batch_size), n)
     finally:
         model.train(was_training)
     nll = total / (n * seq_len)

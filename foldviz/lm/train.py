@@ -18,9 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from ..models import MODELS_DIR
+from ..utils import MODELS_DIR
 from .corpus import EOS, TEST_PLAYS, TRAIN_SETS, read_plays
 
 __all__ = ["PRESETS", "train_tokenizer", "train_preset", "main"]
@@ -79,7 +77,9 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     return tok
 
 
-def _encode(tok, docs: list[str]) -> torch.Tensor:
+def _encode(tok, docs: list[str]):
+    import torch
+
     return torch.tensor(tok.encode(DOC_SEP.join(docs)).ids, dtype=torch.long)
 
 
@@ -93,6 +93,7 @@ def _lr(step: int, r: dict) -> float:
 
 def train_preset(name: str, out_dir: str | os.PathLike | None = None, *, steps: int | None = None,
                  device: str = "cpu", log=print) -> Path:
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .evaluate import perplexity
