@@ -738,11 +738,14 @@ class Workbench:
         """The metric vs. parameter sparsity for each (method, ratio, seed): the CLI's ``sweep`` rows."""
         if not data.spec:
             raise WorkbenchError("a sweep measures the model on data: pick evaluation data on the Model & data page")
+        clustering = plan.clustering if plan else None
+        key = ("sweep", tuple(float(r) for r in ratios), tuple(methods), tuple(int(s) for s in seeds), data.spec,
+               data.limit, data.repair_samples, json.dumps(clustering, sort_keys=True))
         try:
-            return sweep(self.loaded, list(ratios), list(methods), data.spec, seeds=tuple(seeds),
-                         eval_limit=data.limit, repair_samples=data.repair_samples,
-                         clustering=plan.clustering if plan else None, executor=executor_from_env(),
-                         progress=(lambda done, total, *_: progress("sweep", done, total)) if progress else None)
+            return self._get(key, lambda: sweep(
+                self.loaded, list(ratios), list(methods), data.spec, seeds=tuple(seeds), eval_limit=data.limit,
+                repair_samples=data.repair_samples, clustering=clustering, executor=executor_from_env(),
+                progress=(lambda done, total, *_: progress("sweep", done, total)) if progress else None))
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None
 

@@ -10,7 +10,8 @@ pytest.importorskip("streamlit")
 pytest.importorskip("transformers")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from foldviz.lm.session import LMWorkbench  # noqa: E402
+from foldviz.apply import apply_method  # noqa: E402
+from foldviz.session import DataSource, Workbench  # noqa: E402
 from foldviz.share import encode_state  # noqa: E402
 from test_app import APP, TIMEOUT, assert_clean, chart, goto  # noqa: E402
 
@@ -25,29 +26,37 @@ def lm_app() -> AppTest:
     at.button(key="md_load_demo").click().run()
     assert_clean(at)
     assert at.session_state["model_source"]["spec"] == SPEC
+    assert at.session_state["data_source"]["spec"] == "shakespeare:test"   # the LM demos' own held-out text
+    at.session_state["data_source"] = {**at.session_state["data_source"], "limit": 8}   # quick perplexities
+    at.run()
     return at
 
 
 @pytest.fixture(scope="module")
 def wb():
-    return LMWorkbench.load(SPEC)
+    return Workbench.load(SPEC)
 
 
-def test_model_page_shows_layers_heads_and_kv_groups(wb):
+def metric_value(at, label):
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_model_page_shows_layers_heads_kv_groups_and_the_baseline_perplexity(wb):
     at = lm_app()
-    metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Decoder layers"] == "4" and metrics["Attention"] == "8 q / 2 kv heads"
-    assert metrics["MLP neurons per layer"] == "512"
+    assert metric_value(at, "Foldable groups") == "8 of 9"
+    assert float(metric_value(at, "Baseline perplexity")) == pytest.approx(
+        wb.evaluate(None, DataSource("shakespeare:test", 8))["perplexity"], abs=0.01)
     heads = chart(at, "lm_head_layout")
     assert heads["layout"]["meta"] == {**heads["layout"]["meta"], "layers": 4, "heads": 8, "kv": 2}
-    groups = at.dataframe(key="lm_groups").value if False else at.dataframe[0].value
+    groups = next(d.value for d in at.dataframe if "KV groups" in d.value)
     assert (groups["foldable"] == False).any()   # noqa: E712 — the hidden width, with its reason
-    assert set(groups["KV groups"].dropna()) == {2}
+    assert set(groups["KV groups"].dropna()) == {2} and set(groups["unit"]) == {"channel", "neuron", "head"}
     # a bad evaluation text: one line, nothing changes
-    at.radio(key="lm_text_kind").set_value("a local UTF-8 text file").run()
-    at.text_input(key="lm_text_path").set_value("/no/such/file.txt").run()
-    at.button(key="lm_use_text").click().run()
-    assert any("not found" in e.value for e in at.error) and "lm_text" not in at.session_state
+    at.radio(key="md_text_kind").set_value("a local UTF-8 text file").run()
+    at.text_input(key="md_text_path").set_value("/no/such/file.txt").run()
+    at.button(key="md_use_text").click().run()
+    assert any("not found" in e.value for e in at.error)
+    assert at.session_state["data_source"]["spec"] == "shakespeare:test"
 
 
 def test_explorer_shows_the_folds_clusters_for_neurons_and_heads(wb):
@@ -55,50 +64,52 @@ def test_explorer_shows_the_folds_clusters_for_neurons_and_heads(wb):
     goto(at, "layer_explorer")
     heat = chart(at, "similarity_heatmap")
     assert heat["layout"]["meta"]["channels"] == 512
-    at.selectbox(key="lm_le_group").set_value("model.layers.1.self_attn").run()
+    at.selectbox(key="le_group").set_value("model.layers.1.self_attn").run()
     assert_clean(at)
-    table = at.dataframe[0].value
+    table = next(d.value for d in at.dataframe if "KV group" in d.value)
     assert list(table["KV group"]) == [0, 0, 0, 0, 1, 1, 1, 1]
     plan = wb.plan_from(at.session_state["plan"])
-    assert np.array_equal(table["folds into head"].to_numpy(), wb.cluster("model.layers.1.self_attn", plan))
-    assert at.select_slider(key="lm_le_keep_model.layers.1.self_attn").options == ["1", "2", "3", "4"]
+    kept = at.select_slider(key="le_kept_model.layers.1.self_attn")
+    assert kept.options == ["1", "2", "3", "4"]
+    ratio = wb.ratio_for_kept(4, int(kept.value))
+    assert np.array_equal(table["cluster"].to_numpy(), wb.cluster("model.layers.1.self_attn", plan, ratio).labels)
 
 
-def test_plan_page_offers_valid_head_counts_and_previews_params(wb):
+def test_plan_page_offers_valid_head_counts_previews_params_and_says_whether_transformers_can_load_it(wb):
     at = lm_app()
     goto(at, "fold_plan")
-    at.slider(key="lm_fp_global").set_value(0.5).run()
+    at.slider(key="planw_default_ratio").set_value(0.5).run()
     assert_clean(at)
     p = at.session_state["plan"]
     assert p["default_ratio"] == 0.5 and p["repair"] == "none"
-    removed = [m for m in at.metric if m.label == "Removed"][0].value
-    assert removed == f"{100 * wb.preview(wb.plan_from(p))['removed_fraction']:.1f}%"
-    table = at.dataframe[0]
-    df = table.value
+    assert metric_value(at, "Parameter sparsity") == f"{100 * wb.preview(wb.plan_from(p))['param_sparsity']:.1f}%"
+    df = next(d.value for d in at.dataframe if "heads kept per KV group" in d.value)   # the data editor
     assert list(df["heads kept per KV group"]) == [2, 2, 2, 2] and list(df["MLP neurons"]) == ["512 → 256"] * 4
-    import json as _json
-
-    cols = _json.loads(table.proto.columns)
-    assert cols["heads kept per KV group"]["type_config"]["options"] == [1, 2, 3, 4]   # only valid head counts
+    assert any("AutoModelForCausalLM" in s.value for s in at.success)   # 4 heads: transformers can hold it
 
 
-def test_results_page_folds_compares_perplexity_generations_and_variance(wb):
+def test_results_page_folds_compares_perplexity_generations_variance_and_sweeps(wb):
     at = lm_app()
     goto(at, "fold_results")
-    at.button(key="lm_fr_run").click().run()
+    at.button(key="fr_run").click().run()
     assert_clean(at)
-    out = at.session_state["lm_outcome"]
-    assert out["after"]["perplexity"] > out["before"]["perplexity"] > 1
-    ppl = [m for m in at.metric if m.label == "Perplexity"][0]
-    assert ppl.value == f"{out['after']['perplexity']:.2f}"
-    before, after = at.text_area(key="lm_gen_before").value, at.text_area(key="lm_gen_after").value
+    r = at.session_state["outcome"].report
+    assert r["kind"] == "lm" and r["perplexity_after"] > r["perplexity_before"] > 1
+    assert metric_value(at, "Perplexity") == f"{r['perplexity_after']:.2f}"
+    before, after = at.text_area(key="fr_gen_before").value, at.text_area(key="fr_gen_after").value
     assert before and after and before != after
     var = chart(at, "variance_ratio_plot")
-    assert len(var["data"][0]["x"]) == 4
-    at.button(key="lm_fr_sweep").click().run()
+    assert len(var["data"][0]["x"]) == 4 and var["layout"]["xaxis"]["title"]["text"] == "decoder layer"
+    at.multiselect(key="fr_sweep_ratios").set_value([0.1, 0.3]).run()
+    at.button(key="fr_sweep_run").click().run()
     assert_clean(at)
-    sw = chart(at, "lm_sweep_plot")
-    assert {t["name"] for t in sw["data"]} >= {"Fold (k-means)", "Magnitude pruning", "Random pruning", "your plan"}
+    sw = chart(at, "sweep_plot")
+    assert sw["layout"]["meta"]["metric"] == "perplexity" and sw["layout"]["yaxis"]["type"] == "log"
+    names = {t["name"] for t in sw["data"]}
+    assert names >= {"Fold (k-means)", "Magnitude pruning", "Random pruning", "unfolded", "your plan"}
+    # the reference line is data on the log axis: every y value is a perplexity, none is 1e77
+    ys = [y for t in sw["data"] for y in t["y"]]
+    assert 1 < min(ys) and max(ys) < 1e4
 
 
 def test_learn_page_explains_and_a_link_restores_the_lm():
@@ -111,17 +122,15 @@ def test_learn_page_explains_and_a_link_restores_the_lm():
     assert any("language model" in i.value for i in at.info)
 
 
-def test_explorer_clusters_are_fold_lm_labels_for_every_group(wb):
-    """One truth: what the LM explorer shows is what fold_lm merges (MLP neurons and query heads, any ratio)."""
-    from foldviz.lm import fold_lm
-
+def test_explorer_clusters_are_the_folds_for_every_group(wb):
+    """One truth: what the explorer shows is what the fold merges (MLP neurons and query heads, any ratio)."""
     for ratio in (0.3, 0.5):
         plan = wb.default_plan(ratio, seed=3)
-        res = fold_lm(wb.model, plan)
+        res = apply_method(wb.loaded, plan, "fold")
         for gid in wb.foldable_ids():
-            assert np.array_equal(wb.cluster(gid, plan), res.labels[gid]), (ratio, gid)
+            assert np.array_equal(wb.cluster(gid, plan).labels, res.labels[gid]), (ratio, gid)
     plan = wb.default_plan(0.0)
     assert wb.preview(plan)["params_after"] == wb.preview(plan)["params_before"]
-    res = wb.fold(plan)
-    assert wb.perplexity(res.model)["perplexity"] == wb.perplexity(None)["perplexity"]   # ratio 0 changes nothing
-    assert all(r["ratio"] == pytest.approx(1.0) for r in wb.mlp_variance(res.model))
+    out = wb.fold(plan, DataSource("shakespeare:test", 4), latency=False)
+    assert out.report["perplexity_after"] == out.report["perplexity_before"]   # ratio 0 changes nothing
+    assert all(r["ratio"] == pytest.approx(1.0) for r in out.report["variance_ratio"])

@@ -222,8 +222,8 @@ def test_plan_page_shows_a_live_accuracy_estimate_that_follows_the_plan():
 
     wb = Workbench.load("demo:digits-resnet")
     p = wb.plan_from(at.session_state["plan"])
-    est = wb.quick_accuracy(p, DataSource("digits"))
-    assert ms[0].value == f"{100 * est['accuracy']:.1f}%"
+    est = wb.quick_metric(p, DataSource("digits"))
+    assert est["metric"] == "accuracy" and ms[0].value == f"{100 * est['value']:.1f}%"
 
 
 def test_learn_walks_through_any_layer_default_the_most_redundant():

@@ -278,17 +278,17 @@ def test_feature_maps_of_exact_duplicates_fold_back_exactly(demo, gid, repair):
 def test_background_precomputation_waits_for_the_foreground(wb):
     """While a page request is in flight, the background worker does not start its next step."""
     import threading
-    import time as _t
 
     plan = wb.default_plan(0.3, "none", seed=11)
     done = threading.Event()
     with wb.foreground():
         wb.cluster_path("layer3.1.conv1", plan, background=True)
-        wb._submit(done.set)
-        _t.sleep(1.0)
+        started = wb.jobs.precompute(("other",), "probe", [done.set])
+        assert not done.wait(1.0)   # paused before its first step (an event, not a timing: it never fires)
         status = wb.path_status("layer3.1.conv1", plan)
-        assert len(status["ready"]) == 0 and not done.is_set()   # paused before its first step
-    assert done.wait(120)
+        assert len(status["ready"]) == 0
+    assert done.wait(300) and started.result(10) is None
+    # the background lane runs its jobs in order: the probe ran after every slider stop was computed
     assert len(wb.path_status("layer3.1.conv1", plan)["ready"]) == 20
 
 
