@@ -19,7 +19,7 @@ import statistics
 
 import torch
 
-from common import Config, Table, load, median, n_params, timed
+from common import Config, Table, load, n_params, timed
 
 TARGETS = (0.10, 0.25, 0.50, 0.70)
 ALL_METHODS = ("none", "r", "ar", "dir", "l1", "l2", "l1+r", "l2+r")

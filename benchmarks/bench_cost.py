@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from common import Config, Table, interleaved, load, median, n_params, now, timed, with_threads
+from common import Config, Table, interleaved, load, median, n_params, now, timed
 from foldviz.methods import label
 
 RATIOS = (0.3, 0.5)

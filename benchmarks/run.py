@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_DIR, Config, Table, environment, fmt, load_average, write_json  # noqa: E402
+from common import BENCH_DIR, Config, Table, environment, load_average, write_json  # noqa: E402
 
 SUITES = ("cost", "compression", "accuracy", "app")
 

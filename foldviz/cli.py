@@ -218,7 +218,7 @@ def cmd_fold(args) -> int:
     from .kinds import kind_of
     from .persist import save_folded
     from .plans import PlanError
-    from .report import build_report, evaluate_on
+    from .report import build_report, evaluate_on, measure_before
     from .utils import check_output_dir, resolve_device, state_dict_hash
 
     if args.device:
@@ -247,9 +247,15 @@ def cmd_fold(args) -> int:
     baseline = evaluate_on(loaded.model, loaded, args.data, args.eval_limit) if args.data else None
     before = _generate(loaded, loaded.model, args.prompt, args.max_new_tokens)
     data = repair_inputs(loaded, args.data, args.repair_samples, seed=plan.seed)
-    result = apply_method(loaded, plan, method, repair_data=data, progress=progress, device=args.device)
+    # without latency and variance the report needs nothing of the original after folding: fold it in place
+    # (one copy of the weights instead of two: what makes a 1B model fit in 2x its weights)
+    inplace = args.no_latency and args.variance_samples == 0
+    measured = measure_before(loaded) if inplace else None
+    result = apply_method(loaded, plan, method, repair_data=data, progress=progress, device=args.device,
+                          inplace=inplace)
     report = build_report(loaded, result, data_spec=args.data, eval_limit=args.eval_limit, latency=not args.no_latency,
-                          variance_samples=args.variance_samples, baseline=baseline, weights_sha256=sha)
+                          variance_samples=args.variance_samples, baseline=baseline, weights_sha256=sha,
+                          before=measured)
     if before is not None:
         report["notes"].append(f"prompt {args.prompt!r} before: {before!r}")
         report["notes"].append(f"prompt {args.prompt!r} after: {_generate(loaded, result.model, args.prompt, args.max_new_tokens)!r}")
@@ -416,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--variance-samples", type=_count, default=VARIANCE_SAMPLES, metavar="N",
                    help=f"inputs for the per-layer variance ratio (default {VARIANCE_SAMPLES}; language models: "
-                        "N x 32 tokens; one hooked forward pass of each model; 0 skips it)")
+                        "N x 32 tokens; one hooked forward pass of each model; 0 skips it; with --no-latency too, "
+                        "the model is folded in place: half the memory)")
     p.add_argument("--no-latency", action="store_true",
                    help="skip the latency measurement (alternating timed runs of both models: about 1 s on the demos, "
                         "tens of seconds for a large model on CPU)")

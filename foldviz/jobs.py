@@ -123,6 +123,11 @@ class Runner:
                     del self._current[slot]
         return n
 
+    def owners(self) -> set:
+        """The owners (first element of the slot) of every job not finished yet."""
+        with self._lock:
+            return {slot[0] for slot, job in self._current.items() if slot and not job.future.done()}
+
     def busy(self) -> bool:
         with self._lock:
             return bool(self._queue) or any(not j.future.done() for j in self._current.values())

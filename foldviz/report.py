@@ -12,11 +12,10 @@ import io
 import json
 import time
 
-import torch
 
 from .kinds import kind_of
 from .methods import METHODS, VARIANCE_SAMPLES
-from .metrics import compare
+from .metrics import compare, summary
 from .surgery import FoldResult
 from .utils import Progress, json_default, state_dict_hash
 from .zoo import LoadedModel
@@ -44,21 +43,35 @@ class _Skipped(Exception):
     """An optional measurement the caller switched off."""
 
 
+def measure_before(loaded: LoadedModel) -> dict:
+    """What the report needs of the original model (parameters, FLOPs, size): measured before an in-place fold."""
+    return summary(loaded.model, kind_of(loaded).cost_input(loaded))
+
+
 def build_report(loaded: LoadedModel, result: FoldResult, *, data_spec: str | None = None,
                  eval_limit: int | None = None, variance_samples: int = VARIANCE_SAMPLES, latency: bool = True,
-                 baseline: dict | None = None, progress: Progress = None, weights_sha256: str | None = None) -> dict:
+                 baseline: dict | None = None, progress: Progress = None, weights_sha256: str | None = None,
+                 before: dict | None = None) -> dict:
     """The report of one fold, for a model of any kind. ``baseline`` (an :func:`evaluate_on` result for the
     original model on the same data) and ``weights_sha256`` (of the original) save recomputing them;
-    ``latency=False`` skips the timing."""
+    ``latency=False`` skips the timing. ``before`` (:func:`measure_before`) is given when the model was folded in
+    place: ``loaded.model`` is then the folded model, so latency and variance (which need both) must be off."""
     t = time.perf_counter()
     kind = kind_of(loaded)
     gc.collect()  # the fold's traced dependency graphs are reference cycles holding tensors: free them first
-    cmp = compare(loaded.model, result.model, kind.cost_input(loaded), latency=latency)
+    if before is not None:
+        if latency or variance_samples > 0 or baseline is None and data_spec:
+            raise ValueError("a fold made in place has no original model: pass latency=False, variance_samples=0 "
+                             "and the baseline evaluation")
+        after = summary(result.model, kind.cost_input(loaded))
+        cmp = {"before": before, "after": after, "param_sparsity": 1 - after["params"] / before["params"]}
+    else:
+        cmp = compare(loaded.model, result.model, kind.cost_input(loaded), latency=latency)
     m = METHODS[result.method]
     report = dict.fromkeys(REPORT_KEYS)
     report.update({
         "report_version": REPORT_VERSION, "kind": kind.key, "model": loaded.spec,
-        "weights_sha256": weights_sha256 or state_dict_hash(loaded.model), "method": m.key, "label": m.label,
+        "weights_sha256": weights_sha256 or (state_dict_hash(loaded.model) if before is None else None), "method": m.key, "label": m.label,
         "family": m.family, "plan": result.plan.to_dict(), "data": data_spec,
         "params_before": cmp["before"]["params"], "params_after": cmp["after"]["params"],
         "param_sparsity": cmp["param_sparsity"], "flops_before": cmp["before"]["flops"],

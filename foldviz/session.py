@@ -44,7 +44,7 @@ from .models import load_model
 from .persist import folded_zip
 from .plans import CostModel, FoldPlan, suggest, suggest_ratio
 from .repair import REPAIRS
-from .report import build_report, evaluate_on
+from .report import build_report
 from .surgery import FoldResult
 from .sweep import sweep
 from .utils import Progress, atomic_write_bytes, resolve_device, state_dict_hash
@@ -412,7 +412,7 @@ class Workbench:
         return {round(float(r), 4): k_for_ratio(per, float(r)) for r in ratios}
 
     def cluster_path(self, group_id: str, plan: FoldPlan, ratios: Sequence[float] = SLIDER_RATIOS, *,
-                     background: bool = False) -> dict:
+                     background: bool = False, owner: str = "local") -> dict:
         """The fold's clusters at every slider stop, so that moving the ratio is instant once they exist.
 
         Each k is computed once by :meth:`cluster` (the same code and cache the explorer uses), the plan's own ratio
@@ -424,18 +424,19 @@ class Workbench:
         todo = sorted(stops, key=lambda r: (r != first, abs(r - first)))
         steps = [lambda r=r: self.cluster(group_id, plan, r) for r in todo]
         if background:
-            self.jobs.precompute(("path",), (group_id, plan.to_json()), steps)
+            self.jobs.precompute((owner, "path"), (group_id, plan.to_json()), steps)
         else:
             for step in steps:
                 step()
         return self.path_status(group_id, plan, ratios)
 
-    def warm_groups(self, plan: FoldPlan, *, max_units: int = 512) -> None:
+    def warm_groups(self, plan: FoldPlan, *, max_units: int = 512, owner: str = "local") -> None:
         """In the background: each foldable group's detail at the plan's ratio (features, similarity, the fold's
         clusters, embedding), so that opening another group in the explorer is quick. Groups wider than
         ``max_units`` are left for when they are opened."""
         ids = [g.id for g in self.graph.foldable if g.channels <= max_units]
-        self.jobs.precompute(("warm",), plan.to_json(), [lambda gid=gid: self.group_detail(gid, plan) for gid in ids])
+        self.jobs.precompute((owner, "warm"), plan.to_json(),
+                             [lambda gid=gid: self.group_detail(gid, plan) for gid in ids])
 
     def foreground(self):
         """Mark a page request in flight (background precomputations pause meanwhile); a context manager."""

@@ -11,11 +11,11 @@ Streamlit:
 """
 from __future__ import annotations
 
-import copy
 import json
 import threading
+import time
 import traceback
-from collections import OrderedDict
+import weakref
 from typing import Callable
 
 import plotly.graph_objects as go
@@ -184,7 +184,35 @@ def _workbench(key: tuple) -> Workbench:
 
 def get_workbench(src: ModelSource | None = None) -> Workbench:
     """The Workbench for ``src`` (default: the session's model), of any model kind; raises WorkbenchError."""
-    return _workbench(source_key(src or model_source()))
+    wb = _workbench(source_key(src or model_source()))
+    _WORKBENCHES.add(wb)
+    _session_watch()
+    return wb
+
+
+# every workbench a session used: a closed session's background work is stopped in all of them
+_WORKBENCHES: "weakref.WeakSet[Workbench]" = weakref.WeakSet()
+
+
+@st.cache_resource
+def _session_watch() -> threading.Thread:
+    """One thread per server: four times a second, stop the jobs of browser sessions that went away (a closed tab
+    stops its live estimate and precomputations within a second, instead of keeping two cores busy)."""
+    def loop():
+        from streamlit.runtime import Runtime
+
+        while True:
+            time.sleep(0.25)
+            if not Runtime.exists():
+                continue
+            rt = Runtime.instance()
+            for wb in list(_WORKBENCHES):
+                for owner in wb.jobs.owners():
+                    if isinstance(owner, str) and owner != "local" and not rt.is_active_session(owner):
+                        wb.jobs.cancel(owner)
+    t = threading.Thread(target=loop, name="foldviz-session-watch", daemon=True)
+    t.start()
+    return t
 
 
 def kind(wb: Workbench | None = None) -> str:
@@ -231,9 +259,9 @@ def precompute_stops(wb: Workbench, group_id: str, plan) -> dict:
     other group at the plan's ratio; returns how many stops are ready."""
     status = wb.path_status(group_id, plan)
     if len(status["ready"]) < status["total"]:
-        wb.cluster_path(group_id, plan, background=True)
+        wb.cluster_path(group_id, plan, background=True, owner=session_id())
     else:
-        wb.warm_groups(plan)
+        wb.warm_groups(plan, owner=session_id())
     return status
 
 

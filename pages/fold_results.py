@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from foldviz import figures as F
-from foldviz.methods import METHODS, fold_keys, keys_for
+from foldviz.methods import METHODS
 from foldviz.methods import label as method_label
 from foldviz.figures import fmt_count
 from foldviz.report import report_csv, report_json
@@ -96,7 +96,7 @@ def _generations(outcome) -> None:
 def _export(outcome) -> bytes:
     try:
         return wb.export_folded(outcome)
-    except ValueError as exc:  # a fold transformers cannot hold: the per-layer format instead
+    except ValueError:  # a fold transformers cannot hold: the per-layer format instead
         from foldviz.persist import folded_zip
 
         return folded_zip(outcome.result, wb.loaded, outcome.report, fmt="foldviz-lm") if LM else b""

@@ -308,7 +308,6 @@ def test_run_fold_shows_results_and_repairs():
 
 
 def test_sweep_panel_plots_methods_and_is_cached():
-    import time
 
     at = new_app()
     goto(at, "fold_results")

@@ -395,7 +395,7 @@ def test_browser_language_model(server, browser):
     settle(page)
     timed("LM: load the demo", page, lambda: page.get_by_role("button", name="Load demo").click(),
           until="text=Loaded demo:shakespeare-llama")
-    page.wait_for_selector("[data-testid='stMetricValue']:has-text('8 q / 2 kv heads')")
+    page.wait_for_selector("[data-testid='stMetricLabel']:has-text('Baseline perplexity')")
     assert_no_errors(page, "LM model page")
     wait_for_charts(page, 1)
     shot(page, "6a-lm-model")

@@ -1,5 +1,4 @@
 """Data-free repairs (issue #12): the authors' Fold-AR and Fold-DFR (data-free REPAIR)."""
-import copy
 
 import numpy as np
 import pytest

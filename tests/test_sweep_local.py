@@ -6,7 +6,6 @@ import os
 
 import pytest
 
-import foldviz.executors as executors
 from foldviz import sweep as S
 from foldviz.cli import main
 from foldviz.executors import LocalExecutor
