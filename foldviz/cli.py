@@ -11,19 +11,46 @@ from pathlib import Path
 from .methods import DEFAULT_REPAIR, DEFAULT_REPAIR_SAMPLES, METHODS, VARIANCE_SAMPLES, fold_keys, keys_for
 
 
+TRUST_HELP = ("allow py:FILE:FACTORY models: imports FILE and runs FACTORY(), i.e. arbitrary code with your "
+              "permissions; running it is your decision, pass this only for code you trust")
+
+
+# --- honest data: separate repair and test data, overlap refusal, loader workers ---------------------------------
+def _data_args(p: argparse.ArgumentParser, *, roles: bool = True) -> None:
+    if roles:
+        p.add_argument("--repair-data", help="data whose train split feeds Fold-R / REPAIR (default: --data)")
+        p.add_argument("--test-data", help="data whose test split measures accuracy (default: --data)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="accept repair and test images from the same (or a nested) folder; the accuracy is then "
+                        "optimistic")
+    p.add_argument("--workers", type=_count, help="data loader worker processes for image files (default: CPUs - 1, "
+                                                  "at most 8; 0 reads in this process)")
+
+
+def _data_roles(args) -> tuple[str | None, str | None]:
+    """(repair spec, test spec) of a fold or sweep command; applies --workers; refuses overlapping folders."""
+    from .data import data_specs, set_workers
+
+    set_workers(args.workers)
+    return data_specs(args.data, getattr(args, "repair_data", None), getattr(args, "test_data", None),
+                      allow_overlap=args.allow_overlap)
+# --- end honest data -----------------------------------------------------------------------------------------------
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="demo:NAME, torchvision:ARCH, or a folded-model directory saved by foldviz")
+    p.add_argument("model", help="demo:NAME, torchvision:ARCH, timm:NAME, py:FILE:FACTORY, or a folded-model directory")
     p.add_argument("--weights", help="state dict for the model (.safetensors, or .pt/.pth loaded weights-only)")
     p.add_argument("--num-classes", type=int, help="classifier width for torchvision:ARCH")
     p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem without max-pool (32x32 inputs)")
     p.add_argument("--pretrained", action="store_true", help="download torchvision's pretrained weights")
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
 
 def _load(args):
     from .models import load_model
 
     return load_model(args.model, weights=args.weights, num_classes=args.num_classes, cifar_stem=args.cifar_stem,
-                      pretrained=args.pretrained)
+                      pretrained=args.pretrained, trust_code=args.trust_code)
 
 
 def _input_dirs(args) -> list[str]:
@@ -138,6 +165,7 @@ def cmd_fold(args) -> int:
     if args.device:
         resolve_device(args.device)  # a device this machine lacks: one line, before any work
     check_output_dir(args.out, args.force, protected=_input_dirs(args))
+    repair_spec, test_spec = _data_roles(args)
     loaded = _load(args)
     if args.plan:
         plan = FoldPlan.load(args.plan)
@@ -148,16 +176,16 @@ def cmd_fold(args) -> int:
         plan = FoldPlan(default_ratio=args.ratio, repair=args.repair or DEFAULT_REPAIR, seed=args.seed,
                         model=loaded.spec, weights_sha256=state_dict_hash(loaded.model))
     method = args.method if args.method != "fold" else plan.repair
-    if METHODS[method].needs_data and not args.data:
+    if METHODS[method].needs_data and not repair_spec:
         raise PlanError(f"{METHODS[method].label} needs real data: pass --data SPEC (e.g. --data digits)")
 
     def progress(stage, done, total):
         if not args.quiet and (done == total or stage == "dir" and done % 50 == 0):
             print(f"  {stage}: {done}/{total}", file=sys.stderr)
 
-    data = repair_inputs(loaded, args.data, args.repair_samples, seed=plan.seed)
+    data = repair_inputs(loaded, repair_spec, args.repair_samples, seed=plan.seed)
     result = apply_method(loaded, plan, method, repair_data=data, progress=progress, device=args.device)
-    report = build_report(loaded, result, data_spec=args.data, eval_limit=args.eval_limit, latency=not args.no_latency,
+    report = build_report(loaded, result, data_spec=test_spec, eval_limit=args.eval_limit, latency=not args.no_latency,
                           variance_samples=args.variance_samples)
     out = save_folded(result, loaded, args.out, report=report, force=args.force)
 
@@ -176,7 +204,7 @@ def cmd_fold(args) -> int:
 def cmd_sweep(args) -> int:
     from .executors import make_executor
     from .sweep import ResultsCSV, run_sweep
-    from .sweepspec import ModelRef, load_spec, spec_from_args
+    from .sweepspec import ModelRef, check_spec_overlap, grant_trust, load_spec, spec_from_args
 
     if bool(args.spec) == bool(args.model):
         raise ValueError("give either a MODEL (with --ratios and --data) or --spec SWEEP.json, not both"
@@ -184,15 +212,18 @@ def cmd_sweep(args) -> int:
     if args.executor != "ray" and (args.ray_address or args.ray_ship_code or args.gpus_per_task is not None):
         raise ValueError("--ray-address, --ray-ship-code and --gpus-per-task need --executor ray")
     ResultsCSV(args.out).check()  # a bad --out is an error before any work
+    _data_roles(args)
     loaded = {}
     if args.spec:
         spec = load_spec(args.spec)
+        spec = grant_trust(spec, args.trust_code)
+        check_spec_overlap(spec, allow_overlap=args.allow_overlap)
     else:
         missing = [f for f, v in (("--ratios", args.ratios), ("--data", args.data)) if not v]
         if missing:
             raise ValueError(f"sweep {args.model} needs {' and '.join(missing)} (or use --spec SWEEP.json)")
         ref = ModelRef(spec=args.model, weights=args.weights, num_classes=args.num_classes,
-                       cifar_stem=args.cifar_stem, pretrained=args.pretrained)
+                       cifar_stem=args.cifar_stem, pretrained=args.pretrained, trust_code=args.trust_code)
         spec = spec_from_args(ref, args.ratios, args.methods, args.data, seeds=args.seeds,
                               eval_limit=args.eval_limit, repair_samples=args.repair_samples)
         loaded[args.model] = _load(args)
@@ -215,6 +246,7 @@ def cmd_sweep(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export import add_export_subparser
     from .train import add_train_subparser
 
     repair_help = ", ".join(f"{k} ({METHODS[k].label})" for k in fold_keys())
@@ -246,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["fold", *[k for k, m in METHODS.items() if m.family != "fold" and k != "fold"]],
                    default="fold", help="fold, or a pruning baseline at the same ratios")
     p.add_argument("--data", help="evaluation/repair data: digits, cifar10:ROOT, ..., imagefolder:DIR")
+    _data_args(p)
     p.add_argument("--repair-samples", type=int, default=DEFAULT_REPAIR_SAMPLES,
                    help="training inputs drawn for Fold-R / REPAIR")
     p.add_argument("--eval-limit", type=int, help="accuracy on at most N test samples (the report evaluates both "
@@ -274,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="classifier width for torchvision:ARCH")
     p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem without max-pool (32x32 inputs)")
     p.add_argument("--pretrained", action="store_true", help="download torchvision's pretrained weights")
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--ratios", type=_ratio, nargs="+")
     p.add_argument("--methods", nargs="+", choices=list(keys_for("cnn")), default=["none", "r", "ar", "l1", "l2"])
     p.add_argument("--data", help="evaluation/repair data: digits, cifar10:ROOT, ..., imagefolder:DIR")
+    _data_args(p, roles=False)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--repair-samples", type=int, default=DEFAULT_REPAIR_SAMPLES,
@@ -295,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     add_train_subparser(sub)
+    add_export_subparser(sub)
     return parser
 
 

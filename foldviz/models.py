@@ -203,7 +203,7 @@ def _infer_num_classes(arch: str, state: dict) -> int | None:
 
 
 def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_classes: int | None = None,
-               cifar_stem: bool = False, pretrained: bool = False) -> LoadedModel:
+               cifar_stem: bool = False, pretrained: bool = False, trust_code: bool = False) -> LoadedModel:
     """Load a model from a spec (see module docstring).
 
     ``weights``: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` state-dict file to load instead of the default
@@ -211,7 +211,9 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
     else 1000).  ``cifar_stem``: adapt a torchvision model to 32×32 inputs — ResNets get a 3×3 stride-1 stem
     and no max-pool; MobileNetV2's stem conv gets stride 1; VGG is unchanged (its adaptive average pool already
     accepts 32×32 inputs) — and use CIFAR normalisation; other families are rejected.  ``pretrained``: download
-    torchvision's default weights (needs internet).
+    torchvision's default weights (needs internet).  ``timm:NAME`` and ``py:FILE:FACTORY`` specs are loaded by
+    :mod:`foldviz.sources`; ``trust_code`` allows running a ``py:`` factory (also when a folded directory was
+    built from one).
     """
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise ModelLoadError("empty model spec; use demo:NAME, torchvision:ARCH or a folded-model directory")
@@ -222,6 +224,11 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
         if cifar_stem or pretrained:
             raise ModelLoadError("cifar_stem and pretrained only apply to torchvision:ARCH models")
         return _load_demo(s.split(":", 1)[1], weights, num_classes)
+    if s.startswith(("timm:", "py:")):  # optional sources: timm models, the user's own factory (trusted only)
+        from .sources import load_source
+
+        return load_source(s, weights=weights, num_classes=num_classes, cifar_stem=cifar_stem,
+                           pretrained=pretrained, trust_code=trust_code)
     if s.startswith("torchvision:"):
         arch = s.split(":", 1)[1].strip()
         if not arch:
@@ -232,7 +239,7 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
         if weights is not None or num_classes is not None or cifar_stem or pretrained:
             raise ModelLoadError(f"{s} is a folded model with its own weights; --weights, --num-classes, "
                                  "--cifar-stem and --pretrained do not apply to it")
-        return persist.load_folded(path)
+        return persist.load_folded(path, trust_code=trust_code)
     if path.exists():
         raise ModelLoadError(
             f"{s} is a file; a model spec is demo:NAME, torchvision:ARCH or a folded-model directory "
@@ -242,6 +249,6 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
         return load_model(f"demo:{s}", weights=weights, num_classes=num_classes)
     demos = ", ".join(f"demo:{d}" for d in list_demos()) or "none bundled"
     raise ModelLoadError(
-        f"cannot understand model spec {s!r}: use demo:NAME ({demos}), torchvision:ARCH (e.g. torchvision:resnet18) "
-        "or the directory of a folded model"
+        f"cannot understand model spec {s!r}: use demo:NAME ({demos}), torchvision:ARCH (e.g. torchvision:resnet18), "
+        "timm:NAME, py:FILE:FACTORY or the directory of a folded model"
     )

@@ -233,16 +233,21 @@ def _build_torchvision(arch: str, num_classes: int = 1000, cifar_stem: bool = Fa
     return model
 
 
-def build_architecture(card: dict) -> nn.Module:
+def build_architecture(card: dict, *, trust_code: bool = False) -> nn.Module:
     """A randomly initialised module for a card's ``arch`` + ``kwargs``.
 
-    ``arch`` is a demo class name (``DigitsResNet``, ``DigitsVGG``, ``DigitsMLP``) or ``torchvision:ARCH`` with
-    kwargs ``num_classes`` and ``cifar_stem``.
+    ``arch`` is a demo class name (``DigitsResNet``, ``DigitsVGG``, ``DigitsMLP``), ``torchvision:ARCH`` with
+    kwargs ``num_classes`` and ``cifar_stem``, ``timm:NAME`` (kwarg ``num_classes``) or ``py`` (kwargs ``file``,
+    ``factory``, ``sha256``: the user's code runs only with ``trust_code``; see :mod:`foldviz.sources`).
     """
     arch = card.get("arch")
     kwargs = dict(card.get("kwargs") or {})
     if not arch:
         raise ModelLoadError("model card has no 'arch'")
+    if str(arch).startswith("timm:") or arch == "py":  # optional sources (timm, user code)
+        from .sources import build_from_card
+
+        return build_from_card(str(arch), kwargs, trust_code=trust_code)
     if str(arch).startswith("torchvision:"):
         name = str(arch).split(":", 1)[1]
         return _build_torchvision(name, int(kwargs.get("num_classes", card.get("num_classes") or 1000)),
@@ -250,7 +255,7 @@ def build_architecture(card: dict) -> nn.Module:
     cls = DEMO_ARCHS.get(str(arch))
     if cls is None:
         raise ModelLoadError(
-            f"unknown architecture {arch!r}; expected one of {', '.join(DEMO_ARCHS)} or torchvision:ARCH"
+            f"unknown architecture {arch!r}; expected one of {', '.join(DEMO_ARCHS)}, torchvision:ARCH, timm:NAME or py"
         )
     try:
         return cls(**kwargs)
