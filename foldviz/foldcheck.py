@@ -72,7 +72,8 @@ def _duplicate_group(model: nn.Module, dg, group_id: str, n: int, labels: np.nda
 
 
 def duplicate_channel_check(model: nn.Module, example_input: torch.Tensor, *, ratio: float = 0.5,
-                            seed: int = 0) -> dict:
+                            seed: int = 0, repair: str = "none", repair_settings: dict | None = None,
+                            num_classes: int | None = None) -> dict:
     """Fold a duplicated-channel copy of ``model`` at ``ratio`` and compare it with that copy.
 
     Parameters
@@ -86,6 +87,13 @@ def duplicate_channel_check(model: nn.Module, example_input: torch.Tensor, *, ra
     seed : int
         Seed of the redrawn constant parameters and of the plan (the clusters are fixed by
         :func:`duplicate_labels`).
+    repair : str
+        Repair run after the merge (a key of :data:`foldviz.repair.REPAIRS`). An exact merge leaves nothing to
+        repair, so a repair that changes the function here is wrong for the architecture.
+    repair_settings : dict, optional
+        The plan's ``repair_settings`` (e.g. ``{"samples": 8}`` for a cheap Fold-DFR proxy batch).
+    num_classes : int, optional
+        Classes of the model's output (for repairs that synthesise inputs).
 
     Returns
     -------
@@ -100,7 +108,7 @@ def duplicate_channel_check(model: nn.Module, example_input: torch.Tensor, *, ra
     redrawn = _redraw_constants(work, seed)
     x = example_input
     dg, graph = trace(work, x)
-    plan = FoldPlan(default_ratio=float(ratio), repair="none", seed=int(seed))
+    plan = FoldPlan(default_ratio=float(ratio), repair=repair, seed=int(seed), repair_settings=dict(repair_settings or {}))
     chosen = {}
     for g in graph.foldable:
         k = k_for_ratio(g.channels, plan.ratio_for(g.id))
@@ -114,7 +122,7 @@ def duplicate_channel_check(model: nn.Module, example_input: torch.Tensor, *, ra
 
     with torch.no_grad():
         ref = work(x)
-    result = compress(work, plan, select, method="none", repair="none", example_input=x)
+    result = compress(work, plan, select, method=repair, repair=repair, example_input=x, num_classes=num_classes)
     with torch.no_grad():
         out = result.model(x)
     diff, scale = float((out - ref).abs().max()), float(ref.abs().max())

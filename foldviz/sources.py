@@ -73,7 +73,10 @@ def build_timm(name: str, num_classes: int | None = None) -> nn.Module:
         raise ModelLoadError(f"invalid timm model name {str(name)[:80]!r}")
     arch = str(name).split(".", 1)[0]
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.lower().replace('-', '_')}*")[:8]
+        import difflib
+
+        want = arch.lower().replace("-", "_")
+        close = (timm.list_models(f"*{want}*") or difflib.get_close_matches(want, timm.list_models(), n=8))[:8]
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ModelLoadError(f"unknown timm architecture {arch!r}.{hint}")
     kwargs = {} if num_classes is None else {"num_classes": int(num_classes)}
