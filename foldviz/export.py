@@ -206,12 +206,12 @@ def _export_pt2(model, x, _opset):
 _EXPORTERS = {"onnx": _export_onnx, "torchscript": _export_torchscript, "pt2": _export_pt2}
 
 
-def _compare(run, model, inputs: list) -> float:
-    """Largest |run(x) - model(x)| over ``inputs``."""
+def _compare(run, model, inputs: list) -> tuple[float, float]:
+    """(largest |run(x) - model(x)|, largest |model(x)|) over ``inputs``."""
     import numpy as np
     import torch
 
-    worst = 0.0
+    worst, scale = 0.0, 0.0
     for x in inputs:
         with torch.no_grad():
             ref = model(x).float().numpy()
@@ -219,10 +219,11 @@ def _compare(run, model, inputs: list) -> float:
         if got.shape != ref.shape:
             raise ExportError(f"the exported model returns shape {got.shape} for input {tuple(x.shape)}, "
                               f"PyTorch {ref.shape}")
+        scale = max(scale, float(np.abs(ref).max()))
         if not np.isfinite(got).all():
-            return float("inf")
+            return float("inf"), scale
         worst = max(worst, float(np.abs(got - ref).max()))
-    return worst
+    return worst, scale
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,8 +256,9 @@ def export_bytes(source, to: str, *, input_shape=None, opset: int | None = None,
     Returns
     -------
     (bytes, dict)
-        The file's bytes and the record: format, opset, bytes, max_abs_diff (None unchecked), tolerance,
-        check_batch, input_shape, dynamic_batch, runtime, torch version, seconds.
+        The file's bytes and the record: format, opset, bytes, max_abs_diff (None unchecked), output_scale
+        (largest |PyTorch output| on the check batches), tolerance, check_batch, input_shape, dynamic_batch,
+        runtime, torch version, seconds.
     """
     import torch
 
@@ -281,7 +283,7 @@ def export_bytes(source, to: str, *, input_shape=None, opset: int | None = None,
         raise
     except Exception as exc:  # an operator the exporter does not support, a trace failure
         raise ExportError(f"{to} export of {name} failed: {_first_line(exc)}") from None
-    diff = _compare(run, model, inputs) if check else None
+    diff, scale = _compare(run, model, inputs) if check else (None, None)
     if diff is not None and not diff <= tolerance:
         raise ExportError(f"{to} export of {name} disagrees with PyTorch: max abs difference {diff:.3g} > tolerance "
                           f"{tolerance:g}; nothing was written")
@@ -291,7 +293,7 @@ def export_bytes(source, to: str, *, input_shape=None, opset: int | None = None,
 
         runtime += f" {onnxruntime.__version__} (CPUExecutionProvider)"
     info = {"format": to, "model": name, "opset": opset if to == "onnx" else None, "bytes": len(data),
-            "max_abs_diff": diff, "tolerance": float(tolerance), "check_batch": [int(batch), 1],
+            "max_abs_diff": diff, "output_scale": scale, "tolerance": float(tolerance), "check_batch": [int(batch), 1],
             "input_shape": list(shape), "dynamic_batch": [1, MAX_BATCH], "runtime": runtime,
             "torch": torch.__version__, "seconds": time.perf_counter() - t}
     return data, info
@@ -399,8 +401,8 @@ def cmd_export(args) -> int:
     diff = info["max_abs_diff"]
     what = f"opset {info['opset']}, " if info["opset"] else ""
     print(f"wrote {info['path']} ({args.to}, {what}{info['bytes']:,} bytes); {info['runtime']} agrees with "
-          f"PyTorch: max abs difference {diff:.3g} (tolerance {info['tolerance']:g}, batches "
-          f"{info['check_batch'][0]} and 1)")
+          f"PyTorch: max abs difference {diff:.3g} on outputs up to {info['output_scale']:.3g} (tolerance "
+          f"{info['tolerance']:g}, batches {info['check_batch'][0]} and 1)")
     if args.latency:
         lat = compare_ort_latency(_original_of(src, args.trust_code), loaded.model, loaded.input_shape,
                                   batches=tuple(args.latency_batches), threads=args.threads, opset=args.opset)

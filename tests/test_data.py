@@ -341,3 +341,15 @@ def test_evaluate_limit_and_device_restore():
     assert next(model.parameters()).device.type == "cpu" and not model.training
     with pytest.raises(DataError, match="no samples"):
         evaluate(model, make_loader(ds, batch_size=64), limit=0)
+
+
+def test_cli_sweep_refuses_overlap_before_any_work(tmp_path, capsys):
+    from foldviz import cli
+
+    flat = _make_imagefolder(tmp_path / "flat", size=(8, 8))
+    out = tmp_path / "s.csv"
+    assert cli.main(["sweep", "demo:digits-mlp", "--ratios", "0.3", "--methods", "none", "--data",
+                     f"imagefolder:{flat}", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "overlap" in err[0] and "--allow-overlap" in err[0]
+    assert not out.exists()

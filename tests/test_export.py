@@ -55,7 +55,7 @@ def test_onnx_export_agrees_with_pytorch_and_ort_runs_the_file(folded, tmp_path)
     d, res, _ = folded
     out = tmp_path / "m.onnx"
     info = export_model(d, "onnx", out)
-    assert info["max_abs_diff"] < 1e-4 and info["opset"] == ex.DEFAULT_OPSET
+    assert info["max_abs_diff"] < 1e-4 and info["opset"] == ex.DEFAULT_OPSET and info["output_scale"] > 1
     assert info["bytes"] == out.stat().st_size and info["check_batch"] == [ex.CHECK_BATCH, 1]
     model = onnx.load(str(out))
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {ex.DEFAULT_OPSET}
@@ -93,7 +93,7 @@ def test_export_refuses_a_disagreeing_export_and_writes_nothing(folded, tmp_path
     d, _, _ = folded
     out = tmp_path / "m.pt2"
     out.write_bytes(b"previous export")
-    monkeypatch.setattr(ex, "_compare", lambda run, model, inputs: 3e-3)
+    monkeypatch.setattr(ex, "_compare", lambda run, model, inputs: (3e-3, 1.0))
     with pytest.raises(ExportError, match=r"max abs difference 0\.003 > tolerance 0\.0001; nothing was written"):
         export_model(d, "pt2", out, force=True)
     assert out.read_bytes() == b"previous export"

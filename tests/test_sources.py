@@ -260,3 +260,23 @@ def test_py_spec_bad_files_are_one_line_errors(tmp_path):
         load_model("py:justafile.py", trust_code=True)
     with pytest.raises(ModelLoadError, match="do not apply to py:FILE:FACTORY"):
         load_model(f"py:{bad}:build", trust_code=True, num_classes=3)
+
+
+def test_sweeps_carry_trust_from_the_command_line_only(user_file, tmp_path, capsys):
+    from foldviz.sweepspec import ModelRef, grant_trust, spec_from_args, spec_from_dict
+
+    spec = spec_from_args(ModelRef(spec=f"py:{user_file}:build", trust_code=True), [0.3], ["none"], "digits")
+    assert spec.models[0].trust_code and "trust_code" not in spec.to_dict()["models"][0]
+    assert spec.models[0].load().input_shape == (3, 12, 12)
+    again = spec_from_dict(spec.to_dict())  # a spec file cannot grant trust: it must come from the caller
+    assert not again.models[0].trust_code
+    with pytest.raises(ModelLoadError, match="--trust-code"):
+        again.models[0].load()
+    assert grant_trust(again, True).models[0].trust_code
+    bad = {**spec.to_dict(), "models": [{"spec": f"py:{user_file}:build", "trust_code": True}]}
+    with pytest.raises(ValueError, match="trust_code"):
+        spec_from_dict(bad)
+    out = tmp_path / "s.csv"
+    assert cli.main(["sweep", f"py:{user_file}:build", "--ratios", "0.3", "--methods", "none", "--data", "digits",
+                     "--quiet", "--out", str(out)]) == 2
+    _one_line_error(capsys, "--trust-code")
