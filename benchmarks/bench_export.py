@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from common import Table, environment, load_average, write_json  # noqa: E402
+from common import Table, calibrate_batchnorms, environment, load_average, write_json  # noqa: E402
 from foldviz.export import DEFAULT_OPSET, export_bytes, ort_latency_pair  # noqa: E402
 from foldviz.fold import fold  # noqa: E402
 from foldviz.metrics import count_params, latency_pair  # noqa: E402
@@ -43,21 +43,6 @@ MODELS = [
     ("vit_tiny_patch16_224", "timm:vit_tiny_patch16_224", 0.5, "none"),
 ]
 THREADS = 1
-
-
-@torch.no_grad()
-def calibrate_batchnorms(model: torch.nn.Module, shape, n: int = 32, seed: int = 0) -> int:
-    """Set every BatchNorm's running statistics from one batch of noise (cumulative average). A randomly
-    initialised MobileNetV2 otherwise shrinks its activations block by block to ~1e-9 at the output, which would
-    make an absolute agreement check meaningless. Returns the number of BatchNorms set."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    model(torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)))
-    model.eval()
-    return len(bns)
 
 
 def bench_one(label: str, spec: str, ratio: float, repair: str, quick: bool, say) -> dict:

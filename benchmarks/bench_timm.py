@@ -13,6 +13,7 @@ Writes ``benchmarks/results/timm.{md,json}``. Run: ``nice -n 5 python benchmarks
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import traceback
@@ -25,10 +26,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from common import Table, environment, load_average, write_json  # noqa: E402
+from common import Table, calibrate_batchnorms, environment, load_average, write_json  # noqa: E402
 from foldviz.export import export_bytes  # noqa: E402
 from foldviz.fold import fold  # noqa: E402
-from foldviz.foldcheck import duplicate_channel_check  # noqa: E402
+from foldviz.foldcheck import duplicate_channel_check, redraw_constants  # noqa: E402
 from foldviz.groups import find_groups  # noqa: E402
 from foldviz.metrics import count_params  # noqa: E402
 from foldviz.models import load_model  # noqa: E402
@@ -50,8 +51,13 @@ EXTRA = [("CSPNet", "cspresnet50")]  # the classic CSPNet, since its smallest va
 RATIO, REPAIR = 0.3, "ar"
 
 
+_LAYER = re.compile(r"\b(?!torch\.|nn\.)\w+(?:\.\w+)+\b")
+
+
 def _reasons(graph) -> str:
-    counts = Counter(g.reason for g in graph.groups if not g.foldable)
+    """Refusal reasons with layer names and group counts blanked, counted: '12x channel mapping into … ...'."""
+    counts = Counter(re.sub(r"groups=\d+", "groups=N", _LAYER.sub("…", g.reason)) for g in graph.groups
+                     if not g.foldable)
     return "; ".join(f"{n}x {r}" for r, n in counts.most_common())
 
 
@@ -59,6 +65,10 @@ def bench_one(family: str, name: str, quick: bool, say) -> dict:
     row = {"family": family, "model": name}
     loaded = load_model(f"timm:{name}")
     m, x1 = loaded.model, loaded.example_input(1)
+    # zero heads and 1e-6 layer scales would make every comparison below trivially pass; vanishing activations
+    # of untrained BN nets too: redraw constant parameters, then set BN statistics from a batch of noise
+    row["redrawn"] = redraw_constants(m)
+    row["bns_calibrated"] = calibrate_batchnorms(m, loaded.input_shape)
     x = loaded.example_input(2, seed=1)
     row.update(input=f"{loaded.input_shape[1]}x{loaded.input_shape[2]}", params_before=count_params(m))
     graph = find_groups(m, x1)
@@ -73,6 +83,7 @@ def bench_one(family: str, name: str, quick: bool, say) -> dict:
     row["fold_s"] = time.perf_counter() - t
     with torch.no_grad():
         out = res.model(x)
+        row["output_scale"] = float(m(x).abs().max())
     row.update(params_after=count_params(res.model), runs=bool(torch.isfinite(out).all()) and out.shape[0] == 2)
     row["param_reduction"] = 1 - row["params_after"] / row["params_before"]
     zero = fold(m, FoldPlan(default_ratio=0.0, repair="none"), example_input=x1)
@@ -135,13 +146,17 @@ def main(argv=None) -> int:
         "timm", f"timm families folded at ratio {RATIO} ({REPAIR}, random init): {ok} of {len(main_rows)} fold and "
                 "shrink",
         ["family", "model", "input", "params_before", "params_after", "param_reduction", "foldable", "groups",
-         "runs", "ratio0_max_abs_diff", "dup_rel_diff", "onnx", "onnx_max_abs_diff", "fold_s", "why"],
+         "runs", "output_scale", "ratio0_max_abs_diff", "dup_rel_diff", "onnx", "onnx_max_abs_diff", "fold_s",
+         "why"],
         shown,
         headers=["family", "timm model", "input", "params before", "params after", "params removed",
-                 "foldable groups", "groups", "runs", "ratio 0: max abs diff", "duplicates: rel diff", "ONNX ok",
+                 "foldable groups", "groups", "runs", "max abs output", "ratio 0: max abs diff",
+                 "duplicates: rel diff", "ONNX ok",
                  "ONNX max abs diff", "fold s", "groups refused (count x reason) / error"],
         notes=[f"Fold-AR ({REPAIR}) at ratio {RATIO} on every foldable group; random init from timm "
-               f"{env['timm']} (no weights are downloaded), so accuracy is not measured here.",
+               f"{env['timm']} (no weights are downloaded), so accuracy is not measured here. Constant parameters "
+               "(zero heads, layer scales, BN gammas) are redrawn uniformly in [0.5, 1.5] and BatchNorm statistics "
+               "set from one batch of noise first, so the outputs compared below are O(1) rather than 0 or 1e-9.",
                "ratio 0: folding nothing must return the same function (max abs difference on 2 inputs). "
                "duplicates: every foldable group's channels made exact copies in pairs, folded at 0.5 with the "
                "pairs as clusters; relative max difference to that copy (0 up to rounding when every group is "

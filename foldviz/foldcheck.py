@@ -24,13 +24,13 @@ from .kmeans import k_for_ratio
 from .plans import FoldPlan
 from .surgery import Decision, compress, merge_decision, trace
 
-__all__ = ["duplicate_channel_check", "duplicate_labels"]
+__all__ = ["duplicate_channel_check", "duplicate_labels", "redraw_constants"]
 
 _OUT_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 @torch.no_grad()
-def _redraw_constants(model: nn.Module, seed: int) -> int:
+def redraw_constants(model: nn.Module, seed: int = 0) -> int:
     """Redraw every constant floating parameter uniformly in [0.5, 1.5]; returns how many were redrawn."""
     g = torch.Generator().manual_seed(int(seed))
     n = 0
@@ -105,7 +105,7 @@ def duplicate_channel_check(model: nn.Module, example_input: torch.Tensor, *, ra
     from .metrics import count_params
 
     work = copy.deepcopy(model).eval()
-    redrawn = _redraw_constants(work, seed)
+    redrawn = redraw_constants(work, seed)
     x = example_input
     dg, graph = trace(work, x)
     plan = FoldPlan(default_ratio=float(ratio), repair=repair, seed=int(seed), repair_settings=dict(repair_settings or {}))
