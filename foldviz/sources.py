@@ -7,9 +7,9 @@
     ``hf_hub_id``): foldviz never downloads. The card takes the input size, normalisation and number of classes
     from timm's ``pretrained_cfg``. Needs the optional ``timm`` package.
 ``py:FILE:FACTORY``
-    imports FILE and calls ``FACTORY()``, which must return a ``torch.nn.Module``. Running the file executes
-    arbitrary code, so this happens only with ``trust_code=True`` (``--trust-code``); without it the spec is
-    refused before FILE is read. The module tells foldviz its input through attributes: ``input_shape``
+    runs FILE (its folder importable, for sibling modules) and calls ``FACTORY()``, which must return a
+    ``torch.nn.Module``. Running the file executes arbitrary code, so this happens only with ``trust_code=True``
+    (``--trust-code``); without it the spec is refused before FILE is read. The module tells foldviz its input through attributes: ``input_shape``
     (``(C, H, W)`` or ``(features,)``; required unless it carries a timm ``pretrained_cfg``), optionally
     ``normalization`` (``{"mean": [...], "std": [...]}``) and ``num_classes``. Weights come from ``weights=FILE``,
     never from unpickling. The card records FILE's absolute path, FACTORY and FILE's SHA-256: rebuilding the
@@ -20,7 +20,6 @@ Every failure raises :class:`~foldviz.checkpoints.ModelLoadError` with one line 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import sys
@@ -202,29 +201,36 @@ def _source_bytes(file: Path) -> bytes:
 
 
 def _run_factory(file: Path, factory: str, source: bytes) -> nn.Module:
-    """Import ``file`` as a fresh module and call ``factory()``; every failure is one line."""
+    """Run ``source`` (the bytes read from ``file``, so what was hashed is what runs) as a fresh module and call
+    ``factory()``; ``file``'s folder is importable meanwhile (sibling modules). Every failure is one line."""
+    import types
+
     digest = hashlib.sha256(source).hexdigest()[:16]
     mod_name = f"foldviz_user_{re.sub(r'[^A-Za-z0-9_]', '_', file.stem)}_{digest}"
-    spec = importlib.util.spec_from_file_location(mod_name, str(file))
-    if spec is None or spec.loader is None:
-        raise ModelLoadError(f"py spec: cannot import {file}")
-    module = importlib.util.module_from_spec(spec)
+    module = types.ModuleType(mod_name)
+    module.__file__ = str(file)
     sys.modules[mod_name] = module  # dataclasses and pickling helpers look classes up by module name
+    folder = str(file.parent)
+    sys.path.insert(0, folder)
     try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # SyntaxError, ImportError, anything the user's file raises
-        sys.modules.pop(mod_name, None)
-        raise ModelLoadError(f"py spec: importing {file} failed: {_first_line(exc)}") from None
-    fn = getattr(module, factory, None)
-    if not callable(fn):
-        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                       and getattr(v, "__module__", None) == mod_name)
-        raise ModelLoadError(f"py spec: {file} has no callable {factory!r} (its callables: "
-                             f"{', '.join(names[:10]) or 'none'})")
-    try:
-        model = fn()
-    except Exception as exc:
-        raise ModelLoadError(f"py spec: {factory}() in {file} raised {_first_line(exc)}") from None
+        try:
+            exec(compile(source, str(file), "exec"), module.__dict__)  # noqa: S102 - the user's trusted code
+        except Exception as exc:  # SyntaxError, ImportError, anything the user's file raises
+            sys.modules.pop(mod_name, None)
+            raise ModelLoadError(f"py spec: importing {file} failed: {_first_line(exc)}") from None
+        fn = getattr(module, factory, None)
+        if not callable(fn):
+            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                           and getattr(v, "__module__", None) == mod_name)
+            raise ModelLoadError(f"py spec: {file} has no callable {factory!r} (its callables: "
+                                 f"{', '.join(names[:10]) or 'none'})")
+        try:
+            model = fn()
+        except Exception as exc:
+            raise ModelLoadError(f"py spec: {factory}() in {file} raised {_first_line(exc)}") from None
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"py spec: {factory}() in {file} returned a {type(model).__name__}, "
                              "not a torch.nn.Module")

@@ -214,7 +214,7 @@ def test_py_spec_with_trust_loads_folds_saves_and_needs_trust_to_reload(user_fil
     x = loaded.example_input(3)
     with torch.no_grad():
         assert back.model(x).shape == res.model(x).shape == (3, 5)
-    user_file.write_text(user_file.read_text() + "\n# edited\n")
+    user_file.write_text(user_file.read_text() + "\n# edited\n")  # the same layers, but not the same file
     with pytest.raises(ModelLoadError, match="changed since the model was saved"):
         load_model(str(out), trust_code=True)
 
@@ -280,3 +280,18 @@ def test_sweeps_carry_trust_from_the_command_line_only(user_file, tmp_path, caps
     assert cli.main(["sweep", f"py:{user_file}:build", "--ratios", "0.3", "--methods", "none", "--data", "digits",
                      "--quiet", "--out", str(out)]) == 2
     _one_line_error(capsys, "--trust-code")
+
+
+def test_py_factory_may_import_sibling_modules(tmp_path):
+    (tmp_path / "blocks_for_test.py").write_text("from torch import nn\n\ndef head(n):\n    return nn.Linear(6, n)\n")
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\nfrom blocks_for_test import head\n\n"
+        "def build():\n    m = nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), head(3))\n"
+        "    m.input_shape = (8,)\n    return m\n")
+    import sys as _sys
+
+    before = list(_sys.path)
+    loaded = load_model(f"py:{tmp_path / 'net.py'}:build", trust_code=True)
+    assert loaded.input_shape == (8,) and loaded.num_classes == 3 and _sys.path == before
+    res = fold(loaded.model, _plan(0.5), example_input=loaded.example_input(1))
+    assert res.model[1].out_features == 3
