@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip the ONNX export")
     ap.add_argument("--models", nargs="+", help="timm names to run (default: all)")
+    ap.add_argument("--update", action="store_true", help="replace only the rows of --models in the existing results")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -132,6 +133,15 @@ def main(argv=None) -> int:
                          "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
     env["load_average_at_end"] = [round(v, 2) for v in load_average()]
     env["seconds"] = time.perf_counter() - t0
+    if args.update and (Path(args.out) / "timm.json").exists():  # keep the other models' rows and run record
+        import json
+
+        old = json.loads((Path(args.out) / "timm.json").read_text())
+        new = {r["model"]: r for r in rows}
+        rows = [new.pop(r["model"], r) for r in old["rows"]] + list(new.values())
+        env = {**old["environment"], "updated": {"models": args.models, "date": env["date"],
+                                                  "load_average_at_start": env["load_average_at_start"],
+                                                  "load_average_at_end": env["load_average_at_end"]}}
     main_rows = [r for r in rows if (r["family"], r["model"]) in FAMILIES]
     ok = sum(bool(r.get("folds") and r.get("shrinks")) for r in main_rows)
     out = Path(args.out)
@@ -155,8 +165,9 @@ def main(argv=None) -> int:
                  "ONNX max abs diff", "fold s", "groups refused (count x reason) / error"],
         notes=[f"Fold-AR ({REPAIR}) at ratio {RATIO} on every foldable group; random init from timm "
                f"{env['timm']} (no weights are downloaded), so accuracy is not measured here. Constant parameters "
-               "(zero heads, layer scales, BN gammas) are redrawn uniformly in [0.5, 1.5] and BatchNorm statistics "
-               "set from one batch of noise first, so the outputs compared below are O(1) rather than 0 or 1e-9.",
+               "(zero heads, layer scales, BN gammas) are redrawn first (foldviz.foldcheck.redraw_constants) and "
+               "BatchNorm statistics set from one batch of noise, so the outputs compared below are O(1) rather "
+               "than 0 or 1e-9.",
                "ratio 0: folding nothing must return the same function (max abs difference on 2 inputs). "
                "duplicates: every foldable group's channels made exact copies in pairs, folded at 0.5 with the "
                "pairs as clusters; relative max difference to that copy (0 up to rounding when every group is "
@@ -168,7 +179,9 @@ def main(argv=None) -> int:
                "classic CSPNet, is listed below it. Groups whose conv output is split (CSPNet's cross-stage "
                "split) are refused rather than folded.",
                f"Machine: {env['machine']}; 1 torch thread; load average {env['load_average_at_start']} at start, "
-               f"{env['load_average_at_end']} at end; {env['seconds']:.0f} s in all."])
+               f"{env['load_average_at_end']} at end; {env['seconds']:.0f} s in all."
+               + (f" Rerun of {', '.join(env['updated']['models'])} on {env['updated']['date']} (load average "
+                  f"{env['updated']['load_average_at_start']})." if "updated" in env else "")])
     table.write(out)
     (out / "timm.csv").unlink(missing_ok=True)
     print(table.markdown())

@@ -9,7 +9,7 @@ group) breaks this identity, so the check catches groups that would be folded wr
 
 Freshly initialised networks often hold constant parameters (zero classifier heads, layer scales of 1e-6,
 BatchNorm gammas of 1) that would hide a wrong merge; the check first redraws every constant parameter of its
-copy uniformly in [0.5, 1.5], so every branch contributes to the output it compares.
+copy (:func:`redraw_constants`), so every branch contributes to the output it compares.
 """
 from __future__ import annotations
 
@@ -31,12 +31,15 @@ _OUT_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 @torch.no_grad()
 def redraw_constants(model: nn.Module, seed: int = 0) -> int:
-    """Redraw every constant floating parameter uniformly in [0.5, 1.5]; returns how many were redrawn."""
+    """Redraw every constant floating parameter, in place: vectors (scales, biases, gammas) uniformly in
+    [0.5, 1.5], matrices and kernels (zero-initialised heads) uniformly in +-1/sqrt(fan-in), so outputs stay O(1).
+    Returns how many parameters were redrawn."""
     g = torch.Generator().manual_seed(int(seed))
     n = 0
     for p in model.parameters():
         if p.is_floating_point() and p.numel() > 1 and bool((p == p.flatten()[0]).all()):
-            p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5)
+            u = torch.rand(p.shape, generator=g, dtype=p.dtype)
+            p.copy_(u + 0.5 if p.dim() < 2 else (2 * u - 1) / (p[0].numel() ** 0.5))
             n += 1
     return n
 
