@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from foldviz.apply import apply_method  # noqa: E402
-from foldviz.data import _tensor_transform, digits_arrays, sample_inputs  # noqa: E402
+from foldviz.data import tensor_transform, digits_arrays, sample_inputs  # noqa: E402
 from foldviz.fold import _cluster_selector  # noqa: E402
 from foldviz.groups import BN_TYPES  # noqa: E402
 from foldviz.repair import REPAIRS, DataFreeRepair, FoldAR, Repair, _bn_producers  # noqa: E402
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     for name in args.models:
         lm = load_model(f"demo:{name}")
         xt, yt = digits_arrays("test")
-        x_test = _tensor_transform(xt, tuple(lm.input_shape), lm.normalization)
+        x_test = tensor_transform(xt, tuple(lm.input_shape), lm.normalization)
         x_var = x_test[:256]
         real = sample_inputs("digits", "train", 512, card=lm.card, seed=0)
         bns = {n for n, m in lm.model.named_modules() if isinstance(m, BN_TYPES)}

@@ -46,6 +46,32 @@ examples:
 """
 
 
+TRUST_HELP = ("allow py:FILE:FACTORY models: imports FILE and runs FACTORY(), i.e. arbitrary code with your "
+              "permissions; running it is your decision, pass this only for code you trust")
+
+
+# --- honest data: separate repair and test data, overlap refusal, loader workers ---------------------------------
+def _data_args(p: argparse.ArgumentParser, *, roles: bool = True) -> None:
+    if roles:
+        p.add_argument("--repair-data", help="data whose train split feeds Fold-R / REPAIR (default: --data)")
+        p.add_argument("--test-data", help="data whose test split measures accuracy (default: --data)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="accept repair and test images from the same (or a nested) folder; the accuracy is then "
+                        "optimistic")
+    p.add_argument("--workers", type=_count, help="data loader worker processes for image files (default: CPUs - 1, "
+                                                  "at most 8; 0 reads in this process)")
+
+
+def _data_roles(args) -> tuple[str | None, str | None]:
+    """(repair spec, test spec) of a fold or sweep command; applies --workers; refuses overlapping folders."""
+    from .data import data_specs, set_workers
+
+    set_workers(args.workers)
+    return data_specs(args.data, getattr(args, "repair_data", None), getattr(args, "test_data", None),
+                      allow_overlap=args.allow_overlap)
+# --- end honest data -----------------------------------------------------------------------------------------------
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--weights", help="image classifiers: state dict for the model (.safetensors, or .pt/.pth loaded "
@@ -54,13 +80,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cifar-stem", action="store_true",
                    help="image classifiers: 3x3 stride-1 stem without max-pool (32x32 inputs)")
     p.add_argument("--pretrained", action="store_true", help="image classifiers: download torchvision's weights")
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
 
 def _load(args):
     from .models import load_model
 
     return load_model(args.model, weights=args.weights, num_classes=args.num_classes, cifar_stem=args.cifar_stem,
-                      pretrained=args.pretrained)
+                      pretrained=args.pretrained, trust_code=args.trust_code)
 
 
 def _input_dirs(args) -> list[str]:
@@ -224,6 +251,7 @@ def cmd_fold(args) -> int:
     if args.device:
         resolve_device(args.device)  # a device this machine lacks: one line, before any work
     check_output_dir(args.out, args.force, protected=_input_dirs(args))
+    repair_spec, test_spec = _data_roles(args)
     loaded = _load(args)
     kind = kind_of(loaded)
     if args.prompt is not None and kind.key != "lm":
@@ -231,34 +259,35 @@ def cmd_fold(args) -> int:
     plan = _plan_for(args, loaded, kind)
     method = _method_for(args, plan, kind)
     _check_method(method, kind)
-    if METHODS[method].needs_data and not args.data:
+    if METHODS[method].needs_data and not repair_spec:
         raise PlanError(f"{METHODS[method].label} needs real data: pass --data SPEC (e.g. --data digits)")
     graph = kind.graph(loaded)
     plan.validate(graph)
     kind.check_output(loaded, graph, plan, args.format)   # a fold that could not be written is refused now
-    if args.data:
-        kind.check_data(loaded, args.data)
+    if test_spec:
+        kind.check_data(loaded, test_spec)
 
     def progress(stage, done, total):
         if not args.quiet and (done == total or stage == "dir" and done % 50 == 0):
             print(f"  {stage}: {done}/{total}", file=sys.stderr)
 
     sha = state_dict_hash(loaded.model)
-    baseline = evaluate_on(loaded.model, loaded, args.data, args.eval_limit) if args.data else None
+    baseline = evaluate_on(loaded.model, loaded, test_spec, args.eval_limit) if test_spec else None
     before = _generate(loaded, loaded.model, args.prompt, args.max_new_tokens)
-    data = repair_inputs(loaded, args.data, args.repair_samples, seed=plan.seed)
+    data = repair_inputs(loaded, repair_spec, args.repair_samples, seed=plan.seed)
     # without latency and variance the report needs nothing of the original after folding: fold it in place
     # (one copy of the weights instead of two: what makes a 1B model fit in 2x its weights)
     inplace = args.no_latency and args.variance_samples == 0
     measured = measure_before(loaded) if inplace else None
     result = apply_method(loaded, plan, method, repair_data=data, progress=progress, device=args.device,
                           inplace=inplace)
-    report = build_report(loaded, result, data_spec=args.data, eval_limit=args.eval_limit, latency=not args.no_latency,
-                          variance_samples=args.variance_samples, baseline=baseline, weights_sha256=sha,
-                          before=measured)
+    report = build_report(loaded, result, data_spec=test_spec, eval_limit=args.eval_limit,
+                          latency=not args.no_latency, variance_samples=args.variance_samples, baseline=baseline,
+                          weights_sha256=sha, before=measured)
     if before is not None:
         report["notes"].append(f"prompt {args.prompt!r} before: {before!r}")
-        report["notes"].append(f"prompt {args.prompt!r} after: {_generate(loaded, result.model, args.prompt, args.max_new_tokens)!r}")
+        after = _generate(loaded, result.model, args.prompt, args.max_new_tokens)
+        report["notes"].append(f"prompt {args.prompt!r} after: {after!r}")
     out = save_folded(result, loaded, args.out, report=report, force=args.force, fmt=args.format)
     _print_fold(result, report, kind, out, args)
     return 0
@@ -328,7 +357,7 @@ def cmd_eval(args) -> int:
 def cmd_sweep(args) -> int:
     from .executors import make_executor
     from .sweep import ResultsCSV, run_sweep
-    from .sweepspec import ModelRef, load_spec, spec_from_args
+    from .sweepspec import ModelRef, check_spec_overlap, grant_trust, load_spec, spec_from_args
 
     if bool(args.spec) == bool(args.model):
         raise ValueError("give either a MODEL (with --ratios and --data) or --spec SWEEP.json, not both"
@@ -336,15 +365,18 @@ def cmd_sweep(args) -> int:
     if args.executor != "ray" and (args.ray_address or args.ray_ship_code or args.gpus_per_task is not None):
         raise ValueError("--ray-address, --ray-ship-code and --gpus-per-task need --executor ray")
     ResultsCSV(args.out).check()  # a bad --out is an error before any work
+    _data_roles(args)
     loaded = {}
     if args.spec:
         spec = load_spec(args.spec)
+        spec = grant_trust(spec, args.trust_code)
+        check_spec_overlap(spec, allow_overlap=args.allow_overlap)
     else:
         missing = [f for f, v in (("--ratios", args.ratios), ("--data", args.data)) if not v]
         if missing:
             raise ValueError(f"sweep {args.model} needs {' and '.join(missing)} (or use --spec SWEEP.json)")
         ref = ModelRef(spec=args.model, weights=args.weights, num_classes=args.num_classes,
-                       cifar_stem=args.cifar_stem, pretrained=args.pretrained)
+                       cifar_stem=args.cifar_stem, pretrained=args.pretrained, trust_code=args.trust_code)
         loaded[args.model] = _load(args)
         methods = args.methods or DEFAULT_SWEEP_METHODS[loaded[args.model].kind]
         spec = spec_from_args(ref, args.ratios, methods, args.data, seeds=args.seeds,
@@ -381,6 +413,7 @@ def _common_fold_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export import add_export_subparser
     from .train import add_train_subparser
 
     repair_help = ", ".join(f"{k} ({METHODS[k].label})" for k in fold_keys())
@@ -418,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=list(dict.fromkeys(["fold", *METHODS])), default="fold",
                    help=f"fold (the default fold of the model's kind), or a baseline at the same ratios: {method_help}")
     _common_fold_args(p)
+    _data_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--variance-samples", type=_count, default=VARIANCE_SAMPLES, metavar="N",
@@ -460,10 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="image classifiers: classifier width for torchvision:ARCH")
     p.add_argument("--cifar-stem", action="store_true", help="image classifiers: 3x3 stride-1 stem (32x32 inputs)")
     p.add_argument("--pretrained", action="store_true", help="image classifiers: download torchvision's weights")
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--ratios", type=_ratio, nargs="+")
     p.add_argument("--methods", nargs="+", choices=list(METHODS),
                    help="default: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in DEFAULT_SWEEP_METHODS.items()))
     _common_fold_args(p)
+    _data_args(p, roles=False)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: cells one by one in this process; ray: one Ray task per cell")
@@ -478,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     add_train_subparser(sub)
+    add_export_subparser(sub)
     return parser
 
 

@@ -10,8 +10,19 @@ Dataset specs (see :func:`load_dataset`):
 ``mnist:ROOT``              torchvision MNIST under ``ROOT`` (``ROOT/MNIST/raw``)
 ``fashionmnist:ROOT``       torchvision Fashion-MNIST under ``ROOT`` (``ROOT/FashionMNIST/raw``)
 ``svhn:ROOT``               torchvision SVHN under ``ROOT`` (``ROOT/train_32x32.mat``, ``ROOT/test_32x32.mat``)
-``imagefolder:DIR``         torchvision ``ImageFolder`` (one sub-folder per class); same folder for both splits
+``imagefolder:DIR``         torchvision ``ImageFolder`` (one sub-folder per class); ``DIR/train`` serves the
+                            train split and ``DIR/val`` (or ``DIR/test``) the test split when they exist,
+                            otherwise ``DIR`` serves both (see :func:`data_specs` for the overlap check)
 ==========================  ==============================================================================
+
+*Honest data.* Repair/calibration inputs come from the train split, accuracy from the test split.
+:func:`data_specs` resolves ``--data``/``--repair-data``/``--test-data`` into the two specs and refuses
+(unless ``allow_overlap``) a repair folder that is the test folder or lies inside it (or the reverse), compared by
+resolved real path.
+
+*Loader workers.* File-backed datasets (image folders, torchvision datasets) are decoded by
+:func:`default_workers` worker processes (from the CPU count; :func:`set_workers` overrides it, e.g. the CLI's
+``--workers``); in-memory datasets are read in-process.
 
 foldviz never downloads data: torchvision datasets are opened with ``download=False`` and a missing dataset
 raises :class:`DataError` naming the exact path that was expected.
@@ -23,6 +34,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +59,11 @@ __all__ = [
     "digits_arrays",
     "digits_normalization",
     "default_card",
+    "imagefolder_dir",
+    "data_specs",
+    "check_overlap",
+    "default_workers",
+    "set_workers",
 ]
 
 #: The fixed split used for the bundled digits demos.
@@ -150,7 +168,7 @@ def _pil_transform(shape: tuple[int, int, int], norm: dict | None, native_hw: tu
     return T.Compose(steps)
 
 
-def _tensor_transform(x: torch.Tensor, shape: tuple[int, int, int], norm: dict | None) -> torch.Tensor:
+def tensor_transform(x: torch.Tensor, shape: tuple[int, int, int], norm: dict | None) -> torch.Tensor:
     """Batch version for in-memory [0, 1] images shaped (N, C, H, W)."""
     c, h, w = shape
     if x.shape[1] != c:
@@ -184,7 +202,7 @@ class _TransformedImages(Dataset):
         return len(self.y)
 
     def __getitem__(self, i):
-        return _tensor_transform(self.x[i:i + 1], self.shape, self.norm)[0], self.y[i]
+        return tensor_transform(self.x[i:i + 1], self.shape, self.norm)[0], self.y[i]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,7 +270,7 @@ def _load_dataset(spec: str, split: str = "test", *, card: dict | None = None) -
             raise DataError("the digits dataset is bundled and takes no path: use 'digits'")
         x, y = digits_arrays(split)
         if tuple(shape) == tuple(x.shape[1:]):
-            ds = TensorDataset(_tensor_transform(x, shape, norm), y)
+            ds = TensorDataset(tensor_transform(x, shape, norm), y)
         else:  # e.g. a 3×224×224 model: convert per item instead of materialising every resized image
             ds = _TransformedImages(x, y, shape, norm)
         ds.classes = [str(i) for i in range(10)]
@@ -268,6 +286,7 @@ def _load_dataset(spec: str, split: str = "test", *, card: dict | None = None) -
     if kind == "imagefolder":
         if not root.is_dir():
             raise DataError(f"image folder not found: {root}")
+        root = imagefolder_dir(root, split)
         try:
             folder = type("CheckedImageFolder", (_CheckedImageFolder, D.ImageFolder), {})
             return folder(str(root), transform=tf)
@@ -299,12 +318,131 @@ def _load_dataset(spec: str, split: str = "test", *, card: dict | None = None) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# split folders and overlap
+# ----------------------------------------------------------------------------------------------------------------
+_SPLIT_DIRS = {"train": ("train",), "test": ("val", "test")}
+
+
+def imagefolder_dir(root: str | os.PathLike, split: str) -> Path:
+    """The folder an ``imagefolder:ROOT`` spec reads for ``split``.
+
+    ``ROOT/train`` for "train" and ``ROOT/val`` (else ``ROOT/test``) for "test" when ROOT has such sub-folders;
+    ROOT itself when it has none of them (a flat folder of class sub-folders serves both splits).
+    """
+    root, split = Path(root).expanduser(), _check_split(split)
+    present = {d for names in _SPLIT_DIRS.values() for d in names if (root / d).is_dir()}
+    if not present:
+        return root
+    for d in _SPLIT_DIRS[split]:
+        if d in present:
+            return root / d
+    want = " or ".join(f"{root / d}" for d in _SPLIT_DIRS[split])
+    raise DataError(f"image folder {root} has {', '.join(sorted(present))}/ but no {split} split: expected {want}")
+
+
+def _split_folder(spec: str, split: str) -> Path | None:
+    """The resolved folder ``spec``'s ``split`` is read from (image folders only; None for other kinds)."""
+    kind, _, arg = str(spec).strip().partition(":")
+    if kind.lower() != "imagefolder" or not arg:
+        return None
+    return Path(os.path.realpath(imagefolder_dir(arg, split)))
+
+
+def check_overlap(repair_spec: str, test_spec: str, *, allow_overlap: bool = False) -> None:
+    """Refuse repair data (train split of ``repair_spec``) that shares images with the test data (test split of
+    ``test_spec``): the same folder, or one folder inside the other, by resolved real path."""
+    a, b = _split_folder(repair_spec, "train"), _split_folder(test_spec, "test")
+    if allow_overlap or a is None or b is None:
+        return
+    if a == b:
+        how = f"both read {a}"
+    elif b in a.parents or a in b.parents:
+        inner, outer = (a, b) if b in a.parents else (b, a)
+        how = f"{inner} lies inside {outer}"
+    else:
+        return
+    raise DataError(f"the repair data and the test data overlap ({how}), so the accuracy would be measured on "
+                    "images the repair saw: arrange ROOT/train and ROOT/val, or give --repair-data and "
+                    "--test-data, or pass --allow-overlap")
+
+
+def data_specs(data: str | None = None, repair_data: str | None = None, test_data: str | None = None, *,
+               allow_overlap: bool = False) -> tuple[str | None, str | None]:
+    """(repair spec, test spec): ``repair_data``/``test_data`` override ``data`` for their role.
+
+    The repair spec is read on its train split (Fold-R, REPAIR), the test spec on its test split (accuracy);
+    overlapping image folders are refused unless ``allow_overlap`` (see :func:`check_overlap`).
+    """
+    repair, test = repair_data or data, test_data or data
+    if repair and test:
+        check_overlap(repair, test, allow_overlap=allow_overlap)
+    return repair, test
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # loaders and batches
 # ----------------------------------------------------------------------------------------------------------------
+_WORKERS: int | None = None  # None: default_workers()
+MAX_WORKERS = 64
+
+
+def default_workers() -> int:
+    """Loader worker processes for file-backed datasets: one less than the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
+
+
+def set_workers(n: int | None) -> None:
+    """Worker processes for file-backed datasets from now on (0: in-process; None: :func:`default_workers`)."""
+    global _WORKERS
+    if n is not None and not 0 <= int(n) <= MAX_WORKERS:
+        raise DataError(f"workers must be between 0 and {MAX_WORKERS}, got {n}")
+    _WORKERS = None if n is None else int(n)
+
+
+def _in_memory(dataset: Dataset) -> bool:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, (TensorDataset, _TransformedImages))
+
+
+def _workers_for(dataset: Dataset, num_workers: int | None) -> int:
+    if num_workers is not None:
+        return int(num_workers)
+    if _in_memory(dataset):  # no decoding to parallelise: worker start-up would only cost time
+        return 0
+    return default_workers() if _WORKERS is None else _WORKERS
+
+
+_WORKER_ERROR = re.compile(r"^([\w.]*Error): (.+)$", re.M)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker failures surface as one line (the worker's own message, no traceback text)."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError as exc:
+                lines = _WORKER_ERROR.findall(str(exc))
+                if self.num_workers and lines:
+                    raise DataError(lines[-1][1]) from None
+                raise
+            yield batch
+
+
 def make_loader(dataset: Dataset, batch_size: int = 256, *, shuffle: bool = False, limit: int | None = None,
-                seed: int = 0) -> DataLoader:
-    """A single-process DataLoader.  ``limit`` keeps the first N samples (a seeded random subset when
-    ``shuffle``); shuffling order is seeded too."""
+                seed: int = 0, num_workers: int | None = None) -> DataLoader:
+    """A DataLoader.  ``limit`` keeps the first N samples (a seeded random subset when ``shuffle``); shuffling
+    order is seeded too.  ``num_workers`` defaults to :func:`default_workers` (or :func:`set_workers`) for
+    file-backed datasets and 0 for in-memory ones; the batches do not depend on it."""
     n = len(dataset)
     if limit is not None:
         limit = max(0, min(int(limit), n))
@@ -314,7 +452,8 @@ def make_loader(dataset: Dataset, batch_size: int = 256, *, shuffle: bool = Fals
             idx = list(range(limit))
         dataset = Subset(dataset, idx)
     gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
-    return DataLoader(dataset, batch_size=int(batch_size), shuffle=shuffle, num_workers=0, generator=gen)
+    return _Loader(dataset, batch_size=int(batch_size), shuffle=shuffle, num_workers=_workers_for(dataset, num_workers),
+                   generator=gen)
 
 
 def sample_inputs(spec: str, split: str, n: int, *, card: dict | None = None, seed: int = 0) -> torch.Tensor:
@@ -326,7 +465,8 @@ def sample_inputs(spec: str, split: str, n: int, *, card: dict | None = None, se
     idx = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[: max(0, int(n))]
     if isinstance(ds, TensorDataset):
         return ds.tensors[0][idx].clone()
-    return torch.stack([ds[int(i)][0] for i in idx])
+    loader = make_loader(Subset(ds, idx.tolist()), batch_size=64)
+    return torch.cat([batch[0] for batch in loader])
 
 
 # ----------------------------------------------------------------------------------------------------------------

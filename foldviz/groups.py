@@ -142,11 +142,26 @@ def _output_layers(dg: tp.DependencyGraph, names: dict) -> list[nn.Module]:
     return out
 
 
+def _out_width(m: nn.Module) -> int | None:
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, _CONV):
+        return m.out_channels
+    if isinstance(m, _BN):
+        return m.num_features
+    return None
+
+
 def _check_foldable(members: list[Member], modules: dict[str, nn.Module], n: int) -> str | None:
     for mem in members:
         m = modules[mem.module]
         if not isinstance(m, _SUPPORTED):
             return f"member {mem.module} is a {type(m).__name__}, which foldviz cannot merge"
+        if mem.side == "out" and len(set(mem.idxs)) != _out_width(m):
+            # e.g. torch.split/chunk of a conv's output (CSPNet): the forward pass slices by fixed sizes and the
+            # surgery addresses a group through its whole first producer
+            return (f"the output of {mem.module} is split between several channel groups (torch.split/chunk); "
+                    "foldviz folds whole layer outputs only")
         if _is_grouped(m) and not _is_depthwise(m):
             return f"{mem.module} is a grouped convolution (groups={m.groups}): clusters would cross groups"
         if isinstance(m, CONV_TYPES) and getattr(m, "transposed", False):

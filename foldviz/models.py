@@ -41,7 +41,7 @@ from .zoo import (  # noqa: F401  (re-exported: the architectures used to live h
     DigitsResNet,
     DigitsVGG,
     LoadedModel,
-    _build_torchvision,
+    build_torchvision,
     build_architecture,
     torchvision_card,
 )
@@ -120,7 +120,7 @@ def _pretrained_torchvision(arch: str, num_classes: int | None, cifar_stem: bool
             f"could not download torchvision weights for {arch} (no internet?) — pass --weights FILE or use "
             f"random initialisation ({reason})"
         ) from None
-    model = _build_torchvision(arch, n_cat, False)
+    model = build_torchvision(arch, n_cat, False)
     apply_state_dict(model, state, label=f"torchvision weights {weights_enum}")
     return model, f"{type(weights_enum).__name__}.{weights_enum.name}"
 
@@ -168,7 +168,7 @@ def _load_torchvision(arch: str, weights, num_classes, cifar_stem: bool, pretrai
             if num_classes is None:  # infer the classifier width from the checkpoint when possible
                 num_classes = _infer_num_classes(arch, state)
         n = 1000 if num_classes is None else int(num_classes)
-        model = _build_torchvision(arch, n, cifar_stem)
+        model = build_torchvision(arch, n, cifar_stem)
         if state is not None:
             apply_state_dict(model, state, label=f"checkpoint {Path(weights).name}")
             wname = str(weights)
@@ -191,7 +191,7 @@ def _infer_num_classes(arch: str, state: dict) -> int | None:
     """Guess the number of classes from the last 2-D weight of a checkpoint whose key matches the model's head."""
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            ref = _build_torchvision(arch, 1000, False).state_dict()
+            ref = build_torchvision(arch, 1000, False).state_dict()
     except Exception:
         return None
     heads = [k for k, v in ref.items() if v.ndim == 2 and v.shape[0] == 1000 and k.endswith("weight")]
@@ -209,7 +209,7 @@ def is_lm_spec(spec: str) -> bool:
         return True
     if s.startswith("demo:"):
         return (MODELS_DIR / s[5:] / "card.json").is_file() and _DEMO_NAME.fullmatch(s[5:]) is not None
-    if s.startswith(("torchvision:",)) or ":" in s.split("/")[0] and not s.startswith("file:"):
+    if s.startswith(("torchvision:", "timm:", "py:")) or ":" in s.split("/")[0] and not s.startswith("file:"):
         return False
     p = Path(s.removeprefix("file:")).expanduser()
     if not p.is_dir():
@@ -219,7 +219,7 @@ def is_lm_spec(spec: str) -> bool:
 
 
 def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_classes: int | None = None,
-               cifar_stem: bool = False, pretrained: bool = False) -> LoadedModel:
+               cifar_stem: bool = False, pretrained: bool = False, trust_code: bool = False) -> LoadedModel:
     """Load a model from a spec (see module docstring).
 
     ``weights``: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` state-dict file to load instead of the default
@@ -227,7 +227,9 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
     else 1000).  ``cifar_stem``: adapt a torchvision model to 32×32 inputs — ResNets get a 3×3 stride-1 stem
     and no max-pool; MobileNetV2's stem conv gets stride 1; VGG is unchanged (its adaptive average pool already
     accepts 32×32 inputs) — and use CIFAR normalisation; other families are rejected.  ``pretrained``: download
-    torchvision's default weights (needs internet).
+    torchvision's default weights (needs internet).  ``timm:NAME`` and ``py:FILE:FACTORY`` specs are loaded by
+    :mod:`foldviz.sources`; ``trust_code`` allows running a ``py:`` factory (also when a folded directory was
+    built from one).
     """
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise ModelLoadError("empty model spec; use demo:NAME, torchvision:ARCH, hf:DIR or file:DIR")
@@ -247,13 +249,18 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
         if weights is not None or num_classes is not None or cifar_stem or pretrained:
             raise ModelLoadError(f"{s} is a folded model with its own weights; --weights, --num-classes, "
                                  "--cifar-stem and --pretrained do not apply to it")
-        loaded = persist.load_folded(path)
+        loaded = persist.load_folded(path, trust_code=trust_code)
         loaded.spec = s   # the spec as the user wrote it: plans and reports name it
         return loaded
     if s.startswith("demo:"):
         if cifar_stem or pretrained:
             raise ModelLoadError("cifar_stem and pretrained only apply to torchvision:ARCH models")
         return _load_demo(s.split(":", 1)[1], weights, num_classes)
+    if s.startswith(("timm:", "py:")):  # optional sources: timm models, the user's own factory (trusted only)
+        from .sources import load_source
+
+        return load_source(s, weights=weights, num_classes=num_classes, cifar_stem=cifar_stem,
+                           pretrained=pretrained, trust_code=trust_code)
     if s.startswith("torchvision:"):
         arch = s.split(":", 1)[1].strip()
         if not arch:
@@ -264,7 +271,7 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
         if weights is not None or num_classes is not None or cifar_stem or pretrained:
             raise ModelLoadError(f"{s} is a folded model with its own weights; --weights, --num-classes, "
                                  "--cifar-stem and --pretrained do not apply to it")
-        return persist.load_folded(path)
+        return persist.load_folded(path, trust_code=trust_code)
     if path.exists():
         raise ModelLoadError(
             f"{s} is a file; a model spec is demo:NAME, torchvision:ARCH or a folded-model directory "
@@ -274,6 +281,6 @@ def load_model(spec: str, *, weights: str | os.PathLike | None = None, num_class
         return load_model(f"demo:{s}", weights=weights, num_classes=num_classes)
     demos = ", ".join(f"demo:{d}" for d in list_demos()) or "none bundled"
     raise ModelLoadError(
-        f"cannot understand model spec {s!r}: use demo:NAME ({demos}), torchvision:ARCH (e.g. torchvision:resnet18) "
-        "or the directory of a folded model"
+        f"cannot understand model spec {s!r}: use demo:NAME ({demos}), torchvision:ARCH (e.g. torchvision:resnet18), "
+        "timm:NAME, py:FILE:FACTORY or the directory of a folded model"
     )

@@ -24,7 +24,8 @@ from torch import nn
 
 from .groups import BN_TYPES, CONV_TYPES
 from .checkpoints import FLOAT_DTYPE_NAMES, ModelLoadError, json_depth, read_safetensors_header
-from .zoo import LoadedModel, build_architecture
+from .sources import build_any
+from .zoo import LoadedModel
 from .utils import MODELS_DIR, OutputError, all_finite, atomic_dir, check_output_dir, dumps_json, state_dict_hash
 
 FORMAT = "foldviz-folded-model"
@@ -53,9 +54,14 @@ def _layer_args(m: nn.Module) -> dict:
             "track_running_stats": m.track_running_stats}
 
 
+def _base_type(m: nn.Module) -> type | None:
+    """The allow-listed layer type ``m`` is (or subclasses, e.g. timm's BatchNormAct2d), or None."""
+    return next((t for t in type(m).__mro__ if t in _TYPES.values()), None)
+
+
 def _layers(model: nn.Module) -> dict:
-    return {n: {"type": type(m).__name__, "args": _layer_args(m)} for n, m in model.named_modules()
-            if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + BN_TYPES}
+    return {n: {"type": _base_type(m).__name__, "args": _layer_args(m)} for n, m in model.named_modules()
+            if _base_type(m) is not None}
 
 
 def marker_kind(path) -> str | None:
@@ -264,18 +270,33 @@ def _no_constant(tok):
     raise ValueError(f"non-finite number {tok} is not JSON")
 
 
-def _build_meta_model(meta: dict, meta_path: Path) -> nn.Module:
+def _resize_like(old: nn.Module, new: nn.Module, args: dict) -> None:
+    """Give ``old`` (a subclass of ``new``'s type, e.g. a BatchNorm fused with its activation) ``new``'s sizes:
+    its constructor attributes, parameters and buffers; whatever else the subclass holds is kept."""
+    for key in args:
+        setattr(old, key, getattr(new, key))
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        if hasattr(old, key) or hasattr(new, key):
+            setattr(old, key, getattr(new, key, None))
+
+
+def _build_meta_model(meta: dict, meta_path: Path, trust_code: bool = False) -> nn.Module:
     """The architecture with the recorded layers swapped in, on the meta device (no memory, no init cost)."""
     try:
         with torch.device("meta"):
-            model = build_architecture(meta["base_card"])
+            model = build_any(meta["base_card"], trust_code=trust_code)
             for name, layer in meta["layers"].items():
                 parent_name, _, attr = name.rpartition(".")
                 try:
                     parent = model.get_submodule(parent_name) if parent_name else model
-                    if not isinstance(getattr(parent, attr, None), nn.Module):
+                    old = getattr(parent, attr, None)
+                    if not isinstance(old, nn.Module):
                         raise AttributeError(f"the base architecture has no layer {name!r}")
-                    setattr(parent, attr, _TYPES[layer["type"]](**layer["args"]))
+                    new = _TYPES[layer["type"]](**layer["args"])
+                    if type(old) is not type(new) and isinstance(old, type(new)):
+                        _resize_like(old, new, layer["args"])
+                    else:
+                        setattr(parent, attr, new)
                 except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
                     raise ModelLoadError(f"{meta_path}: cannot rebuild layer {name}: {str(exc)[:200]}") from None
     except ModelLoadError:
@@ -306,8 +327,9 @@ def _check_against_header(model: nn.Module, header: dict, weights: Path) -> None
                              + ", ".join(wrong[:5]))
 
 
-def load_folded(path) -> LoadedModel:
-    """Load a directory written by :func:`save_folded` (no code is unpickled; validated before allocating)."""
+def load_folded(path, *, trust_code: bool = False) -> LoadedModel:
+    """Load a directory written by :func:`save_folded` (no code is unpickled; validated before allocating).
+    ``trust_code`` allows rebuilding an architecture made by the user's own code (``py:`` models)."""
     path = Path(path)
     if path.is_symlink():
         raise ModelLoadError(f"{path} is a symlink; give the folded-model directory itself")
@@ -317,7 +339,7 @@ def load_folded(path) -> LoadedModel:
     meta = read_meta(path)
     weights = path / WEIGHTS_FILE
     header = read_safetensors_header(weights, MAX_WEIGHTS_BYTES)
-    model = _build_meta_model(meta, meta_path)
+    model = _build_meta_model(meta, meta_path, trust_code)
     _check_against_header(model, header, weights)
     from safetensors import safe_open
 

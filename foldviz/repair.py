@@ -29,6 +29,7 @@ from torch import nn
 
 from .features import group_features
 from .groups import BN_TYPES, CONV_TYPES, build_dependency_graph
+from .metrics import channel_axis
 from .utils import Progress, state_dict_hash
 
 
@@ -218,7 +219,9 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
                 xj = torch.roll(x, shifts=(dx, dy), dims=(-2, -1)) if x.dim() == 4 else x
                 losses.clear()
                 out = model(xj)
-                loss = F.cross_entropy(out, targets) + bn_weight * torch.stack(losses).sum()
+                # a model without BatchNorm (a vision transformer) has no statistics to match: targets only
+                bn_term = torch.stack(losses).sum() if losses else out.new_zeros(())
+                loss = F.cross_entropy(out, targets) + bn_weight * bn_term
                 if x.dim() == 4 and tv_weight:
                     tv = (xj[..., 1:, :] - xj[..., :-1, :]).norm() + (xj[..., :, 1:] - xj[..., :, :-1]).norm()
                     loss = loss + tv_weight * tv
@@ -338,8 +341,10 @@ def _output_stats(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict:
     mods = dict(model.named_modules())
     stats: dict = {}
     def make(name):
-        def hook(_m, _i, out):
-            stats.setdefault(name, _bn_input_stats(out))  # returns None: the output is not replaced
+        def hook(m, _i, out):
+            ax = channel_axis(m, out)
+            if ax is not None:  # returns None: the output is not replaced
+                stats.setdefault(name, _bn_input_stats(out.movedim(ax, 1)))
         return hook
 
     _forward_with(model, x, [mods[n].register_forward_hook(make(n)) for n in layers if n in mods])
@@ -493,7 +498,10 @@ def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.
             if name in done or name not in goals:
                 return None
             done.add(name)
-            m_f, v_f = _bn_input_stats(out)
+            ax = channel_axis(mod, out)  # a Linear on tokens (N, L, C) has its channels last
+            if ax is None:
+                return None
+            m_f, v_f = _bn_input_stats(out.movedim(ax, 1))
             m_o, v_o = goals[name]
             size = m_f.numel()
             cmap = channel_maps.get(name, np.arange(size))
@@ -510,7 +518,8 @@ def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.
                 mod.bias = nn.Parameter(new_b, requires_grad=False)
             else:
                 mod.bias.copy_(new_b)
-            view = (1, -1) + (1,) * (out.dim() - 2)
+            view = [1] * out.dim()
+            view[ax] = -1
             return out * a.to(out).view(view) + shift.to(out).view(view)
 
         handles = [m.register_forward_pre_hook(hook) for m in bns]

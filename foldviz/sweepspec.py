@@ -106,12 +106,14 @@ class ModelRef:
     cifar_stem: bool = False
     pretrained: bool = False
     data: str | None = None  # evaluation/repair data for this model; defaults to the spec's "data"
+    # allows py:FILE:FACTORY models; granted by the command line (--trust-code), never read from a spec file
+    trust_code: bool = field(default=False, compare=False)
 
     def load(self):
         from .models import load_model
 
         return load_model(self.spec, weights=self.weights, num_classes=self.num_classes,
-                          cifar_stem=self.cifar_stem, pretrained=self.pretrained)
+                          cifar_stem=self.cifar_stem, pretrained=self.pretrained, trust_code=self.trust_code)
 
 
 @dataclass
@@ -133,7 +135,8 @@ class SweepSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["models"] = [{k: v for k, v in asdict(m).items() if v not in (None, False)} for m in self.models]
+        d["models"] = [{k: v for k, v in asdict(m).items() if v not in (None, False) and k != "trust_code"}
+                       for m in self.models]
         if d["clustering"] is None:
             d.pop("clustering")
         return {"foldviz_sweep": SPEC_VERSION, **d}
@@ -206,11 +209,31 @@ def spec_from_args(model: ModelRef, ratios, methods, data: str | None, *, seeds=
                    repair_samples: int = DEFAULT_REPAIR_SAMPLES, clustering: dict | None = None, repair_settings: dict | None = None,
                    include_original: bool = True) -> SweepSpec:
     """The spec the single-model command line (and :func:`foldviz.sweep.sweep`) stands for, validated."""
-    d = {"foldviz_sweep": SPEC_VERSION, "models": [{k: v for k, v in asdict(model).items() if v is not None}],
+    d = {"foldviz_sweep": SPEC_VERSION,
+         "models": [{k: v for k, v in asdict(model).items() if v is not None and k != "trust_code"}],
          "methods": list(dict.fromkeys(methods)), "ratios": list(dict.fromkeys(float(r) for r in ratios)),
          "seeds": list(dict.fromkeys(int(s) for s in seeds)), "data": data, "eval_limit": eval_limit,
          "repair_samples": int(repair_samples), "include_original": include_original,
          "repair_settings": repair_settings or {}}
     if clustering:
         d["clustering"] = clustering
-    return spec_from_dict(d)
+    return grant_trust(spec_from_dict(d), model.trust_code)
+
+
+def grant_trust(spec: SweepSpec, trust_code: bool) -> SweepSpec:
+    """``spec`` with every model allowed (or not) to run its ``py:`` factory: the user's decision on the command
+    line, which a spec file cannot make for them."""
+    from dataclasses import replace
+
+    spec.models = [replace(m, trust_code=bool(trust_code)) for m in spec.models]
+    return spec
+
+
+def check_spec_overlap(spec: SweepSpec, *, allow_overlap: bool = False) -> None:
+    """Refuse a model whose data would repair and test on the same image folder (see foldviz.data.check_overlap)."""
+    from .data import check_overlap
+
+    for m in spec.models:
+        data = spec.data_for(m)
+        if data:
+            check_overlap(data, data, allow_overlap=allow_overlap)

@@ -133,7 +133,7 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, epochs: in
     import torch.nn.functional as F
 
     from .checkpoints import save_safetensors
-    from .data import (DIGITS_SPLIT, _tensor_transform, digits_arrays, digits_normalization, evaluate,
+    from .data import (DIGITS_SPLIT, tensor_transform, digits_arrays, digits_normalization, evaluate,
                        load_dataset, make_loader)
     from .metrics import count_params
     from .models import MODELS_DIR
@@ -199,7 +199,7 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, epochs: in
                     g["lr"] = lr
                 xb = _shift_batch(x_train[idx], gen)
                 if shape != (1, 8, 8):  # upsample (and replicate channels) the way foldviz.data does at test time
-                    xb = _tensor_transform(xb, shape, None)
+                    xb = tensor_transform(xb, shape, None)
                 xb = (xb - mean) / std
                 yb = y_train[idx]
                 logits = model(xb)

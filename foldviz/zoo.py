@@ -217,7 +217,7 @@ def torchvision_card(arch: str, *, num_classes: int | None = None, cifar_stem: b
     }
 
 
-def _build_torchvision(arch: str, num_classes: int = 1000, cifar_stem: bool = False) -> nn.Module:
+def build_torchvision(arch: str, num_classes: int = 1000, cifar_stem: bool = False) -> nn.Module:
     from torchvision import models as tvm
 
     names = _torchvision_arch_names()
@@ -238,7 +238,8 @@ def build_architecture(card: dict) -> nn.Module:
     """A randomly initialised module for a card's ``arch`` + ``kwargs``.
 
     ``arch`` is a demo class name (``DigitsResNet``, ``DigitsVGG``, ``DigitsMLP``) or ``torchvision:ARCH`` with
-    kwargs ``num_classes`` and ``cifar_stem``.
+    kwargs ``num_classes`` and ``cifar_stem``. The cards of the optional sources (``timm:NAME``, ``py``) are built
+    by :func:`foldviz.sources.build_any`.
     """
     arch = card.get("arch")
     kwargs = dict(card.get("kwargs") or {})
@@ -246,12 +247,12 @@ def build_architecture(card: dict) -> nn.Module:
         raise ModelLoadError("model card has no 'arch'")
     if str(arch).startswith("torchvision:"):
         name = str(arch).split(":", 1)[1]
-        return _build_torchvision(name, int(kwargs.get("num_classes", card.get("num_classes") or 1000)),
+        return build_torchvision(name, int(kwargs.get("num_classes", card.get("num_classes") or 1000)),
                                   bool(kwargs.get("cifar_stem", False)))
     cls = DEMO_ARCHS.get(str(arch))
     if cls is None:
         raise ModelLoadError(
-            f"unknown architecture {arch!r}; expected one of {', '.join(DEMO_ARCHS)} or torchvision:ARCH"
+            f"unknown architecture {arch!r}; expected one of {', '.join(DEMO_ARCHS)}, torchvision:ARCH, timm:NAME or py"
         )
     try:
         return cls(**kwargs)

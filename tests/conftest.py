@@ -59,3 +59,18 @@ def no_network(monkeypatch, tmp_path):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~30 s (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; run with -m cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, with the reason, on machines without a CUDA device."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in marked:
+        item.add_marker(skip)

@@ -479,7 +479,7 @@ def test_image_folder_with_more_classes_than_the_model(tmp_path, capsys):
     card = load_model("demo:digits-mlp").card
     with pytest.raises(DataError, match="11 classes.*10 outputs"):
         load_dataset(f"imagefolder:{root}", card=card)
-    assert run("fold", "demo:digits-mlp", "--ratio", 0.3, "--data", f"imagefolder:{root}", *FAST,
+    assert run("fold", "demo:digits-mlp", "--ratio", 0.3, "--data", f"imagefolder:{root}", "--allow-overlap", *FAST,
                "--out", tmp_path / "o") == 2
     one_line_error(capsys, "11 classes", "10 outputs")
     assert not (tmp_path / "o").exists()

@@ -146,23 +146,22 @@ def test_variance_samples_zero_skips_the_measurement_and_says_so(tmp_path, capsy
 
 
 def test_main_cli_folds_a_language_model_into_the_one_report_schema(tmp_path, capsys):
-    """`python -m foldviz fold demo:<LM>` runs foldviz.lm's fold and writes report.json with every REPORT_KEY."""
+    """`python -m foldviz fold demo:<LM>` goes through the one engine and writes report.json with every REPORT_KEY."""
     pytest.importorskip("transformers")
     from foldviz.cli import main
     from foldviz.report import REPORT_KEYS
 
     out = tmp_path / "lm"
-    assert main(["fold", "demo:shakespeare-llama", "--ratio", "0.25", "--eval", "shakespeare:test",
-                 "--max-windows", "8", "--out", str(out), "--json"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    assert main(["fold", "demo:shakespeare-llama", "--ratio", "0.25", "--data", "shakespeare:test",
+                 "--eval-limit", "8", "--out", str(out), "--prompt", "ROMEO.", "--no-latency"]) == 0
+    printed = capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep) == set(REPORT_KEYS) and rep["method"] == "fold" and rep["label"] == "Fold (k-means)"
-    assert rep["perplexity_after"]["perplexity"] > rep["perplexity_before"]["perplexity"] > 1
+    assert set(rep) == set(REPORT_KEYS) and rep["kind"] == "lm" and rep["method"] == "fold"
+    assert rep["label"] == "Fold (k-means)" and rep["eval_samples"] == 8
+    assert rep["perplexity_after"] > rep["perplexity_before"] > 1 and rep["accuracy_after"] is None
     assert rep["param_sparsity"] == pytest.approx(1 - rep["params_after"] / rep["params_before"])
-    assert [g["id"] for g in rep["groups"]][:2] == ["model.layers.0.mlp", "model.layers.0.self_attn"]
-    assert len(rep["variance_ratio"]) == 4 and rep["accuracy_after"] is None
-    assert printed["perplexity_after"] == rep["perplexity_after"] and "generation_after" in printed
+    assert [g["id"] for g in rep["groups"]][:3] == ["model.hidden", "model.layers.0.mlp", "model.layers.0.self_attn"]
+    assert len(rep["variance_ratio"]) == 4 and "windows" in rep["eval_protocol"]
+    assert f"perplexity {rep['perplexity_before']:.2f} -> {rep['perplexity_after']:.2f}" in printed
+    assert any(n.startswith("prompt 'ROMEO.' after:") for n in rep["notes"])
     assert main(["inspect", "demo:shakespeare-llama"]) == 0 and "model.layers.3.mlp" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:                # not an LM method: argparse's one-line error
-        main(["fold", "demo:shakespeare-llama", "--method", "l1"])
-    assert e.value.code == 2 and "choose from 'fold', 'magnitude', 'random'" in capsys.readouterr().err

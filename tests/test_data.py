@@ -18,7 +18,11 @@ from foldviz.data import (
     evaluate,
     load_dataset,
     make_loader,
+    data_specs,
+    default_workers,
+    imagefolder_dir,
     sample_inputs,
+    set_workers,
 )
 
 
@@ -170,6 +174,111 @@ def test_imagefolder_missing_or_empty(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# honest data: train/val folders, overlap refusal, loader workers
+# ---------------------------------------------------------------------------------------------------------------
+def _split_folder(root):
+    """ROOT/train (2 per class) and ROOT/val (3 per class) with different image sizes, so they can be told apart."""
+    _make_imagefolder(root / "train", per_class=2, size=(20, 20))
+    _make_imagefolder(root / "val", per_class=3, size=(30, 30))
+    return root
+
+
+def test_imagefolder_train_and_val_folders_serve_the_two_splits(tmp_path):
+    root = _split_folder(tmp_path / "data")
+    train, test = load_dataset(f"imagefolder:{root}", "train"), load_dataset(f"imagefolder:{root}", "test")
+    assert len(train) == 4 and len(test) == 6 and train.classes == test.classes == ["cat", "dog"]
+    assert all("/train/" in p for p, _ in train.samples) and all("/val/" in p for p, _ in test.samples)
+    assert imagefolder_dir(root, "train") == root / "train" and imagefolder_dir(root, "test") == root / "val"
+    assert data_specs(f"imagefolder:{root}") == (f"imagefolder:{root}", f"imagefolder:{root}")
+    (root / "val").rename(root / "test")  # ROOT/test is accepted when there is no ROOT/val
+    assert imagefolder_dir(root, "test") == root / "test"
+    (root / "test").rename(root / "other")
+    with pytest.raises(DataError, match="has train/ but no test split"):
+        load_dataset(f"imagefolder:{root}", "test")
+
+
+def test_one_folder_for_repair_and_test_is_refused_unless_allowed(tmp_path):
+    flat = _make_imagefolder(tmp_path / "flat")
+    with pytest.raises(DataError, match=r"overlap \(both read .*flat\).*--allow-overlap") as exc:
+        data_specs(f"imagefolder:{flat}")
+    assert "\n" not in str(exc.value)
+    assert data_specs(f"imagefolder:{flat}", allow_overlap=True) == (f"imagefolder:{flat}",) * 2
+    link = tmp_path / "alias"
+    link.symlink_to(flat, target_is_directory=True)  # the same folder under another name
+    with pytest.raises(DataError, match="both read"):
+        data_specs(repair_data=f"imagefolder:{link}", test_data=f"imagefolder:{flat}")
+    # different folders, and datasets with their own train/test split, are fine
+    other = _make_imagefolder(tmp_path / "other")
+    assert data_specs(None, f"imagefolder:{flat}", f"imagefolder:{other}") == (f"imagefolder:{flat}",
+                                                                                f"imagefolder:{other}")
+    assert data_specs("digits") == ("digits", "digits")
+    assert data_specs("digits", test_data=f"imagefolder:{other}") == ("digits", f"imagefolder:{other}")
+
+
+def test_nested_folders_are_refused(tmp_path):
+    outer = _make_imagefolder(tmp_path / "all")
+    inner = outer / "cat"
+    with pytest.raises(DataError, match=r"lies inside"):
+        data_specs(repair_data=f"imagefolder:{outer}", test_data=f"imagefolder:{inner}")
+    with pytest.raises(DataError, match=r"lies inside"):
+        data_specs(repair_data=f"imagefolder:{inner}", test_data=f"imagefolder:{outer}")
+    assert data_specs(repair_data=f"imagefolder:{outer}", test_data=f"imagefolder:{inner}",
+                      allow_overlap=True)[1] == f"imagefolder:{inner}"
+
+
+def test_cli_fold_refuses_overlap_and_accepts_split_folders(tmp_path, capsys):
+    from foldviz import cli
+
+    flat = _make_imagefolder(tmp_path / "flat", size=(8, 8))
+    out = tmp_path / "o"
+    args = ["fold", "demo:digits-mlp", "--ratio", "0.3", "--repair", "r", "--repair-samples", "4", "--no-latency",
+            "--variance-samples", "0", "--quiet", "--out", str(out)]
+    assert cli.main([*args, "--data", f"imagefolder:{flat}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the repair data and the test data overlap")
+    assert not out.exists()
+    root = _split_folder(tmp_path / "split")
+    assert cli.main([*args, "--data", f"imagefolder:{root}", "--workers", "0"]) == 0, capsys.readouterr().err
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert report["eval_samples"] == 6 and report["data"] == f"imagefolder:{root}"
+    assert cli.main([*args, "--force", "--repair-data", "digits", "--test-data", f"imagefolder:{flat}"]) == 0
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert report["eval_samples"] == 6 and report["data"] == f"imagefolder:{flat}"
+
+
+def test_loader_workers_follow_the_dataset_and_the_setting(tmp_path):
+    flat = _make_imagefolder(tmp_path / "imgs")
+    card = {"input_shape": [3, 8, 8], "normalization": None}
+    files = load_dataset(f"imagefolder:{flat}", "test", card=card)
+    mem = torch.utils.data.TensorDataset(torch.zeros(4, 2), torch.zeros(4))
+    try:
+        set_workers(None)
+        assert make_loader(mem).num_workers == 0  # in memory: nothing to decode in parallel
+        assert make_loader(files).num_workers == default_workers()
+        set_workers(1)
+        assert make_loader(files, limit=3).num_workers == 1
+        one = sample_inputs(f"imagefolder:{flat}", "test", 5, card=card, seed=2)
+        set_workers(0)
+        assert make_loader(files).num_workers == 0
+        assert torch.equal(sample_inputs(f"imagefolder:{flat}", "test", 5, card=card, seed=2), one)
+        with pytest.raises(DataError, match="workers must be between 0 and"):
+            set_workers(-1)
+    finally:
+        set_workers(None)
+
+
+def test_worker_errors_stay_one_line(tmp_path):
+    flat = _make_imagefolder(tmp_path / "imgs")
+    (flat / "cat" / "broken.png").write_bytes(b"not an image")
+    ds = load_dataset(f"imagefolder:{flat}", "test", card={"input_shape": [3, 8, 8], "normalization": None})
+    with pytest.raises(DataError) as exc:
+        for _ in make_loader(ds, batch_size=2, num_workers=1):
+            pass
+    assert str(exc.value).startswith("cannot read image") and "broken.png" in str(exc.value)
+    assert "\n" not in str(exc.value) and "Traceback" not in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # loaders, sample batches
 # ---------------------------------------------------------------------------------------------------------------
 def test_make_loader_limit_and_seeded_shuffle():
@@ -232,3 +341,15 @@ def test_evaluate_limit_and_device_restore():
     assert next(model.parameters()).device.type == "cpu" and not model.training
     with pytest.raises(DataError, match="no samples"):
         evaluate(model, make_loader(ds, batch_size=64), limit=0)
+
+
+def test_cli_sweep_refuses_overlap_before_any_work(tmp_path, capsys):
+    from foldviz import cli
+
+    flat = _make_imagefolder(tmp_path / "flat", size=(8, 8))
+    out = tmp_path / "s.csv"
+    assert cli.main(["sweep", "demo:digits-mlp", "--ratios", "0.3", "--methods", "none", "--data",
+                     f"imagefolder:{flat}", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "overlap" in err[0] and "--allow-overlap" in err[0]
+    assert not out.exists()

@@ -270,9 +270,9 @@ def test_sweep_plot_one_trace_per_method_in_percent():
             for seed in (0, 1):
                 rows.append(dict(method=m, ratio=ratio, seed=seed, param_sparsity=ratio * 1.5,
                                  accuracy=0.9 - ratio - 0.01 * seed, loss=0.1))
-    spec = _spec(F.sweep_plot(rows, methods=["ar", "none", "l1", "dir"], baseline_accuracy=0.95))
+    spec = _spec(F.sweep_plot(rows, methods=["ar", "none", "l1", "dir"], baseline=0.95))
     names = [t["name"] for t in spec["data"]]
-    assert names == ["Fold-AR", "Fold-Naive", "L1 pruning"]
+    assert names == ["Fold-AR", "Fold-Naive", "L1 pruning", "unfolded"]
     tr = spec["data"][0]
     assert np.allclose(tr["x"], [15.0, 75.0])
     assert np.allclose(tr["y"], [79.5, 39.5])
@@ -334,8 +334,19 @@ def test_sweep_plot_original_row_is_baseline():
     rows = [dict(method="original", ratio=0.0, seed=0, param_sparsity=0.0, accuracy=0.97),
             dict(method="ar", ratio=0.5, seed=0, param_sparsity=0.7, accuracy=0.9)]
     spec = _spec(F.sweep_plot(rows))
-    assert [t["name"] for t in spec["data"]] == ["Fold-AR"]
-    assert spec["layout"]["shapes"][0]["y0"] == pytest.approx(97.0)
+    assert [t["name"] for t in spec["data"]] == ["Fold-AR", "unfolded"]
+    assert list(spec["data"][1]["y"]) == pytest.approx([97.0, 97.0])   # a data line across the plot
+
+
+def test_perplexity_sweep_is_on_a_log_axis_with_a_reference_line_in_data_coordinates():
+    rows = [dict(method="original", ratio=0.0, seed=0, param_sparsity=0.0, perplexity=60.0),
+            dict(method="fold", ratio=0.3, seed=0, param_sparsity=0.2, perplexity=80.0),
+            dict(method="magnitude", ratio=0.3, seed=0, param_sparsity=0.2, perplexity=170.0)]
+    spec = _spec(F.sweep_plot(rows, metric="perplexity"))
+    assert spec["layout"]["yaxis"]["type"] == "log" and "perplexity" in spec["layout"]["yaxis"]["title"]["text"]
+    ys = [float(y) for t in spec["data"] for y in F.decode_array(t["y"])]
+    assert min(ys) == 60.0 and max(ys) == 170.0            # nothing drawn at 1 or 1e77
+    assert not spec["layout"].get("shapes")
 
 
 def test_selected_channels_reads_browser_and_python_selections():

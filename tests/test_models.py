@@ -182,7 +182,7 @@ def test_directory_spec_dispatches_to_load_folded(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_load_folded(path):
+    def fake_load_folded(path, trust_code=False):
         seen["path"] = path
         return "folded!"
 

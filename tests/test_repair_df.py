@@ -119,10 +119,10 @@ def test_dfr_sets_every_bn_from_original_statistics():
 
 
 def _digits_acc(model, loaded):
-    from foldviz.data import _tensor_transform, digits_arrays
+    from foldviz.data import tensor_transform, digits_arrays
 
     xt, yt = digits_arrays("test")
-    x = _tensor_transform(xt, tuple(loaded.input_shape), loaded.normalization)
+    x = tensor_transform(xt, tuple(loaded.input_shape), loaded.normalization)
     with torch.no_grad():
         return float((model(x).argmax(1) == yt).float().mean())
 

@@ -130,7 +130,7 @@ def test_fold_report_and_exports(wb):
     assert r["accuracy_after"] == pytest.approx(wb.evaluate(out.model, DATA)["accuracy"])
     assert r["eval_samples"] == 200 and r["method"] == "ar" and r["label"] == "Fold-AR"
     assert r["groups"][0]["id"] == "conv1" and r["variance_ratio"]
-    assert report_csv(r).splitlines()[0] == "id,channels_before,channels_after,ratio,inertia,n_iter,foldable,reason"
+    assert report_csv(r).splitlines()[0] == "id,unit,channels_before,channels_after,ratio,inertia,n_iter,foldable,reason"
     z = zipfile.ZipFile(io.BytesIO(wb.export_folded(out, {"sweep.csv": b"a,b\n"})))
     names = set(z.namelist())
     assert {"folded/model.safetensors", "folded/report.json", "folded/plan.json", "folded/sweep.csv"} <= names

@@ -240,7 +240,7 @@ def test_in_memory_sweep_keeps_its_signature_and_order():
                   progress=lambda d, t, row: seen.append((d, t)))
     assert [(r["method"], r["seed"]) for r in out] == [("original", 0), ("l1", 0), ("none", 0), ("l1", 1), ("none", 1)]
     assert seen[-1] == (4, 4) and S.to_csv(out).splitlines()[0] == ",".join(S.FIELDS)
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match=r"\['magic'\] do not apply to an image classifier; choose from none"):
         S.sweep(loaded, [0.3], ["magic"], "digits")
 
 
