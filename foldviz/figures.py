@@ -220,10 +220,12 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
 def embedding_scatter(coords: np.ndarray, labels: Sequence[int] | np.ndarray, *,
                       method: str = "PCA", group: str = "", channel_ids: Sequence[int] | None = None,
                       highlight: Sequence[int] | None = None, max_legend_clusters: int = len(CLUSTER_COLORS),
-                      title: str | None = None) -> go.Figure:
-    """Channels of one group in a 2-D embedding, coloured by k-means cluster (categorical colours).
+                      title: str | None = None, unit: str = "channel", select: str = "points") -> go.Figure:
+    """Units of one group (channels, neurons, heads) in a 2-D embedding, coloured by k-means cluster.
 
-    Hovering a point shows ``channel 17 · cluster 3``. The largest multi-member clusters (up to
+    Hovering a point shows ``channel 17 · cluster 3`` (``unit`` names what a point is). ``select`` is the drag
+    mode the chart opens in: ``"points"`` (a click selects one unit; dragging zooms), ``"box"`` or ``"lasso"``
+    (dragging selects several). The largest multi-member clusters (up to
     ``max_legend_clusters``) get one trace and one distinct colour each (:func:`cluster_palette`, shared with the
     heatmap and the filter grid); the remaining clusters and the singletons share one grey trace.
     ``highlight`` channels get a black ring (trace "selected"). Points carry ``customdata = [channel, cluster]``,
@@ -239,7 +241,8 @@ def embedding_scatter(coords: np.ndarray, labels: Sequence[int] | np.ndarray, *,
     pal = cluster_palette(lab)
     Scatter = go.Scattergl if n > 1500 else go.Scatter
     fig = go.Figure()
-    hover = "channel %{customdata[0]} · cluster %{customdata[1]}<extra></extra>"
+    hover = f"{unit} %{{customdata[0]}} · cluster %{{customdata[1]}}<extra></extra>"
+    short = {"channel": "ch", "neuron": "neurons", "head": "heads"}.get(unit, unit + "s")
     sizes = {int(c): int((lab == c).sum()) for c in clusters}
     coloured = [c for c in sorted(pal, key=lambda c: (-sizes[c], c)) if pal[c] != OTHER_COLOR][:max_legend_clusters]
     rest = np.where(~np.isin(lab, coloured))[0]
@@ -253,7 +256,7 @@ def embedding_scatter(coords: np.ndarray, labels: Sequence[int] | np.ndarray, *,
     for c in coloured:
         idx = np.where(lab == c)[0]
         fig.add_trace(Scatter(
-            x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=f"cluster {int(c)} ({len(idx)} ch)",
+            x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=f"cluster {int(c)} ({len(idx)} {short})",
             marker=dict(size=9, color=pal[c], line=dict(width=0.5, color="white")),
             customdata=np.stack([ids[idx], np.full(len(idx), int(c))], axis=1),
             hovertemplate=hover,
@@ -267,11 +270,16 @@ def embedding_scatter(coords: np.ndarray, labels: Sequence[int] | np.ndarray, *,
             customdata=np.stack([ids[pos], lab[pos]], axis=1), hovertemplate=hover,
         ))
     name = f" — {group}" if group else ""
-    _layout(fig, title=title or f"Channels in 2-D ({method}), coloured by cluster{name}",
+    _layout(fig, title=title or f"{unit.capitalize()}s in 2-D ({method}), coloured by cluster{name}",
             x=f"{method} 1 (a.u.)", y=f"{method} 2 (a.u.)", height=480,
-            figure="embedding_scatter", method=method, channels=n, clusters=int(len(clusters)), coloured=len(coloured))
-    # legend on the right (a long cluster list never covers the title); lasso by default: select channels
-    fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02), dragmode="lasso")
+            figure="embedding_scatter", method=method, channels=n, clusters=int(len(clusters)), coloured=len(coloured),
+            unit=unit)
+    # legend on the right (a long cluster list never covers the title); a click selects one point unless the
+    # user chose box or lasso selection
+    if select not in ("points", "box", "lasso"):
+        raise ValueError(f"select must be points, box or lasso, not {select!r}")
+    fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02),
+                      dragmode={"points": "zoom", "box": "select", "lasso": "lasso"}[select], clickmode="event+select")
     return fig
 
 
@@ -338,6 +346,19 @@ def filter_images(weight: np.ndarray) -> tuple[np.ndarray, str]:
     return out.reshape(n, h, ww), "fan-in"
 
 
+def grid_rank(labels: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Cluster ids in the filter grid's row order: largest first, ties by id."""
+    ids, counts = np.unique(np.asarray(labels), return_counts=True)
+    return ids[np.lexsort((ids, -counts))]
+
+
+def grid_page_start(labels: Sequence[int] | np.ndarray, unit: int, per_page: int = 12) -> int:
+    """The first row (0-based) of the filter-grid page that shows ``unit``'s cluster."""
+    lab = np.asarray(labels)
+    rank = int(np.flatnonzero(grid_rank(lab) == lab[int(unit)])[0])
+    return rank - rank % per_page
+
+
 def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group: str = "",
                 module: str = "", max_clusters: int = 12, max_per_cluster: int = 12,
                 centroids: bool = True, title: str | None = None, start: int = 0,
@@ -355,7 +376,7 @@ def filter_grid(weight: np.ndarray, labels: Sequence[int] | np.ndarray, *, group
     n = images.shape[0]
     lab = _as_labels(labels, n)
     ids, counts = np.unique(lab, return_counts=True)
-    ranked = ids[np.lexsort((ids, -counts))]
+    ranked = grid_rank(lab)
     start = int(max(0, min(int(start), max(0, len(ranked) - 1))))
     order = ranked[start:start + max_clusters]
     if highlight is not None and 0 <= int(highlight) < n and lab[int(highlight)] not in order:

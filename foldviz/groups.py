@@ -145,9 +145,9 @@ def _output_layers(dg: tp.DependencyGraph, names: dict) -> list[nn.Module]:
 def _out_width(m: nn.Module) -> int | None:
     if isinstance(m, nn.Linear):
         return m.out_features
-    if isinstance(m, _CONV):
+    if isinstance(m, CONV_TYPES):
         return m.out_channels
-    if isinstance(m, _BN):
+    if isinstance(m, BN_TYPES):
         return m.num_features
     return None
 

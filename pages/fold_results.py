@@ -93,6 +93,33 @@ def _generations(outcome) -> None:
         _ui.report_failure(exc, "Generation")
 
 
+def _deploy_section(outcome) -> None:
+    """Export the folded model where users deploy it (ONNX Runtime, TorchScript, torch.export), checked against
+    PyTorch on a fixed batch before it is offered (foldviz.export)."""
+    from foldviz.export import FORMATS, ExportError, export_bytes
+
+    c1, c2, c3 = st.columns([1, 1, 2])
+    to = c1.selectbox("Export format", FORMATS, key="fr_export_to",
+                      format_func={"onnx": "ONNX (ONNX Runtime)", "torchscript": "TorchScript",
+                                   "pt2": "torch.export (.pt2)"}.get)
+    tag = (ss.get("outcome_plan"), to)
+    if c2.button("Export", key="fr_export"):
+        try:
+            with st.spinner(f"Exporting to {to} and checking it against PyTorch…"):
+                data_, info = export_bytes(outcome.result, to, input_shape=tuple(wb.loaded.input_shape))
+            ss["export"] = {"tag": tag, "bytes": data_, "info": info}
+        except (ExportError, ValueError) as exc:
+            st.error(f"Export failed: {exc}")
+    exp = ss.get("export")
+    if exp and exp["tag"] == tag:
+        info = exp["info"]
+        ext = {"onnx": "onnx", "torchscript": "pt", "pt2": "pt2"}[to]
+        c3.download_button(f"Folded model (.{ext}, {len(exp['bytes']) / 1e6:.1f} MB)", exp["bytes"],
+                           file_name=f"folded-model.{ext}", key="fr_export_dl")
+        diff = info.get("max_abs_diff")
+        c3.caption(f"Checked: largest difference from PyTorch {diff:.1e}" if isinstance(diff, float) else "Checked.")
+
+
 def _export(outcome) -> bytes:
     try:
         return wb.export_folded(outcome)
@@ -226,6 +253,8 @@ else:
                        mime="application/zip", key="fr_dl_report")
     c3.download_button("Report (JSON)", report_json(r), file_name="fold-report.json", mime="application/json",
                        key="fr_dl_json")
+    if not LM:
+        _deploy_section(outcome)
 
 # ---------------------------------------------------------------------------- sweep
 st.divider()

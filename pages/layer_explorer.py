@@ -56,12 +56,17 @@ st.subheader("One group in detail")
 
 
 def _select_channel(gid: str, ch: int | None) -> None:
-    st.session_state[f"le_sel_{gid}"] = None if ch is None else int(ch)
+    """Select one unit in every view; the filter grid pages to its cluster."""
+    ss = st.session_state
+    ss[f"le_sel_{gid}"] = None if ch is None else int(ch)
+    labels = ss.get(f"le_labels_{gid}")
+    if ch is not None and labels is not None and 0 <= int(ch) < len(labels):
+        ss[f"le_grid_start_{gid}"] = F.grid_page_start(labels, int(ch)) + 1
 
 
-def _from_scatter(gid: str) -> None:
-    """One point clicked: highlight that channel; several (box or lasso): show their cluster statistics."""
-    pts = st.session_state[f"le_embedding_{gid}"]["selection"]["points"]
+def _from_scatter(gid: str, sel: str) -> None:
+    """One point clicked: highlight that unit; several (box or lasso): show their cluster statistics."""
+    pts = st.session_state[f"le_embedding_{gid}_{sel}"]["selection"]["points"]
     chans = F.selected_channels(pts)
     if len(chans) == 1:
         _select_channel(gid, chans[0])
@@ -143,6 +148,7 @@ def _detail() -> None:
 
     # ---- the selected channel, linked across every view
     labels = np.asarray(d["labels"])
+    ss[f"le_labels_{gid}"] = labels
     f1, f2 = st.columns([1, 3])
     f1.number_input(f"Find {unit}", min_value=0, max_value=g.channels - 1, value=None, step=1,
                     key=f"le_find_{gid}", placeholder=f"0 … {g.channels - 1}",
@@ -172,10 +178,16 @@ def _detail() -> None:
                                            axis_label=f"{unit} (ordered by cluster)" if LM else None),
                       key="le_heatmap")
     with right:
+        mode = st.segmented_control("Select in the embedding", ["click a point", "box", "lasso"],
+                                    default="click a point", key=f"le_select_mode_{gid}",
+                                    help="A click selects one unit in every view; box or lasso select several and "
+                                         "show their cluster statistics.") or "click a point"
+        sel = {"click a point": "points", "box": "box", "lasso": "lasso"}[mode]
         st.plotly_chart(F.embedding_scatter(d["coords"], d["labels"], method=d["embedding"], group=gid,
-                                            highlight=[ch] if ch is not None else None),
-                        key=f"le_embedding_{gid}", on_select=lambda: _from_scatter(gid),
-                        selection_mode=("points", "box", "lasso"), config={"displaylogo": False})
+                                            highlight=[ch] if ch is not None else None, unit=unit, select=sel),
+                        key=f"le_embedding_{gid}_{sel}", on_select=lambda: _from_scatter(gid, sel),
+                        selection_mode=("points",) if sel == "points" else ("points", sel),
+                        config={"displaylogo": False})
         if d["embedding_note"]:
             st.caption(d["embedding_note"])
     lasso = ss.get(f"le_lasso_{gid}")
@@ -190,8 +202,10 @@ def _detail() -> None:
         n_cl = int(labels.max()) + 1
         start = 0
         if n_cl > 12:
-            start = st.number_input(f"Filter grid: first cluster shown (by size, 1 … {n_cl})", 1, n_cl, 1, step=12,
-                                    key=f"le_grid_start_{gid}") - 1
+            if ss.get(f"le_grid_start_{gid}", 1) > n_cl:
+                ss[f"le_grid_start_{gid}"] = 1
+            start = st.number_input(f"Filter grid: first cluster shown (by size, 1 … {n_cl})", 1, n_cl, step=12,
+                                    key=f"le_grid_start_{gid}", **_ui.wv(f"le_grid_start_{gid}", value=1)) - 1
         _ui.chart(F.filter_grid(d["weight"], d["labels"], group=gid, module=d["weight_module"], start=int(start),
                                 highlight=ch), key="le_filters")
         st.caption("Each row is one cluster, largest first; the leftmost tile is the cluster mean — the single filter "
