@@ -12,7 +12,6 @@ Writes ``benchmarks/results/export.{md,json}``. Run: ``nice -n 5 python benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

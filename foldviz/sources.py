@@ -25,7 +25,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .checkpoints import MAX_CHECKPOINT_BYTES, ModelLoadError, apply_state_dict, load_state_dict_file
