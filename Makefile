@@ -50,7 +50,7 @@ venv:
 app: venv
 	@test -f app.py || { echo "error: app.py not found in $$(pwd)"; exit 1; }
 	@echo "Starting foldviz: open http://localhost:$(PORT) in a browser (Ctrl+C stops it)."
-	"$(VPY)" -m streamlit run app.py --server.headless true --server.port $(PORT)
+	"$(VPY)" app.py --server.headless true --server.port $(PORT)
 
 test: venv
 	@"$(VPY)" -m pytest -q --timeout=$(PYTEST_TIMEOUT) $(TESTS) $(PYTEST_ARGS); rc=$$?; \

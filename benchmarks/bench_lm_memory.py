@@ -57,7 +57,7 @@ def run_fold(model_dir: Path, out: Path, ratio: float, fmt: str) -> dict:
     t0, before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"cmd": " ".join(cmd[1:]), "rc": proc.returncode, "stdout": proc.stdout.strip()[-2000:],
+    return {"cmd": " ".join(cmd[2:]), "rc": proc.returncode, "stdout": proc.stdout.strip()[-2000:],
             "stderr": proc.stderr.strip()[-2000:], "wall_s": time.time() - t0,
             "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
             "peak_rss_bytes": after.ru_maxrss * 1024}

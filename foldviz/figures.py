@@ -595,11 +595,12 @@ def cluster_size_histogram(labels_or_sizes: Sequence[int] | np.ndarray, *, from_
 
 
 def group_overview(rows: Sequence[Mapping], *, title: str | None = None) -> go.Figure:
-    """Redundancy per channel group (model order).
+    """Redundancy per group (model order).
 
-    ``rows``: dicts with ``id``, ``channels``, ``mean_cos``, ``max_cos`` and optional
-    ``score``, ``suggested_ratio`` / ``ratio``, ``foldable``.  Bars = mean |cosine|
-    similarity, diamonds = max, line = suggested fold ratio; unfoldable groups are grey.
+    ``rows``: dicts with ``id``, ``channels``, ``mean_cos``, ``max_cos`` and optional ``unit``,
+    ``score``, ``suggested_ratio`` / ``ratio``, ``foldable``.  Bars = mean cosine similarity (labelled with their
+    value, and never thinner than a hairline, so a mean near 0 stays visible), diamonds = max, line = suggested
+    fold ratio; unfoldable groups are grey.
     """
     if not rows:
         return empty_figure("No channel groups", title=title or "Channel groups")
@@ -608,19 +609,25 @@ def group_overview(rows: Sequence[Mapping], *, title: str | None = None) -> go.F
     mean = [float(r.get("mean_cos", np.nan)) for r in rows]
     mx = [float(r.get("max_cos", np.nan)) for r in rows]
     ch = [int(r.get("channels", 0)) for r in rows]
+    units = {str(r.get("unit", "channel")) for r in rows if r.get("foldable", True)}
+    unit = units.pop() + "s" if len(units) == 1 else "units"
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.6, 0.4],
                         specs=[[{}], [{"secondary_y": True}]])
+    # a bar of height ~0 is invisible: draw at least a hairline (0.01 of the axis) and label the real value
+    shown = [m if not np.isfinite(m) else (m if abs(m) >= 0.01 else (0.01 if m >= 0 else -0.01)) for m in mean]
     fig.add_trace(go.Bar(
-        x=ids, y=mean, name="mean cosine similarity",
+        x=ids, y=shown, name="mean cosine similarity",
         marker_color=["#4c78a8" if f else "#c7c7c7" for f in foldable],
-        customdata=np.array([[c, "yes" if f else "no"] for c, f in zip(ch, foldable)], dtype=object),
-        hovertemplate="%{x}<br>mean cos %{y:.3f}<br>%{customdata[0]} channels · foldable %{customdata[1]}"
-                      "<extra></extra>"), row=1, col=1)
+        text=[f"{m:.2f}" if np.isfinite(m) else "" for m in mean], textposition="outside", cliponaxis=False,
+        textfont=dict(size=10),
+        customdata=np.array([[c, "yes" if f else "no", m] for c, f, m in zip(ch, foldable, mean)], dtype=object),
+        hovertemplate="%{x}<br>mean cos %{customdata[2]:.3f}<br>%{customdata[0]} " + unit
+                      + " · foldable %{customdata[1]}<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Scatter(x=ids, y=mx, mode="markers", name="max cosine similarity",
                              marker=dict(symbol="diamond", size=8, color="#f58518"),
                              hovertemplate="%{x}<br>max cos %{y:.3f}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Bar(x=ids, y=ch, name="channels", marker_color="rgba(120,120,120,0.35)",
-                         hovertemplate="%{x}<br>%{y} channels<extra></extra>"), row=2, col=1, secondary_y=False)
+    fig.add_trace(go.Bar(x=ids, y=ch, name=unit, marker_color="rgba(120,120,120,0.35)",
+                         hovertemplate="%{x}<br>%{y} " + unit + "<extra></extra>"), row=2, col=1, secondary_y=False)
     ratio_key = "suggested_ratio" if any("suggested_ratio" in r for r in rows) else "ratio"
     if any(ratio_key in r for r in rows):
         fig.add_trace(go.Scatter(
@@ -628,13 +635,14 @@ def group_overview(rows: Sequence[Mapping], *, title: str | None = None) -> go.F
             name="suggested fold ratio" if ratio_key == "suggested_ratio" else "fold ratio",
             line=dict(color="#54a24b"), hovertemplate="%{x}<br>ratio %{y:.0f}%<extra></extra>"),
             row=2, col=1, secondary_y=True)
-    fig.update_yaxes(title_text="cosine similarity", row=1, col=1, range=[0, 1.05])
-    fig.update_yaxes(title_text="channels", row=2, col=1, secondary_y=False)
+    lo = min([0.0] + [m for m in mean if np.isfinite(m)])
+    fig.update_yaxes(title_text="cosine similarity", row=1, col=1, range=[min(0.0, lo - 0.08), 1.1])
+    fig.update_yaxes(title_text=unit, row=2, col=1, secondary_y=False)
     fig.update_yaxes(title_text="ratio (%)", row=2, col=1, secondary_y=True, range=[0, 100], showgrid=False,
                      tickmode="linear", tick0=0, dtick=25)
-    fig.update_xaxes(title_text="channel group (model order)", row=2, col=1, tickangle=-45)
-    return _layout(fig, title=title or "Redundancy per channel group", height=520, figure="group_overview",
-                   groups=len(rows))
+    fig.update_xaxes(title_text="group (model order)", row=2, col=1, tickangle=-45)
+    return _layout(fig, title=title or "Redundancy per group", height=520, figure="group_overview",
+                   groups=len(rows), unit=unit)
 
 
 def inertia_curve(points: Sequence[Sequence[float]] | Mapping[str, Sequence[Sequence[float]]], *,
@@ -730,6 +738,19 @@ def before_after_bars(before: Mapping[str, float], after: Mapping[str, float], *
                    metrics=list(keys))
 
 
+def log_ticks(lo: float, hi: float, at_least: int = 3) -> list[float]:
+    """Readable tick values for a log axis covering [lo, hi]: 1-2-5 per decade, or a finer 1-1.2-1.5-2-3-5-7
+    series when the range is narrow, so at least ``at_least`` ticks are shown."""
+    lo, hi = float(min(lo, hi)), float(max(lo, hi))
+    for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.1, 1.2, 1.3, 1.5, 1.7, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [round(m * 10.0 ** e, 12) for e in range(int(math.floor(math.log10(lo))) - 1,
+                                                         int(math.ceil(math.log10(hi))) + 1)
+                 for m in mantissas if lo / 1.25 <= m * 10.0 ** e <= hi * 1.25]
+        if len(ticks) >= at_least:
+            return ticks
+    return ticks
+
+
 def variance_ratio_plot(series: Mapping[str, Sequence[Mapping]], *, log_y: bool = True,
                         title: str | None = None, x_label: str | None = None) -> go.Figure:
     """Per-layer activation variance ratio Var(folded)/Var(original), one trace per method.
@@ -759,10 +780,10 @@ def variance_ratio_plot(series: Mapping[str, Sequence[Mapping]], *, log_y: bool 
     fig.update_xaxes(type="category", tickangle=-45, categoryorder="array", categoryarray=layers)
     if log_y:
         vals = [float(r["ratio"]) for rows in series.values() for r in rows if float(r["ratio"]) > 0] + [1.0]
-        lo, hi = min(vals), max(vals)
-        ticks = [m * 10.0 ** e for e in range(int(math.floor(math.log10(lo))), int(math.ceil(math.log10(hi))) + 1)
-                 for m in (1, 2, 5) if lo / 2.5 <= m * 10.0 ** e <= hi * 2.5]
-        fig.update_yaxes(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+        ticks = log_ticks(min(vals), max(vals))
+        pad = 1.25
+        fig.update_yaxes(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks],
+                         range=[math.log10(min(min(vals), ticks[0]) / pad), math.log10(max(max(vals), ticks[-1]) * pad)])
     fig.add_annotation(text="explosion ↑", xref="paper", yref="paper", x=1.0, y=1.0, showarrow=False,
                        xanchor="right", yanchor="top", font=dict(size=11, color="#888"))
     fig.add_annotation(text="collapse ↓", xref="paper", yref="paper", x=1.0, y=0.0, showarrow=False,

@@ -304,7 +304,8 @@ def suggest(cost: CostModel, scores: dict[str, float], target_sparsity: float, b
         raise PlanError("no foldable group is left to suggest ratios for (all are skipped)")
 
     def plan_at(level: float) -> FoldPlan:
-        ratios = {gid: round(suggest_ratio(sc, level, max_ratio), 3) for gid, sc in scores.items()}
+        # whole percents: what a plan holds is exactly what the sliders and tables show
+        ratios = {gid: round(suggest_ratio(sc, level, max_ratio), 2) for gid, sc in scores.items()}
         mean = round(20 * sum(ratios.values()) / len(ratios)) / 20   # the global ratio, on a 5 % grid
         return base.with_changes(ratios=ratios, default_ratio=min(mean, 0.95))
 

@@ -688,19 +688,11 @@ class Workbench:
         """Run registered ``method`` with ``plan``'s ratios (real repair data drawn from ``data`` if needed)."""
         if METHODS[method].needs_data and (data is None or not data.spec):
             raise WorkbenchError(f"{METHODS[method].label} needs real data: pick a dataset on the Model & data page")
-        key = ("fold", method, plan.to_json(), data.spec if METHODS[method].needs_data else None)
-        try:
-            return self._get(key, lambda: apply_method(self.loaded, plan, method,
-                                                        repair_data=self.repair_inputs(data, plan.seed),
-                                                        progress=progress, device=self.device))
+        try:   # not memoised: a fold holds a whole model, and every plan a user tries would stay in memory
+            return apply_method(self.loaded, plan, method, repair_data=self.repair_inputs(data, plan.seed),
+                                progress=progress, device=self.device)
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None
-
-    def forget_folds(self) -> None:
-        """Drop memoised folds (they hold whole models)."""
-        with self._lock:
-            for k in [k for k in self._memo if k[0] == "fold"]:
-                del self._memo[k]
 
     @_exclusive
     def fold(self, plan: FoldPlan, data: DataSource | None = None, progress: Progress = None, *,

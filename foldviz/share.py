@@ -30,6 +30,10 @@ class StateError(ValueError):
     """A shared-state string that cannot be used (the message is one line, fit for the page)."""
 
 
+#: bounds a link's numbers must meet before anything they imply is built (a class count sizes a classifier)
+LIMITS = {"num_classes": 100_000, "limit": 1_000_000, "repair_samples": 100_000}
+
+
 def encode_state(model: dict, data: dict | None, plan: dict | None) -> str:
     """Pack the session's model source, data source and plan (plain dicts) into a URL-safe string.
 
@@ -54,8 +58,8 @@ def _check_fields(d, spec: dict, what: str) -> dict:
         v = d.get(k)
         if k in d and (not isinstance(v, ts) or (isinstance(v, bool) and bool not in ts)):  # true is not a count
             raise StateError(f"its {what} field {k!r} has the wrong type")
-        if isinstance(v, int) and not isinstance(v, bool) and not 1 <= v <= 10_000_000:
-            raise StateError(f"its {what} field {k!r} is out of range")
+        if isinstance(v, int) and not isinstance(v, bool) and not 1 <= v <= LIMITS.get(k, 10_000_000):
+            raise StateError(f"its {what} field {k!r} is out of range (1..{LIMITS.get(k, 10_000_000):,})")
     return d
 
 

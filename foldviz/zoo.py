@@ -217,9 +217,16 @@ def torchvision_card(arch: str, *, num_classes: int | None = None, cifar_stem: b
     }
 
 
+#: the widest classifier foldviz builds (ImageNet-21k has 21,841 classes): a larger count is a typo or a hostile
+#: link, refused before anything is allocated (10 million classes would be a 20 GB head on a ResNet-50)
+MAX_CLASSES = 100_000
+
+
 def build_torchvision(arch: str, num_classes: int = 1000, cifar_stem: bool = False) -> nn.Module:
     from torchvision import models as tvm
 
+    if not 1 <= int(num_classes) <= MAX_CLASSES:
+        raise ModelLoadError(f"num_classes={num_classes} is outside 1..{MAX_CLASSES:,}")
     names = _torchvision_arch_names()
     if arch not in names:
         close = [n for n in names if arch.lower().replace("-", "_") in n][:8]

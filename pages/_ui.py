@@ -26,6 +26,8 @@ from foldviz.methods import label as method_label
 from foldviz.share import StateError, decode_state, encode_state
 from foldviz.session import DEFAULT_MODEL, DataSource, ModelSource, Workbench, WorkbenchError
 
+from foldviz.utils import ASSETS_DIR as ASSETS  # noqa: E402 - the app's own icon and images
+
 #: what a page catches as "the action failed, say why in one line"
 LOAD_ERRORS = (WorkbenchError,)
 
@@ -157,6 +159,21 @@ def source_key(src: ModelSource | None = None) -> tuple:
 def data_key(data: DataSource | None = None) -> tuple:
     data = data or data_source()
     return (data.spec, data.limit, data.repair_samples)
+
+
+def unknown_path_to_home(url_paths: list[str]) -> None:
+    """A URL path that is no page of the app (a typo, an old link) opens the home page with a one-line notice,
+    instead of Streamlit's blocking "Page not found" dialog."""
+    try:
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+        ctx = get_script_run_ctx()
+        name = ctx.pages_manager.intended_page_name if ctx else None
+    except Exception:  # noqa: BLE001 - an older or newer Streamlit: keep its own behaviour
+        return
+    if name and name not in url_paths:
+        ctx.pages_manager.set_script_intent("", "")
+        flash("info", f"There is no page at /{name[:60]}: showing the Model & data page.")
 
 
 def flash(kind: str, text: str) -> None:

@@ -253,8 +253,9 @@ def _per_group() -> None:
         c1, c2, c3, c4 = st.columns([2, 2, 1, 1.4])
         gid = c1.selectbox("Group", foldable, key="fp_group")
         has = gid in plan.ratios
-        c2.slider(f"Ratio for {gid}", 0.0, 0.95, **_ui.wv(K("ratio", gid), value=float(plan.ratios.get(gid, plan.default_ratio))),
-                  step=0.05,
+        c2.slider(f"Ratio for {gid}", 0.0, 0.95,
+                  **_ui.wv(K("ratio", gid), value=round(float(plan.ratios.get(gid, plan.default_ratio)), 2)),
+                  step=0.01,
                   key=K("ratio", gid), on_change=lambda g=gid: _ui.update_plan(
                       ratios={**ss["plan"].get("ratios", {}), g: float(ss[K("ratio", g)])}))
 

@@ -245,9 +245,12 @@ else:
             if sw and sw.get("rows"):
                 z.writestr("sweep.csv", sweep_csv(sw["rows"]))
                 figs["sweep"] = F.sweep_plot(sw["rows"], methods=sw["methods"], metric=METRIC)
-            for name, fig in figs.items():
-                z.writestr(f"plots/{name}.html", fig.to_html(include_plotlyjs="cdn", full_html=True))
+            for name, fig in figs.items():   # offline: the plots load plotly.min.js from beside them, no CDN
+                z.writestr(f"plots/{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True))
                 z.writestr(f"plots/{name}.json", fig.to_json())
+            from plotly.offline import get_plotlyjs
+
+            z.writestr("plots/plotly.min.js", get_plotlyjs())
         return buf.getvalue()
     c2.download_button("Report (.zip: JSON, CSV, plots)", _report_zip, file_name="fold-report.zip",
                        mime="application/zip", key="fr_dl_report")

@@ -248,8 +248,11 @@ def _lasso_panel(gid: str, chans: list[int], ratio: float) -> None:
     with st.container(border=True):
         st.markdown(f"**Selection: {s['channels']} channels in {s['n_clusters']} cluster(s)**")
         m = st.columns(3)
+        diff = s["mean_cos_selection"] - s["mean_cos_group"]
+        # a sign and a colour only when the difference is more than rounding noise
         m[0].metric("Mean cosine inside the selection", f"{s['mean_cos_selection']:.3f}",
-                    delta=f"{s['mean_cos_selection'] - s['mean_cos_group']:+.3f} vs. the group",
+                    delta=f"{diff:+.3f} vs. the group" if abs(diff) >= 0.005 else "same as the group",
+                    delta_color="normal" if abs(diff) >= 0.005 else "off",
                     help=f"mean over the whole group: {s['mean_cos_group']:.3f}")
         m[1].metric("Selected pairs in the same cluster", _ui.fmt_pct(s["same_cluster_pairs"]))
         m[2].metric("Clusters touched", s["n_clusters"])

@@ -75,7 +75,8 @@ step = c1.radio("Step", list(range(len(STEPS))), **_ui.wv("learn_step_radio", in
                 format_func=lambda i: STEPS[i], horizontal=True, key="learn_step_radio")
 ss["learn_step"] = int(step)
 ratio = c2.slider("Fold ratio for this walkthrough", 0.1, 0.9, 0.5, step=0.1, key="learn_ratio",
-                  help="Fraction of the layer's channels that folding removes.")
+                  help="Fraction of channels that folding removes: in this layer for steps 1-5, in every layer of "
+                       "the network for steps 6 and 7 (variance collapse compounds from layer to layer).")
 k = k_for_ratio(g.channels, ratio)
 # the walkthrough folds with Fold-Naive: its clusters are the ones shown on every step
 learn_plan = wb.default_plan(float(ratio), "none", seed)
@@ -211,6 +212,8 @@ elif step == 5:
                     f"**{100 * mean_ratio:.0f}%** of its members' variance. The next BatchNorm still uses the "
                     "old statistics, so the signal shrinks — and it shrinks again in every folded layer: "
                     "**variance collapse**.")
+    st.markdown(f"To see the collapse compound, the next chart folds **every layer of the network** at "
+                f"{100 * ratio:.0f}% (not only {gid}), without repair, and measures each layer's output variance.")
     try:
         with st.spinner("Folding the whole demo without repair…"):
             comp = wb.variance_comparison(learn_plan, ["none"], data)
@@ -237,6 +240,8 @@ elif step == 6:
         "- **Fold-DFR** (foldviz's default, data-free): keep the original model's stored BatchNorm statistics and "
         "correct each one by how much folding changed it on a small synthetic batch — every layer, including the "
         "ones that *sum* merged channels (which can explode instead of collapse).")
+    st.markdown(f"Each method below folds **every layer of the network** at {100 * ratio:.0f}%, with the same "
+                "clusters, then repairs the statistics its own way.")
     methods = ["none", "ar", "dfr"] + (["r"] if data.spec else [])
     with_dir = st.checkbox("Include Fold-DIR (slower: synthesises inputs first)", value=False, key="learn_dir")
     if with_dir:

@@ -7,6 +7,7 @@ import streamlit as st
 from foldviz import figures as F
 from foldviz.checkpoints import MAX_UPLOAD_BYTES, SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 from foldviz.figures import fmt_count
+from foldviz.zoo import MAX_CLASSES
 from foldviz.session import LM_EVAL_TOKENS, DataSource, ModelSource, save_upload
 from pages import _ui
 
@@ -80,7 +81,7 @@ with st.container(border=True):
         c1, c2, c3 = st.columns([2, 1, 1])
         arch = c1.selectbox("Architecture", archs, index=archs.index("resnet18") if "resnet18" in archs else 0,
                             key="md_arch")
-        ncls = c2.number_input("Classes", min_value=2, max_value=100000, value=1000, step=1, key="md_ncls")
+        ncls = c2.number_input("Classes", min_value=2, max_value=MAX_CLASSES, value=1000, step=1, key="md_ncls")
         stem = c3.checkbox("CIFAR stem (32×32)", value=False, key="md_stem",
                            help="ResNets get a 3×3 stride-1 stem without max-pool; inputs become 32×32.")
         st.info("torchvision models start from random weights here (no downloads): an untrained network has "
