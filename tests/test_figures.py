@@ -279,7 +279,7 @@ def test_sweep_plot_one_trace_per_method_in_percent():
     assert tr["error_y"]["visible"]
     _, x, y = _titles(spec)
     assert x.startswith("parameter sparsity (%") and y == "accuracy (%)"
-    assert spec["layout"]["shapes"]  # baseline line
+    assert list(spec["data"][-1]["y"]) == pytest.approx([95.0, 95.0])  # the unfolded line, in data coordinates
 
 
 def test_before_after_bars_units():
