@@ -559,13 +559,13 @@ def test_unmappable_layer_is_skipped_with_a_note():
 
 
 def test_failed_optional_measurements_are_recorded_and_the_fold_is_kept(tmp_path, capsys, monkeypatch):
+    import foldviz.kinds as kinds
     import foldviz.metrics as metrics
-    import foldviz.report as report
 
     def broken(*_a, **_k):
         raise ValueError("operands could not be broadcast together with shapes (384,) (56,)")
 
-    monkeypatch.setattr(report, "variance_ratios", broken)
+    monkeypatch.setattr(kinds, "variance_ratios", broken)
     monkeypatch.setattr(metrics, "count_flops", broken)
     out = tmp_path / "o"
     assert run("fold", "demo:digits-mlp", "--ratio", 0.3, *FAST, "--out", out) == 0
