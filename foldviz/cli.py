@@ -147,6 +147,11 @@ def cmd_fold(args) -> int:
     else:
         plan = FoldPlan(default_ratio=args.ratio, repair=args.repair or DEFAULT_REPAIR, seed=args.seed,
                         model=loaded.spec, weights_sha256=state_dict_hash(loaded.model))
+    # -- data-free proxy (foldviz.proxy): flags into the plan's repair_settings, cache flags, progress in words
+    from .proxy import describe_proxy, proxy_progress, proxy_settings_from_args
+    if proxy_settings_from_args(args):
+        plan = plan.with_changes(repair_settings={**plan.repair_settings, **proxy_settings_from_args(args)})
+    # -- end data-free proxy
     method = args.method if args.method != "fold" else plan.repair
     if METHODS[method].needs_data and not args.data:
         raise PlanError(f"{METHODS[method].label} needs real data: pass --data SPEC (e.g. --data digits)")
@@ -156,7 +161,10 @@ def cmd_fold(args) -> int:
             print(f"  {stage}: {done}/{total}", file=sys.stderr)
 
     data = repair_inputs(loaded, args.data, args.repair_samples, seed=plan.seed)
+    progress = proxy_progress(progress, quiet=args.quiet)  # data-free proxy: "building ... about N s" / "from cache"
     result = apply_method(loaded, plan, method, repair_data=data, progress=progress, device=args.device)
+    if result.proxy and not args.quiet:  # data-free proxy
+        print(describe_proxy(result.proxy), file=sys.stderr)
     report = build_report(loaded, result, data_spec=args.data, eval_limit=args.eval_limit, latency=not args.no_latency,
                           variance_samples=args.variance_samples)
     out = save_folded(result, loaded, args.out, report=report, force=args.force)
@@ -184,6 +192,8 @@ def cmd_sweep(args) -> int:
     if args.executor != "ray" and (args.ray_address or args.ray_ship_code or args.gpus_per_task is not None):
         raise ValueError("--ray-address, --ray-ship-code and --gpus-per-task need --executor ray")
     ResultsCSV(args.out).check()  # a bad --out is an error before any work
+    from .proxy_args import apply_cache_args, proxy_settings_from_args  # data-free proxy: --cache-dir/--no-cache
+    apply_cache_args(args)
     loaded = {}
     if args.spec:
         spec = load_spec(args.spec)
@@ -194,7 +204,8 @@ def cmd_sweep(args) -> int:
         ref = ModelRef(spec=args.model, weights=args.weights, num_classes=args.num_classes,
                        cifar_stem=args.cifar_stem, pretrained=args.pretrained)
         spec = spec_from_args(ref, args.ratios, args.methods, args.data, seeds=args.seeds,
-                              eval_limit=args.eval_limit, repair_samples=args.repair_samples)
+                              eval_limit=args.eval_limit, repair_samples=args.repair_samples,
+                              repair_settings=proxy_settings_from_args(args))  # data-free proxy flags
         loaded[args.model] = _load(args)
     executor = make_executor(args.executor, address=args.ray_address, gpus_per_task=args.gpus_per_task,
                              max_retries=args.max_retries, ship_code=args.ray_ship_code)
@@ -215,6 +226,7 @@ def cmd_sweep(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .proxy_args import add_proxy_args  # data-free proxy flags (no torch import)
     from .train import add_train_subparser
 
     repair_help = ", ".join(f"{k} ({METHODS[k].label})" for k in fold_keys())
@@ -259,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the latency measurement (alternating timed runs of both models: about 1 s on the demos, "
                         "tens of seconds for a large model on CPU)")
     p.add_argument("--quiet", action="store_true")
+    add_proxy_args(p)  # data-free proxy: --proxy, --proxy-samples, --proxy-steps, --proxy-seed, cache flags
     p.add_argument("--out", required=True, help="output directory (new, or empty)")
     p.add_argument("--force", action="store_true",
                    help="replace a folded model already in --out (atomically); apply a plan made for another model")
@@ -291,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "0.5 runs two cells per GPU)")
     p.add_argument("--max-retries", type=int, help="attempts after a transient failure (default: local 2, ray 3)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_proxy_args(p)  # data-free proxy: --proxy, --proxy-samples, --proxy-steps, --proxy-seed, cache flags
     p.add_argument("--out", required=True, help="CSV file; appended to and resumed when it exists")
     p.set_defaults(func=cmd_sweep)
 

@@ -17,8 +17,6 @@ plan's ``repair`` key to its behaviour; labels and descriptions live in :mod:`fo
 from __future__ import annotations
 
 import copy
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -29,7 +27,7 @@ from torch import nn
 
 from .features import group_features
 from .groups import _BN, _CONV, build_dependency_graph
-from .utils import Progress, state_dict_hash
+from .utils import Progress
 
 
 def _bn_producers(dg, model: nn.Module) -> dict[nn.Module, nn.Module]:
@@ -172,23 +170,48 @@ def dir_defaults(input_shape) -> dict:
 def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = None, batch_size: int = 256,
                    iterations: int = 200, lr: float = 0.1, bn_weight: float = 1.0, tv_weight: float = 1e-4,
                    l2_weight: float = 1e-5, jitter: int = 1, seed: int = 0, device=None,
-                   progress: Progress = None, chunk: int | None = None) -> torch.Tensor:
+                   progress: Progress = None, chunk: int | None = None, resolution: int | None = None,
+                   balanced: bool = False, stage: str = "dir") -> torch.Tensor:
     """Synthesise ``batch_size`` inputs whose per-layer batch statistics match the model's BatchNorm statistics.
 
-    Loss = CE(f(x), random targets) + bn_weight * sum_l (||mu_l - running_mean_l|| + ||var_l - running_var_l||)
-    + tv_weight * total variation + l2_weight * ||x||, optimised with Adam on randomly jittered copies of x.
+    Loss = CE(f(x), targets) + bn_weight * sum_l (||mu_l - running_mean_l|| + ||var_l - running_var_l||)
+    + tv_weight * total variation + l2_weight * ||x||, optimised with Adam (cosine learning rate) on randomly
+    jittered copies of x. Targets are drawn at random, or with ``balanced`` in equal shares per class (shuffled).
+    With ``resolution`` r the optimised variable is (C, r, r) and is upsampled bilinearly to the input size
+    before the model, which costs the same per step but has fewer unknowns (returns the upsampled batch).
     The model is not modified (it runs in eval mode; gradients flow only to x). ``chunk`` synthesises the batch
     in independent groups of at most that many inputs (each matching the statistics on its own), which bounds
     the memory of the backward pass: 4 inputs at 224x224 through VGG-16 hold about 0.85 GB of activations.
+    ``progress(stage, step, total)`` counts steps over all chunks.
     """
+    kw = dict(num_classes=num_classes, iterations=iterations, lr=lr, bn_weight=bn_weight, tv_weight=tv_weight,
+              l2_weight=l2_weight, jitter=jitter, device=device, resolution=resolution, balanced=balanced)
     if chunk is not None and 0 < chunk < batch_size:
-        kw = dict(num_classes=num_classes, iterations=iterations, lr=lr, bn_weight=bn_weight, tv_weight=tv_weight,
-                  l2_weight=l2_weight, jitter=jitter, device=device)
-        return torch.cat([deep_inversion(model, input_shape, batch_size=min(chunk, batch_size - i),
-                                         seed=seed * 1009 + i, **kw) for i in range(0, batch_size, chunk)])
+        starts = list(range(0, batch_size, chunk))
+        total = len(starts) * iterations
+
+        def chunk_progress(i):
+            return (lambda _s, d, _t: progress(stage, i * iterations + d, total)) if progress else None
+
+        return torch.cat([_invert(model, input_shape, batch_size=min(chunk, batch_size - b), seed=seed * 1009 + b,
+                                  progress=chunk_progress(i), **kw) for i, b in enumerate(starts)])
+    return _invert(model, input_shape, batch_size=batch_size, seed=seed,
+                   progress=(lambda _s, d, t: progress(stage, d, t)) if progress else None, **kw)
+
+
+def _invert(model: nn.Module, input_shape, *, num_classes, batch_size, iterations, lr, bn_weight, tv_weight,
+            l2_weight, jitter, seed, device, progress, resolution, balanced) -> torch.Tensor:
+    """One Deep-Inversion batch (see :func:`deep_inversion`)."""
     device = device or next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn((batch_size, *input_shape), generator=gen).to(device).requires_grad_(True)
+    shape = tuple(input_shape)
+    low = len(shape) == 3 and resolution is not None and 0 < int(resolution) < min(shape[1:])
+    var_shape = (shape[0], int(resolution), int(resolution)) if low else shape
+    x = torch.randn((batch_size, *var_shape), generator=gen).to(device).requires_grad_(True)
+
+    def lift(v):
+        return F.interpolate(v, size=shape[1:], mode="bilinear", align_corners=False) if low else v
+
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.running_mean is not None]
     losses: list[torch.Tensor] = []
 
@@ -207,19 +230,23 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
         p.requires_grad_(False)
     opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
-    with torch.no_grad():
-        logits = model(x)
-    classes = num_classes or logits.shape[1]
-    targets = torch.randint(classes, (batch_size,), generator=gen).to(device)
     try:
+        with torch.no_grad():
+            classes = num_classes or model(lift(x[:1])).shape[1]
+        if balanced:
+            targets = (torch.arange(batch_size) % classes)[torch.randperm(batch_size, generator=gen)].to(device)
+        else:
+            targets = torch.randint(classes, (batch_size,), generator=gen).to(device)
+        losses.clear()
         with torch.enable_grad():
             for it in range(iterations):
                 dx, dy = (torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist() if jitter else (0, 0))
-                xj = torch.roll(x, shifts=(dx, dy), dims=(-2, -1)) if x.dim() == 4 else x
+                xl = lift(x)
+                xj = torch.roll(xl, shifts=(dx, dy), dims=(-2, -1)) if xl.dim() == 4 else xl
                 losses.clear()
                 out = model(xj)
                 loss = F.cross_entropy(out, targets) + bn_weight * torch.stack(losses).sum()
-                if x.dim() == 4 and tv_weight:
+                if xj.dim() == 4 and tv_weight:
                     tv = (xj[..., 1:, :] - xj[..., :-1, :]).norm() + (xj[..., :, 1:] - xj[..., :, :-1]).norm()
                     loss = loss + tv_weight * tv
                 if l2_weight:
@@ -236,7 +263,8 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
         model.train(was_training)
-    return x.detach()
+    with torch.no_grad():
+        return lift(x.detach())
 
 
 SCALE_BLOCK_BYTES = 32 * 1024 * 1024
@@ -296,15 +324,17 @@ def ar_fanin_scales(work: nn.Module, group, labels, k: int, fused: dict[str, str
 # ---------------------------------------------------------------------------------------------------------------
 # Fold-DFR: data-free REPAIR by relative re-estimation on a proxy batch
 # ---------------------------------------------------------------------------------------------------------------
-DFR_DEFAULTS = {"proxy": "di", "samples": 64, "sequential": True, "linear_repair": True}
-# The Deep Inversion proxy costs samples x 50 forward+backward passes: at 224x224 on one CPU thread, 64 samples took
-# 418 s and 2.9 GiB for torchvision resnet18 (8 samples: 43 s, 1.2 GiB; resnet50 with 8 samples: 1.84 GiB, over the
-# 1.69 GiB bound of issue #13). Unless a plan sets "samples", inputs larger than 32x32 get proportionally fewer
-# samples (the BN statistics are averaged over every spatial position, so larger images carry more of them per
-# sample: 4 images at 224x224 give 12,544 positions per channel after the stem), never fewer than DFR_MIN_SAMPLES.
+# proxy settings (kind, samples, steps, proxy seed, resolution) live in foldviz.proxy.PROXY_DEFAULTS; a plan's
+# repair_settings override them; these are the repair's own switches
+DFR_DEFAULTS = {"proxy": "di", "samples": 64, "sequential": True, "linear_repair": True, "proxy_steps": 50,
+                "proxy_seed": 0, "proxy_resolution": None, "lr": 0.1, "balanced": False}
+# The Deep Inversion proxy costs samples x steps forward+backward passes: at 224x224 on one CPU thread, 64 samples x
+# 50 steps took 418 s and 2.9 GiB for torchvision resnet18 (8 samples: 43 s, 1.2 GiB; resnet50 with 8 samples:
+# 1.84 GiB, over the 1.69 GiB bound of issue #13). Unless a plan sets "samples", inputs larger than 32x32 get
+# proportionally fewer samples (the BN statistics are averaged over every spatial position, so larger images carry
+# more of them per sample: 4 images at 224x224 give 12,544 positions per channel after the stem), never fewer than
+# DFR_MIN_SAMPLES.
 DFR_MIN_SAMPLES = 4
-# pixels per Deep Inversion chunk of the proxy (2 images at 224x224; the 32x32 demos run in one chunk, unchanged)
-DI_CHUNK_PIXELS = 2 * 224 * 224
 DFR_FULL_PIXELS = 32 * 32
 
 
@@ -359,46 +389,21 @@ def _forward_with(model: nn.Module, x: torch.Tensor, handles: list) -> None:
         model.train(was)
 
 
-#: Deep-Inversion proxy batches kept per process (a few MB each even at 224 x 224)
-PROXY_CACHE_SIZE = 8
-_PROXY_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_PROXY_LOCK = threading.Lock()
-
-
 def proxy_batch(input_shape, n: int = 256, *, kind: str = "noise", seed: int = 0, model: nn.Module | None = None,
-                num_classes: int | None = None) -> torch.Tensor:
-    """A cheap, deterministic proxy input batch (no data): "noise" = N(0, 1) in the model's (normalised) input
-    space; "smooth" = the same noise blurred spatially (3x3 box, twice) and re-standardised, so neighbouring
-    pixels correlate as in images; "di" = a short Deep Inversion from noise (needs ``model``)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    x = torch.randn((int(n), *input_shape), generator=gen)
-    if kind == "noise" or x.dim() < 4:
-        return x
-    if kind == "smooth":
-        c = x.shape[1]
-        k = torch.ones(c, 1, 3, 3) / 9.0
-        for _ in range(2):
-            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=c)
-        return (x - x.mean()) / x.std()
-    if kind.startswith("di"):  # "di" = 50 steps, "di20" = 20 steps ...
-        steps = int(kind[2:] or 50)
-        # the batch depends only on the original model and these settings, never on the plan: every fold of the
-        # same model (sweeps, repair comparisons, the app's live estimate) reuses it
-        key = (state_dict_hash(model), tuple(input_shape), int(n), steps, int(seed), num_classes)
-        with _PROXY_LOCK:
-            hit = _PROXY_CACHE.get(key)
-            if hit is not None:
-                _PROXY_CACHE.move_to_end(key)
-                return hit.clone()
-        x = deep_inversion(model, tuple(input_shape), num_classes=num_classes, batch_size=int(n), iterations=steps,
-                           lr=0.1, bn_weight=1.0, tv_weight=1e-4, l2_weight=1e-5, jitter=1, seed=seed,
-                           chunk=max(1, DI_CHUNK_PIXELS // _pixels(input_shape)))
-        with _PROXY_LOCK:
-            _PROXY_CACHE[key] = x.detach().cpu().clone()
-            while len(_PROXY_CACHE) > PROXY_CACHE_SIZE:
-                _PROXY_CACHE.popitem(last=False)
-        return x
-    raise ValueError(f"unknown proxy kind {kind!r}")
+                num_classes: int | None = None, progress: Progress = None, **settings) -> torch.Tensor:
+    """A deterministic proxy input batch (no data): "noise" = N(0, 1) in the model's (normalised) input space;
+    "smooth" = the same noise blurred spatially (3x3 box, twice) and re-standardised, so neighbouring pixels
+    correlate as in images; "di" = a short Deep Inversion from noise (needs ``model``; "di20" = 20 steps).
+    ``settings``: further :data:`foldviz.proxy.PROXY_DEFAULTS` keys. Deep-Inversion batches are reused from
+    memory or the persistent cache (:func:`foldviz.proxy.get_proxy`)."""
+    from .proxy import get_proxy, proxy_spec
+
+    spec = proxy_spec(tuple(input_shape), {**settings, "proxy": kind, "samples": int(n), "proxy_seed": int(seed)},
+                      num_classes=num_classes)
+    if spec.kind == "di" and model is None:
+        raise ValueError("a Deep-Inversion proxy needs the model")
+    x, _info = get_proxy(model if model is not None else nn.Identity(), spec, progress=progress)
+    return x
 
 
 def _bn_input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,7 +438,8 @@ def _pooled(values: torch.Tensor, cmap: np.ndarray, size: int) -> tuple[torch.Te
 @torch.no_grad()
 def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.ndarray], input_shape, *, seed: int = 0,
                proxy: str | torch.Tensor = "di", samples: int = 64, sequential: bool = True,
-               linear_repair: bool = True, num_classes: int | None = None) -> dict:
+               linear_repair: bool = True, num_classes: int | None = None, proxy_model: nn.Module | None = None,
+               **proxy_settings) -> dict:
     """Fold-DFR: set every BN of the folded ``work`` model from the ORIGINAL model's running statistics,
     corrected by how folding changed that BN's input on a proxy batch. For folded channel c of a BN with
     original members i in c (from ``channel_maps``; identity for unfolded BNs), with RM/RV the original running
@@ -444,13 +450,17 @@ def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.
 
     With ``sequential`` (default) the BNs are reset in one forward pass of the folded model in topological order
     (forward pre-hooks), so each BN sees its inputs already corrected upstream. Collapse (merged producers) and
-    explosion (summed consumers, residual adds) are handled alike. Returns {"proxy": kind, "samples": n, "bns": count}.
+    explosion (summed consumers, residual adds) are handled alike. ``proxy`` is the batch itself, or a kind for
+    :func:`proxy_batch` (synthesised from ``proxy_model``, default ``original``, with ``seed``, ``samples`` and
+    ``proxy_settings``). Returns {"proxy": kind, "samples": n, "bns": count}.
     """
     dev = next(work.parameters()).device
     if torch.is_tensor(proxy):
         x, kind = proxy, "given"
     else:
-        x, kind = proxy_batch(tuple(input_shape), samples, kind=proxy, seed=seed, model=original, num_classes=num_classes), proxy
+        x = proxy_batch(tuple(input_shape), samples, kind=proxy, seed=seed, num_classes=num_classes,
+                        model=proxy_model if proxy_model is not None else original, **proxy_settings)
+        kind = proxy
     x = x.to(dev)
     ref = bn_proxy_stats(original, x.to(next(original.parameters()).device))
     orig_mods = dict(original.named_modules())
@@ -552,6 +562,7 @@ class RepairContext:
     samples: int = 0                                       # inputs used to re-estimate statistics
     seconds: dict[str, float] = field(default_factory=dict)
     folded: list = field(default_factory=list)             # the ChannelGroups this compression folds
+    proxy: dict | None = None                              # Fold-DFR: foldviz.proxy.ProxyInfo.as_dict()
 
 
 class Repair:
@@ -650,22 +661,41 @@ class DataFreeRepair(Repair):
         if only:
             ctx.fused, ctx.biased = fuse_batchnorms(ctx.work, ctx.dg, only=only)
 
+    def proxy_spec(self, input_shape, repair_settings: dict, num_classes: int | None = None):
+        """The :class:`foldviz.proxy.ProxySpec` a fold with a plan's ``repair_settings`` uses (the plan's proxy
+        settings over this repair's options). It does not depend on the plan's ratios, fused layers or seed."""
+        from .proxy import proxy_spec
+
+        chosen = {k: v for k, v in repair_settings.items() if k in DFR_DEFAULTS}
+        settings = {**self.options, **chosen}
+        if "samples" not in chosen and "samples" not in self.explicit:
+            settings.pop("samples")  # proxy_spec scales the default sample count to the input size
+        return proxy_spec(tuple(input_shape), settings, num_classes=num_classes)
+
+    def proxy_for(self, ctx: RepairContext):
+        """The proxy batch and its :class:`foldviz.proxy.ProxyInfo` for this fold, synthesised from the input
+        model as given (unfused), so every fold of the model reuses it."""
+        from .proxy import get_proxy
+
+        spec = self.proxy_spec(tuple(ctx.example_input.shape[1:]), ctx.plan.repair_settings, ctx.num_classes)
+        return get_proxy(ctx.original, spec, progress=ctx.progress, device=ctx.device)
+
     def finish(self, ctx):
         if not any((cmap != np.arange(len(cmap))).any() for cmap in ctx.channel_maps.values()):
             unfuse_biases(ctx.work, ctx.fused, ctx.biased)
             return  # nothing was folded: the statistics are already right
-        settings = {**self.options, **{k: v for k, v in ctx.plan.repair_settings.items() if k == "samples"}}
-        if "samples" not in ctx.plan.repair_settings and "samples" not in self.explicit:
-            settings["samples"] = dfr_samples(tuple(ctx.example_input.shape[1:]), settings["samples"])
+        x, info = self.proxy_for(ctx)
+        ctx.proxy = info.as_dict()
         original = ctx.original  # never moved: a copy goes to the device when it is not there already
         if next(original.parameters()).device != ctx.device or ctx.fused:
             original = copy.deepcopy(original).to(ctx.device).eval()
         if ctx.fused:  # the reference statistics in the same (partly fused) space as the folded model
             fuse_batchnorms(original, build_dependency_graph(original, ctx.example_input), only=set(ctx.fused))
-        info = dfr_finish(original, ctx.work, ctx.channel_maps, tuple(ctx.example_input.shape[1:]),
-                          seed=ctx.plan.seed, num_classes=ctx.num_classes, **settings)
+        res = dfr_finish(original, ctx.work, ctx.channel_maps, tuple(ctx.example_input.shape[1:]), proxy=x,
+                         sequential=self.options["sequential"], linear_repair=self.options["linear_repair"],
+                         num_classes=ctx.num_classes)
         unfuse_biases(ctx.work, ctx.fused, ctx.biased)
-        ctx.samples = info["samples"]
+        ctx.samples = res["samples"]
 
 
 REPAIRS: dict[str, Repair] = {r.key: r for r in (Repair(), BNReset(), FoldAR(), DeepInversionRepair(),

@@ -74,6 +74,7 @@ class FoldResult:
     fused: dict[str, str] = field(default_factory=dict)   # BN -> producer it was fused into (fused feature space)
     synthetic: torch.Tensor | None = None         # Fold-DIR: the synthesised repair batch
     repair_samples: int = 0
+    proxy: dict | None = None                     # Fold-DFR: where its proxy came from (foldviz.proxy.ProxyInfo)
 
     @property
     def label(self) -> str:
@@ -281,4 +282,5 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
         p.requires_grad_(False)
     labels = {gid: d.labels for gid, d in decisions.items() if d.labels is not None}
     synthetic = ctx.synthetic.cpu() if ctx.synthetic is not None else None
-    return FoldResult(work, plan, method, rows, labels, surgery.maps, seconds, ctx.fused, synthetic, ctx.samples)
+    return FoldResult(work, plan, method, rows, labels, surgery.maps, seconds, ctx.fused, synthetic, ctx.samples,
+                      ctx.proxy)

@@ -154,6 +154,7 @@ def _run_cnn_cell(loaded: LoadedModel, cell: Cell, *, device=None, n0: int | Non
                      lambda: make_loader(load_dataset(cell.data, "test", card=loaded.card), limit=cell.eval_limit))
     n0 = n0 if n0 is not None else count_params(loaded.model)
     t = time.perf_counter()
+    proxy = None  # Fold-DFR's proxy info (not a CSV column: rows handed to callbacks carry it)
     if cell.method == ORIGINAL:
         model, label = loaded.model, "Original"
     else:
@@ -163,12 +164,24 @@ def _run_cnn_cell(loaded: LoadedModel, cell: Cell, *, device=None, n0: int | Non
                            lambda: repair_inputs(loaded, cell.data, cell.repair_samples, seed=cell.seed))
         res = apply_method(loaded, cell.plan(), cell.method, repair_data=data, device=device)
         model, label = res.model, METHODS[cell.method].label
+        proxy = res.proxy
     fold_seconds = time.perf_counter() - t if cell.method != ORIGINAL else 0.0
     t = time.perf_counter()
     ev = evaluate(model, loader, device=device)
     n = count_params(model)
     return {"label": label, "param_sparsity": 1 - n / n0, "params": n, "accuracy": ev.accuracy, "perplexity": None,
-            "loss": ev.loss, "eval_samples": ev.n, "seconds": fold_seconds, "eval_seconds": time.perf_counter() - t}
+            "loss": ev.loss, "eval_samples": ev.n, "seconds": fold_seconds, "eval_seconds": time.perf_counter() - t,
+            "proxy": proxy, "pid": os.getpid()}
+
+
+def cell_proxy_spec(loaded: LoadedModel, cell: Cell):
+    """The Fold-DFR proxy (:class:`foldviz.proxy.ProxySpec`) ``cell`` will use, or None when it uses none: lets
+    an executor build each model's proxy once and hand it to every cell."""
+    from .repair import REPAIRS
+
+    if cell.method == ORIGINAL or cell.family != "cnn" or METHODS[cell.method].repair != "dfr":
+        return None
+    return REPAIRS["dfr"].proxy_spec(tuple(loaded.input_shape), cell.repair_settings, loaded.num_classes)
 
 
 # family -> runner(loaded, cell, device=..., n0=...) -> partial row; a language-model family registers its own
