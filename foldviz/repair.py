@@ -326,8 +326,8 @@ def ar_fanin_scales(work: nn.Module, group, labels, k: int, fused: dict[str, str
 # ---------------------------------------------------------------------------------------------------------------
 # proxy settings (kind, samples, steps, proxy seed, resolution) live in foldviz.proxy.PROXY_DEFAULTS; a plan's
 # repair_settings override them; these are the repair's own switches
-DFR_DEFAULTS = {"proxy": "di", "samples": 64, "sequential": True, "linear_repair": True, "proxy_steps": 50,
-                "proxy_seed": 0, "proxy_resolution": None, "lr": 0.1, "balanced": False}
+DFR_DEFAULTS = {"proxy": "di", "samples": 64, "sequential": True, "linear_repair": True, "calibration": "members",
+                "proxy_steps": 50, "proxy_seed": 0, "proxy_resolution": None, "lr": 0.1, "balanced": False}
 # The Deep Inversion proxy costs samples x steps forward+backward passes: at 224x224 on one CPU thread, 64 samples x
 # 50 steps took 418 s and 2.9 GiB for torchvision resnet18 (8 samples: 43 s, 1.2 GiB; resnet50 with 8 samples:
 # 1.84 GiB, over the 1.69 GiB bound of issue #13). Unless a plan sets "samples", inputs larger than 32x32 get
@@ -426,6 +426,34 @@ def bn_proxy_stats(model: nn.Module, proxy: torch.Tensor) -> dict[str, tuple[tor
     return stats
 
 
+@torch.no_grad()
+def _cluster_ratios(original: nn.Module, x: torch.Tensor, channel_maps: dict[str, np.ndarray]) -> dict:
+    """Per merged BN: data-to-proxy variance ratio of each cluster's sum, Var(sum s_i z_i) / Var(sum z_i) with
+    s_i = sqrt(RV_i / v_o[i]), z the original's BN inputs on the proxy (see ``dfr_finish(calibration="cov")``)."""
+    out: dict = {}
+    names = {m: n for n, m in original.named_modules()}
+
+    def hook(mod, inp):
+        name = names[mod]
+        cmap = channel_maps.get(name)
+        if name in out or cmap is None or (cmap == np.arange(len(cmap))).all():
+            return
+        a = inp[0].detach().double().transpose(0, 1).reshape(inp[0].shape[1], -1)   # (C, samples x positions)
+        a = a - a.mean(1, keepdim=True)
+        s = (mod.running_var.double().cpu() / a.var(1).cpu().clamp_min(1e-30)).sqrt().to(a.device)
+        keep = torch.as_tensor(cmap >= 0)
+        size = int(cmap.max()) + 1
+        idx = torch.as_tensor(cmap, dtype=torch.long)[keep].to(a.device)
+        pool = torch.zeros(size, a.shape[1], dtype=a.dtype, device=a.device)
+        den = pool.clone().index_add_(0, idx, a[keep.to(a.device)]).var(1)
+        num = pool.index_add_(0, idx, (s[:, None] * a)[keep.to(a.device)]).var(1)
+        out[name] = torch.where(den > 1e-30, num / den.clamp_min(1e-30), torch.full_like(den, float("nan"))).cpu()
+
+    _forward_with(original, x, [m.register_forward_pre_hook(hook) for m in original.modules()
+                                if isinstance(m, _BN) and m.track_running_stats and m.running_var is not None])
+    return out
+
+
 def _pooled(values: torch.Tensor, cmap: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of ``values`` over the original channels mapped to each folded channel, and the member counts."""
     keep = torch.as_tensor(cmap >= 0)
@@ -439,7 +467,7 @@ def _pooled(values: torch.Tensor, cmap: np.ndarray, size: int) -> tuple[torch.Te
 def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.ndarray], input_shape, *, seed: int = 0,
                proxy: str | torch.Tensor = "di", samples: int = 64, sequential: bool = True,
                linear_repair: bool = True, num_classes: int | None = None, proxy_model: nn.Module | None = None,
-               **proxy_settings) -> dict:
+               calibration: str = "members", **proxy_settings) -> dict:
     """Fold-DFR: set every BN of the folded ``work`` model from the ORIGINAL model's running statistics,
     corrected by how folding changed that BN's input on a proxy batch. For folded channel c of a BN with
     original members i in c (from ``channel_maps``; identity for unfolded BNs), with RM/RV the original running
@@ -450,7 +478,10 @@ def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.
 
     With ``sequential`` (default) the BNs are reset in one forward pass of the folded model in topological order
     (forward pre-hooks), so each BN sees its inputs already corrected upstream. Collapse (merged producers) and
-    explosion (summed consumers, residual adds) are handled alike. ``proxy`` is the batch itself, or a kind for
+    explosion (summed consumers, residual adds) are handled alike. ``calibration="cov"`` (research) replaces the
+    members' variance sum by the variance of the cluster's sum, each member rescaled to its data variance, on the
+    original's proxy activations: Var(sum_i sqrt(RV_i / v_o[i]) z_i) / Var(sum_i z_i), which keeps the proxy's
+    correlations between members. ``proxy`` is the batch itself, or a kind for
     :func:`proxy_batch` (synthesised from ``proxy_model``, default ``original``, with ``seed``, ``samples`` and
     ``proxy_settings``). Returns {"proxy": kind, "samples": n, "bns": count}.
     """
@@ -463,6 +494,9 @@ def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.
         kind = proxy
     x = x.to(dev)
     ref = bn_proxy_stats(original, x.to(next(original.parameters()).device))
+    if calibration not in ("members", "cov"):
+        raise ValueError(f"unknown Fold-DFR calibration {calibration!r}; choose members or cov")
+    ratios = _cluster_ratios(original, x, channel_maps) if calibration == "cov" else {}
     orig_mods = dict(original.named_modules())
     names = {m: n for n, m in work.named_modules()}
     done: set[str] = set()
@@ -485,6 +519,8 @@ def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.
         cnt = cnt.clamp_min(1)
         ok = vo > 1e-12 * rv.clamp_min(1e-30)
         var = torch.where(ok, v_f.cpu() * rv / vo.clamp_min(1e-30), rv / cnt)
+        if name in ratios and len(ratios[name]) == size:
+            var = torch.where(ok & torch.isfinite(ratios[name]), v_f.cpu() * ratios[name], var)
         mean = m_f.cpu() + dm / cnt
         mod.running_var.copy_(var.clamp_min(0).to(mod.running_var.dtype))
         mod.running_mean.copy_(mean.to(mod.running_mean.dtype))
@@ -686,6 +722,10 @@ class DataFreeRepair(Repair):
             return  # nothing was folded: the statistics are already right
         x, info = self.proxy_for(ctx)
         ctx.proxy = info.as_dict()
+        self.apply_proxy(ctx, x)
+
+    def apply_proxy(self, ctx: RepairContext, x: torch.Tensor) -> None:
+        """Re-estimate the merged ``ctx.work``'s statistics on proxy batch ``x`` (:func:`dfr_finish`)."""
         original = ctx.original  # never moved: a copy goes to the device when it is not there already
         if next(original.parameters()).device != ctx.device or ctx.fused:
             original = copy.deepcopy(original).to(ctx.device).eval()
@@ -693,7 +733,7 @@ class DataFreeRepair(Repair):
             fuse_batchnorms(original, build_dependency_graph(original, ctx.example_input), only=set(ctx.fused))
         res = dfr_finish(original, ctx.work, ctx.channel_maps, tuple(ctx.example_input.shape[1:]), proxy=x,
                          sequential=self.options["sequential"], linear_repair=self.options["linear_repair"],
-                         num_classes=ctx.num_classes)
+                         calibration=self.options["calibration"], num_classes=ctx.num_classes)
         unfuse_biases(ctx.work, ctx.fused, ctx.biased)
         ctx.samples = res["samples"]
 
