@@ -41,7 +41,7 @@ CHECKPOINTS: dict[str, dict] = {
         "arch": "torchvision:mobilenet_v2",
         "kwargs": {"num_classes": 10, "cifar_stem": True},
         "input_shape": [3, 16, 16],
-        "recipe": {"epochs": 12},
+        "recipe": {"epochs": 20, "lr": 0.02, "weight_decay": 4e-5},
         "description": "torchvision MobileNetV2 (inverted residuals, depthwise convs, ReLU6) with a stride-1 stem, "
                        "on 3x16x16 digits",
     },

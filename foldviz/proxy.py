@@ -33,7 +33,9 @@ __all__ = ["PROXY_KINDS", "PROXY_DEFAULTS", "ProxySpec", "ProxyInfo", "proxy_spe
            "describe_proxy"]
 
 #: the Deep-Inversion objective of the proxy (the plan does not expose these)
-DI_OBJECTIVE = {"lr": 0.1, "bn_weight": 1.0, "tv_weight": 1e-4, "l2_weight": 1e-5, "jitter": 1, "balanced": False}
+DI_OBJECTIVE = {"lr": 0.1, "bn_weight": 1.0, "tv_weight": 1e-4, "l2_weight": 1e-5, "jitter": 1, "balanced": False,
+                "normalized": False}
+_RESEARCH = ("lr", "balanced", "normalized")  # objective options a Fold-DFR instance (not a plan) may change
 # bump when the synthesis changes, so that entries built by an older foldviz are not reused
 PROXY_VERSION = 1
 #: proxies kept in this process's memory (a few MB each even at 224 x 224)
@@ -55,6 +57,7 @@ class ProxySpec:
     num_classes: int | None = None
     lr: float = DI_OBJECTIVE["lr"]
     balanced: bool = DI_OBJECTIVE["balanced"]
+    normalized: bool = DI_OBJECTIVE["normalized"]
 
     def __post_init__(self):
         if self.kind not in PROXY_KINDS:
@@ -69,7 +72,7 @@ class ProxySpec:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         if self.kind != "di":  # settings that do not change a noise batch do not split the cache
-            d.update(steps=0, resolution=None, num_classes=None, lr=0.0, balanced=False)
+            d.update(steps=0, resolution=None, num_classes=None, lr=0.0, balanced=False, normalized=False)
         return cache_key("dfr-proxy", PROXY_VERSION, weights_sha256, d)
 
     @property
@@ -113,8 +116,7 @@ def proxy_spec(input_shape, settings: dict | None = None, *, num_classes: int | 
     (:func:`foldviz.repair.dfr_samples`)."""
     from .repair import dfr_samples
 
-    s = {**PROXY_DEFAULTS, **{k: v for k, v in (settings or {}).items() if k in PROXY_DEFAULTS or k in
-                              ("lr", "balanced")}}
+    s = {**PROXY_DEFAULTS, **{k: v for k, v in (settings or {}).items() if k in PROXY_DEFAULTS or k in _RESEARCH}}
     samples = int(s["samples"]) if "samples" in (settings or {}) else dfr_samples(tuple(input_shape), s["samples"])
     kind = str(s["proxy"])
     if kind.startswith("di") and kind[2:].isdigit():  # "di20": 20 steps (research shorthand)
@@ -123,7 +125,8 @@ def proxy_spec(input_shape, settings: dict | None = None, *, num_classes: int | 
     return ProxySpec(kind=kind, samples=samples, input_shape=tuple(int(d) for d in input_shape),
                      steps=int(s["proxy_steps"]), seed=int(s["proxy_seed"]),
                      resolution=int(res) if res else None, num_classes=num_classes,
-                     lr=float(s.get("lr", DI_OBJECTIVE["lr"])), balanced=bool(s.get("balanced", False)))
+                     lr=float(s.get("lr", DI_OBJECTIVE["lr"])), balanced=bool(s.get("balanced", False)),
+                     normalized=bool(s.get("normalized", False)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,11 +186,12 @@ def _build(model: nn.Module, spec: ProxySpec, progress: Progress, device=None) -
         for _ in range(2):
             x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=c)
         return (x - x.mean()) / x.std()
-    obj = {k: v for k, v in DI_OBJECTIVE.items() if k not in ("lr", "balanced")}
+    obj = {k: v for k, v in DI_OBJECTIVE.items() if k not in _RESEARCH}
     if device is not None and next(model.parameters()).device != torch.device(device):
         model = copy.deepcopy(model).to(device).eval()  # synthesise where the fold runs (a GPU is much faster)
     x = deep_inversion(model, spec.input_shape, num_classes=spec.num_classes, batch_size=spec.samples,
-                       iterations=spec.steps, lr=spec.lr, balanced=spec.balanced, seed=spec.seed,
+                       iterations=spec.steps, lr=spec.lr, balanced=spec.balanced, normalized=spec.normalized,
+                       seed=spec.seed,
                        resolution=spec.resolution, chunk=max(1, DI_CHUNK_PIXELS // _pixels(spec.input_shape)),
                        progress=progress, stage="proxy", **obj)
     return x.detach().cpu()

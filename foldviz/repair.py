@@ -171,7 +171,7 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
                    iterations: int = 200, lr: float = 0.1, bn_weight: float = 1.0, tv_weight: float = 1e-4,
                    l2_weight: float = 1e-5, jitter: int = 1, seed: int = 0, device=None,
                    progress: Progress = None, chunk: int | None = None, resolution: int | None = None,
-                   balanced: bool = False, stage: str = "dir") -> torch.Tensor:
+                   balanced: bool = False, normalized: bool = False, stage: str = "dir") -> torch.Tensor:
     """Synthesise ``batch_size`` inputs whose per-layer batch statistics match the model's BatchNorm statistics.
 
     Loss = CE(f(x), targets) + bn_weight * sum_l (||mu_l - running_mean_l|| + ||var_l - running_var_l||)
@@ -179,13 +179,16 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
     jittered copies of x. Targets are drawn at random, or with ``balanced`` in equal shares per class (shuffled).
     With ``resolution`` r the optimised variable is (C, r, r) and is upsampled bilinearly to the input size
     before the model, which costs the same per step but has fewer unknowns (returns the upsampled batch).
+    ``normalized`` measures each BN's mismatch in its own standardised units,
+    ||(mu_l - rm_l) / sqrt(rv_l)|| + ||var_l / rv_l - 1||, so every layer weighs alike whatever its scale.
     The model is not modified (it runs in eval mode; gradients flow only to x). ``chunk`` synthesises the batch
     in independent groups of at most that many inputs (each matching the statistics on its own), which bounds
     the memory of the backward pass: 4 inputs at 224x224 through VGG-16 hold about 0.85 GB of activations.
     ``progress(stage, step, total)`` counts steps over all chunks.
     """
     kw = dict(num_classes=num_classes, iterations=iterations, lr=lr, bn_weight=bn_weight, tv_weight=tv_weight,
-              l2_weight=l2_weight, jitter=jitter, device=device, resolution=resolution, balanced=balanced)
+              l2_weight=l2_weight, jitter=jitter, device=device, resolution=resolution, balanced=balanced,
+              normalized=normalized)
     if chunk is not None and 0 < chunk < batch_size:
         starts = list(range(0, batch_size, chunk))
         total = len(starts) * iterations
@@ -200,7 +203,7 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
 
 
 def _invert(model: nn.Module, input_shape, *, num_classes, batch_size, iterations, lr, bn_weight, tv_weight,
-            l2_weight, jitter, seed, device, progress, resolution, balanced) -> torch.Tensor:
+            l2_weight, jitter, seed, device, progress, resolution, balanced, normalized) -> torch.Tensor:
     """One Deep-Inversion batch (see :func:`deep_inversion`)."""
     device = device or next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -220,7 +223,11 @@ def _invert(model: nn.Module, input_shape, *, num_classes, batch_size, iteration
         dims = [0] + list(range(2, a.dim()))
         mean = a.mean(dims)
         var = a.var(dims, unbiased=False)
-        losses.append(torch.norm(mean - mod.running_mean, 2) + torch.norm(var - mod.running_var, 2))
+        if normalized:
+            inv = torch.rsqrt(mod.running_var + mod.eps)
+            losses.append(torch.norm((mean - mod.running_mean) * inv, 2) + torch.norm(var * inv * inv - 1, 2))
+        else:
+            losses.append(torch.norm(mean - mod.running_mean, 2) + torch.norm(var - mod.running_var, 2))
 
     handles = [m.register_forward_hook(hook) for m in bns]
     was_training = model.training
@@ -327,7 +334,8 @@ def ar_fanin_scales(work: nn.Module, group, labels, k: int, fused: dict[str, str
 # proxy settings (kind, samples, steps, proxy seed, resolution) live in foldviz.proxy.PROXY_DEFAULTS; a plan's
 # repair_settings override them; these are the repair's own switches
 DFR_DEFAULTS = {"proxy": "di", "samples": 64, "sequential": True, "linear_repair": True, "calibration": "members",
-                "proxy_steps": 50, "proxy_seed": 0, "proxy_resolution": None, "lr": 0.1, "balanced": False}
+                "proxy_steps": 50, "proxy_seed": 0, "proxy_resolution": None, "lr": 0.1, "balanced": False,
+                "normalized": False}
 # The Deep Inversion proxy costs samples x steps forward+backward passes: at 224x224 on one CPU thread, 64 samples x
 # 50 steps took 418 s and 2.9 GiB for torchvision resnet18 (8 samples: 43 s, 1.2 GiB; resnet50 with 8 samples:
 # 1.84 GiB, over the 1.69 GiB bound of issue #13). Unless a plan sets "samples", inputs larger than 32x32 get
@@ -700,9 +708,9 @@ class DataFreeRepair(Repair):
     def proxy_spec(self, input_shape, repair_settings: dict, num_classes: int | None = None):
         """The :class:`foldviz.proxy.ProxySpec` a fold with a plan's ``repair_settings`` uses (the plan's proxy
         settings over this repair's options). It does not depend on the plan's ratios, fused layers or seed."""
-        from .proxy import proxy_spec
+        from .proxy import PROXY_DEFAULTS, proxy_spec
 
-        chosen = {k: v for k, v in repair_settings.items() if k in DFR_DEFAULTS}
+        chosen = {k: v for k, v in repair_settings.items() if k in PROXY_DEFAULTS}  # what a plan may set
         settings = {**self.options, **chosen}
         if "samples" not in chosen and "samples" not in self.explicit:
             settings.pop("samples")  # proxy_spec scales the default sample count to the input size
