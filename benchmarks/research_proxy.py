@@ -160,6 +160,8 @@ def environment() -> dict:
 def run_frontier(args) -> list[dict]:
     path = OUT / f"{args.out}.json"
     rows = json.loads(path.read_text())["rows"] if args.append and path.exists() else []
+    if not args.append and path.exists():
+        path.unlink()  # a fresh panel: no earlier runs
     have = {(r["model"], r["candidate"]) for r in rows}
     for name in args.models:
         lm = load(name)
@@ -191,8 +193,20 @@ def run_frontier(args) -> list[dict]:
     return rows
 
 
+_RUN = {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}
+
+
 def save(path: Path, rows, args) -> None:
-    path.write_text(json.dumps({"environment": environment(), "argv": sys.argv[1:], "rows": rows}, indent=1))
+    """Rows so far, and one record per invocation (an --append run keeps the earlier ones)."""
+    runs = []
+    if path.exists():
+        try:
+            runs = [r for r in json.loads(path.read_text()).get("runs", []) if r.get("started") != _RUN["started"]
+                    or r.get("argv") != _RUN["argv"]]
+        except (ValueError, AttributeError):
+            runs = []
+    runs.append({**_RUN, "load_now": os.getloadavg(), "environment": environment()})
+    path.write_text(json.dumps({"runs": runs, "rows": rows}, indent=1))
 
 
 def cell(rows, model, cand, ratio=None):
@@ -201,7 +215,7 @@ def cell(rows, model, cand, ratio=None):
     return 100 * float(np.mean(sel)) if sel else float("nan")
 
 
-def frontier_md(rows, load_before, load_after, wall) -> str:
+def frontier_md(rows, load_before, load_after, wall, runs=()) -> str:
     models = list(dict.fromkeys(r["model"] for r in rows))
     cands = [c for c in ["Fold-R (real data)", "Fold-AR (authors)", *VARIANTS] if any(r["candidate"] == c for r in rows)]
     out = ["# Fold-DFR proxy candidates: cost x quality", "",
@@ -209,8 +223,10 @@ def frontier_md(rows, load_before, load_after, wall) -> str:
            "per channel ratio; `mean` over the three ratios. Proxy cost = CPU-seconds to build it on 1 thread, "
            "no cache (it is built once per model and reused by every ratio and seed). Fold-R uses 512 real "
            "training images. Same clusters for every candidate of a (model, ratio, seed).",
-           f"os.getloadavg() before {load_before}, after {load_after}; wall {wall / 60:.1f} min; "
+           f"Last invocation: os.getloadavg() before {load_before}, after {load_after}; wall {wall / 60:.1f} min; "
            f"{environment()}.", ""]
+    out += [f"- run {r.get('started')}: `{' '.join(r.get('argv', []))[:160]}`, load {tuple(round(v, 2) for v in r.get('load_before', ()))}"
+            f" -> {tuple(round(v, 2) for v in r.get('load_now', ()))}" for r in runs] + [""]
     for m in models:
         base = next(r["base"] for r in rows if r["model"] == m)
         out += [f"## {m} (original {100 * base:.1f} %)", "",
@@ -367,7 +383,9 @@ def main(argv=None) -> int:
         args.models = args.models or [*DEMOS, *CHECKPOINTS]
         args.out = args.out or "proxy_frontier"
         rows = run_frontier(args)
-        text = frontier_md(rows, lb, tuple(round(v, 2) for v in os.getloadavg()), time.time() - t0)
+        path = OUT / f"{args.out}.json"
+        runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+        text = frontier_md(rows, lb, tuple(round(v, 2) for v in os.getloadavg()), time.time() - t0, runs)
     elif args.part == "resolution":
         args.models = args.models or ["digits-resnet18", "x-resnet-64px", "x-resnet-128px"]
         args.out = args.out or "proxy_resolution"

@@ -202,6 +202,18 @@ def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = N
                    progress=(lambda _s, d, t: progress(stage, d, t)) if progress else None, **kw)
 
 
+def bn_mismatch(a: torch.Tensor, bn: nn.Module, normalized: bool = False) -> torch.Tensor:
+    """Deep Inversion's statistics loss for one BatchNorm fed ``a`` (N, C, ...): ||mu - rm|| + ||var - rv|| over
+    channels (biased batch variance), or with ``normalized`` the same in units of the running standard deviation,
+    ||(mu - rm) / sqrt(rv + eps)|| + ||var / (rv + eps) - 1||."""
+    dims = [0] + list(range(2, a.dim()))
+    mean, var = a.mean(dims), a.var(dims, unbiased=False)
+    if normalized:
+        inv = torch.rsqrt(bn.running_var + bn.eps)
+        return torch.norm((mean - bn.running_mean) * inv, 2) + torch.norm(var * inv * inv - 1, 2)
+    return torch.norm(mean - bn.running_mean, 2) + torch.norm(var - bn.running_var, 2)
+
+
 def _invert(model: nn.Module, input_shape, *, num_classes, batch_size, iterations, lr, bn_weight, tv_weight,
             l2_weight, jitter, seed, device, progress, resolution, balanced, normalized) -> torch.Tensor:
     """One Deep-Inversion batch (see :func:`deep_inversion`)."""
@@ -219,15 +231,7 @@ def _invert(model: nn.Module, input_shape, *, num_classes, batch_size, iteration
     losses: list[torch.Tensor] = []
 
     def hook(mod, inp, _out):
-        a = inp[0]
-        dims = [0] + list(range(2, a.dim()))
-        mean = a.mean(dims)
-        var = a.var(dims, unbiased=False)
-        if normalized:
-            inv = torch.rsqrt(mod.running_var + mod.eps)
-            losses.append(torch.norm((mean - mod.running_mean) * inv, 2) + torch.norm(var * inv * inv - 1, 2))
-        else:
-            losses.append(torch.norm(mean - mod.running_mean, 2) + torch.norm(var - mod.running_var, 2))
+        losses.append(bn_mismatch(inp[0], mod, normalized))
 
     handles = [m.register_forward_hook(hook) for m in bns]
     was_training = model.training

@@ -317,3 +317,44 @@ def test_ray_sweep_of_4_workers_builds_the_proxy_once_per_model(tmp_path, monkey
         assert {p["source"] for p in mine} == {"shared"}  # ... and handed to every cell, none built its own
     assert len({r["pid"] for r in folds}) >= 2  # several workers ran the cells
     assert len(list((tmp_path / "cache" / "proxy").glob("*.safetensors"))) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# research options of the proxy and of the repair
+# ---------------------------------------------------------------------------------------------------------------
+def test_cov_calibration_uses_the_variance_of_the_clusters_sum():
+    """Two perfectly correlated members z1 = z, z2 = 2z merged into one channel: the ratio is
+    Var(s1 z1 + s2 z2) / Var(z1 + z2) with s_i = sqrt(RV_i / v_i), here (2 + 2)^2 / 3^2, where the members' sums
+    give (4 + 4) / (1 + 4)."""
+    import numpy as np
+
+    from foldviz.repair import _cluster_ratios
+
+    net = nn.Sequential(nn.Linear(1, 2, bias=False), nn.BatchNorm1d(2)).eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0], [2.0]]))
+        net[1].running_var.copy_(torch.tensor([4.0, 4.0]))
+    x = torch.tensor([[1.0], [-1.0], [2.0], [-2.0]])
+    v = x.var()  # the estimator _cluster_ratios uses on the proxy (unbiased)
+    s1, s2 = (4.0 / v).sqrt(), (4.0 / (4 * v)).sqrt()
+    got = _cluster_ratios(net, x, {"1": np.array([0, 0])})["1"]
+    expect = ((s1 + 2 * s2) ** 2 * v) / (9 * v)
+    assert got.shape == (1,) and got[0].item() == pytest.approx(expect.item(), rel=1e-6)
+    assert got[0].item() == pytest.approx(16 / 9 * 1 / v.item(), rel=1e-6)
+    assert _cluster_ratios(net, x, {"1": np.array([0, 1])}) == {}  # nothing merged: no calibration needed
+
+
+def test_normalized_bn_mismatch_is_measured_in_running_standard_deviations():
+    from foldviz.repair import bn_mismatch
+
+    bn = nn.BatchNorm1d(2, eps=0.0)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([1.0, 0.0]))
+        bn.running_var.copy_(torch.tensor([100.0, 0.01]))
+    a = torch.tensor([[0.0, 1.0], [2.0, -1.0], [4.0, 1.0], [6.0, -1.0]])  # means (3, 0), biased variances (5, 1)
+    raw = ((3 - 1) ** 2) ** 0.5 + ((5 - 100) ** 2 + (1 - 0.01) ** 2) ** 0.5
+    norm = ((2 / 10) ** 2) ** 0.5 + ((5 / 100 - 1) ** 2 + (1 / 0.01 - 1) ** 2) ** 0.5
+    assert bn_mismatch(a, bn).item() == pytest.approx(raw, rel=1e-6)
+    assert bn_mismatch(a, bn, normalized=True).item() == pytest.approx(norm, rel=1e-6)
+    x = bn_mismatch(torch.randn(8, 2, 3, 3), nn.BatchNorm2d(2), normalized=True)  # (N, C, H, W) inputs too
+    assert x.dim() == 0 and torch.isfinite(x)
