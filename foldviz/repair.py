@@ -337,15 +337,18 @@ def ar_fanin_scales(work: nn.Module, group, labels, k: int, fused: dict[str, str
 # ---------------------------------------------------------------------------------------------------------------
 # proxy settings (kind, samples, steps, proxy seed, resolution) live in foldviz.proxy.PROXY_DEFAULTS; a plan's
 # repair_settings override them; these are the repair's own switches
-DFR_DEFAULTS = {"proxy": "di", "samples": 64, "sequential": True, "linear_repair": True, "calibration": "members",
-                "proxy_steps": 50, "proxy_seed": 0, "proxy_resolution": None, "lr": 0.1, "balanced": False,
-                "normalized": False}
-# The Deep Inversion proxy costs samples x steps forward+backward passes: at 224x224 on one CPU thread, 64 samples x
-# 50 steps took 418 s and 2.9 GiB for torchvision resnet18 (8 samples: 43 s, 1.2 GiB; resnet50 with 8 samples:
-# 1.84 GiB, over the 1.69 GiB bound of issue #13). Unless a plan sets "samples", inputs larger than 32x32 get
-# proportionally fewer samples (the BN statistics are averaged over every spatial position, so larger images carry
-# more of them per sample: 4 images at 224x224 give 12,544 positions per channel after the stem), never fewer than
-# DFR_MIN_SAMPLES.
+DFR_DEFAULTS = {"proxy": "di", "samples": 32, "sequential": True, "linear_repair": True, "calibration": "members",
+                "proxy_steps": 20, "proxy_seed": 0, "proxy_resolution": None, "lr": 0.25, "balanced": False,
+                "normalized": True}
+# Inputs larger than 32x32 carry more positions per sample in every BN statistic, and each Deep-Inversion step costs
+# more. Measured (benchmarks/results/proxy_resolution.md: small VGG-BNs at 64 and 128 px, ratios 0.5 / 0.7, seeds
+# 0-2): 16 samples is the knee at both sizes (4 samples lose 6-14 points at 64 px and 1-7 at 128 px, 8 lose 2-5,
+# 32 and 64 gain nothing over 16), so unless a plan sets "samples", inputs up to 128x128 get DFR_LARGE_SAMPLES.
+# Above 128x128 (not measured: no trained model at 224 px here) the count keeps the 128 px knee's positions per
+# channel, 16 x 128 x 128, at least DFR_MIN_SAMPLES (5 at 224x224): the memory of the correction pass stays where
+# issue #13 bounded it (README, "Bounded memory"); the synthesis itself runs in chunks of 2 images.
+DFR_LARGE_SAMPLES = 16
+DFR_KNEE_PIXELS = 128 * 128
 DFR_MIN_SAMPLES = 4
 DFR_FULL_PIXELS = 32 * 32
 
@@ -356,11 +359,15 @@ def _pixels(input_shape) -> int:
 
 
 def dfr_samples(input_shape, samples: int = DFR_DEFAULTS["samples"]) -> int:
-    """Proxy samples Fold-DFR draws for inputs of ``input_shape`` (C, H, W) or (features,) by default."""
+    """Proxy samples Fold-DFR draws for inputs of ``input_shape`` (C, H, W) or (features,) by default: ``samples``
+    up to 32x32 inputs, at most DFR_LARGE_SAMPLES up to 128x128, then as many positions as 16 at 128x128."""
     pixels = _pixels(input_shape)
+    n = int(samples)
     if pixels <= DFR_FULL_PIXELS:
-        return int(samples)
-    return max(DFR_MIN_SAMPLES, min(int(samples), int(round(samples * DFR_FULL_PIXELS / pixels))))
+        return n
+    if pixels <= DFR_KNEE_PIXELS:
+        return min(n, DFR_LARGE_SAMPLES)
+    return min(n, max(DFR_MIN_SAMPLES, int(round(DFR_LARGE_SAMPLES * DFR_KNEE_PIXELS / pixels))))
 
 
 def _layers_without_bn(model: nn.Module) -> list[str]:
@@ -419,9 +426,11 @@ def proxy_batch(input_shape, n: int = 256, *, kind: str = "noise", seed: int = 0
 
 
 def _bn_input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, unbiased variance) of a BN input, returned in float64; reduced in the input's dtype so
+    that no float64 copy of a large activation is made."""
     dims = [0] + list(range(2, x.dim()))
-    a = x.detach().double()
-    return a.mean(dims), a.var(dims, unbiased=True)
+    var, mean = torch.var_mean(x.detach(), dims, correction=1)
+    return mean.double(), var.double()
 
 
 @torch.no_grad()

@@ -261,7 +261,7 @@ def test_plan_schema_takes_proxy_settings_strictly():
         with pytest.raises(PlanError):
             FoldPlan(repair_settings=bad)
     spec = P.proxy_spec((3, 32, 32), {"proxy": "di", "proxy_steps": 7})
-    assert (spec.kind, spec.samples, spec.steps, spec.seed) == ("di", 64, 7, 0)
+    assert (spec.kind, spec.samples, spec.steps, spec.seed, spec.lr, spec.normalized) == ("di", 32, 7, 0, 0.25, True)
     assert P.proxy_spec((3, 64, 64), {}).samples == 16 and P.proxy_spec((3, 64, 64), {"samples": 40}).samples == 40
 
 
