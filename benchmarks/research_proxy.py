@@ -87,6 +87,10 @@ BASELINE = "DI-50 x64 (previous default)"
 
 
 def load(name: str):
+    """A bundled demo, an unshipped checkpoint, or (cost only) "torchvision-resnet18-cifar": the full-width CIFAR
+    ResNet-18 (11.2 M parameters, random init, 3x32x32) the proxy's cost was first measured on."""
+    if name == "torchvision-resnet18-cifar":
+        return load_model("torchvision:resnet18", num_classes=10, cifar_stem=True)
     return load_model(f"demo:{name}") if name.startswith("digits-") else load_checkpoint(name)
 
 
@@ -124,7 +128,8 @@ def repaired(ctx, x, options: dict | None = None):
 def settings_for(lm, settings: dict) -> dict:
     """Explicit settings (the objective of the previous default where a candidate does not say): candidates
     measure the same thing whatever the library's current default is."""
-    s = {"lr": 0.1, "normalized": False, "balanced": False, "proxy_seed": 0, "proxy_resolution": None,
+    full = min(lm.input_shape[1:]) if len(lm.input_shape) == 3 else None  # synthesised at the input's size
+    s = {"lr": 0.1, "normalized": False, "balanced": False, "proxy_seed": 0, "proxy_resolution": full,
          **settings} if settings else {}
     if s.get("proxy_resolution") in ("half", "quarter"):
         side = min(lm.input_shape[1:]) if len(lm.input_shape) == 3 else None
@@ -468,7 +473,7 @@ def main(argv=None) -> int:
         (OUT / f"{args.out}.json").write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
         text = resolution_md(rows, args, lb, tuple(round(v, 2) for v in os.getloadavg()), time.time() - t0)
     else:
-        args.models = args.models or ["digits-resnet", "digits-resnet18"]
+        args.models = args.models or ["digits-resnet", "digits-resnet18", "torchvision-resnet18-cifar"]
         args.out = args.out or "proxy_cost"
         text = run_cost(args)
     (OUT / f"{args.out}.md").write_text(text)

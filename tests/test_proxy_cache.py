@@ -263,6 +263,10 @@ def test_plan_schema_takes_proxy_settings_strictly():
     spec = P.proxy_spec((3, 32, 32), {"proxy": "di", "proxy_steps": 7})
     assert (spec.kind, spec.samples, spec.steps, spec.seed, spec.lr, spec.normalized) == ("di", 32, 7, 0, 0.25, True)
     assert P.proxy_spec((3, 64, 64), {}).samples == 16 and P.proxy_spec((3, 64, 64), {"samples": 40}).samples == 40
+    # larger images are synthesised at a lower resolution unless the plan says
+    assert [P.proxy_spec(s, {}).resolution for s in [(64,), (3, 32, 32), (1, 64, 64), (3, 128, 128), (3, 224, 224)]] \
+        == [None, None, 32, 32, 56]
+    assert P.proxy_spec((1, 64, 64), {"proxy_resolution": 64}).resolution == 64
 
 
 def test_cli_builds_then_says_from_cache(tmp_path, capsys):
@@ -358,3 +362,18 @@ def test_normalized_bn_mismatch_is_measured_in_running_standard_deviations():
     assert bn_mismatch(a, bn, normalized=True).item() == pytest.approx(norm, rel=1e-6)
     x = bn_mismatch(torch.randn(8, 2, 3, 3), nn.BatchNorm2d(2), normalized=True)  # (N, C, H, W) inputs too
     assert x.dim() == 0 and torch.isfinite(x)
+
+
+def test_low_resolution_synthesis_is_upsampled_and_smoother():
+    from foldviz.repair import deep_inversion
+
+    net = _net()
+    kw = dict(num_classes=4, batch_size=4, iterations=3, seed=0)
+    full = deep_inversion(net, (1, 16, 16), **kw)
+    low = deep_inversion(net, (1, 16, 16), resolution=4, **kw)
+    assert low.shape == full.shape == (4, 1, 16, 16) and torch.isfinite(low).all()
+
+    def roughness(x):  # mean squared difference of neighbouring pixels, relative to the variance
+        return float(((x[..., 1:, :] - x[..., :-1, :]) ** 2).mean() / x.var())
+
+    assert roughness(low) < 0.25 * roughness(full)
