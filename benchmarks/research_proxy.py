@@ -264,7 +264,7 @@ def frontier_md(rows, load_before, load_after, wall, runs=()) -> str:
     return "\n".join(out)
 
 
-DEFAULT = "DI-20 x32 lr 0.25 normalized"   # the library's default proxy (foldviz.proxy.PROXY_DEFAULTS, DI_OBJECTIVE)
+DEFAULT = "DI-30 x32 lr 0.25 normalized"   # the library's default proxy (foldviz.proxy.PROXY_DEFAULTS, DI_OBJECTIVE)
 
 
 def targets_md(rows, models, candidate: str = DEFAULT) -> str:

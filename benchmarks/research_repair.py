@@ -52,7 +52,7 @@ CANDIDATES = {
     "DFR c: noise, not sequential": ("dfr", DataFreeRepair(proxy="noise", samples=256, sequential=False,
                                                            linear_repair=False)),
     "DFR a: stats propagation (no forward pass)": ("dfr", StatProp()),
-    "Fold-DFR (default: DI-50 x64 proxy + BN-less layer repair)": ("dfr", REPAIRS["dfr"]),
+    "Fold-DFR (default: DI-30 x32 proxy + BN-less layer repair)": ("dfr", REPAIRS["dfr"]),
     # variance calibration by the cluster's sum with the proxy's member correlations (research_proxy.py measures it
     # on shared merges: benchmarks/results/proxy_frontier.md)
     "DFR cov calibration": ("dfr", DataFreeRepair(calibration="cov")),
@@ -62,7 +62,7 @@ CANDIDATES = {
 }
 # the panel of issue #12 (README 3b): the columns the issue names, Fold-DIR aside (minutes per fold on CPU)
 MAIN_PANEL = ["Fold-Naive", "Fold-R (real data)", "Fold-AR (authors, whole group)",
-              "Fold-DFR (default: DI-50 x64 proxy + BN-less layer repair)", "IFM", "L1 + REPAIR (real data)"]
+              "Fold-DFR (default: DI-30 x32 proxy + BN-less layer repair)", "IFM", "L1 + REPAIR (real data)"]
 MODELS = ("digits-mlp", "digits-vgg", "digits-resnet", "digits-resnet-2x", "digits-resnet18")
 
 

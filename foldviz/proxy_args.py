@@ -9,7 +9,7 @@ __all__ = ["PROXY_KINDS", "PROXY_DEFAULTS", "add_proxy_args", "proxy_settings_fr
 PROXY_KINDS = ("noise", "smooth", "di")
 #: Fold-DFR's proxy when a plan's ``repair_settings`` do not say (README, "Fold-DFR's proxy"); "samples" is scaled
 #: down for inputs larger than 32x32 unless set explicitly (foldviz.repair.dfr_samples)
-PROXY_DEFAULTS = {"proxy": "di", "samples": 32, "proxy_steps": 20, "proxy_seed": 0, "proxy_resolution": None}
+PROXY_DEFAULTS = {"proxy": "di", "samples": 32, "proxy_steps": 30, "proxy_seed": 0, "proxy_resolution": None}
 
 
 def _positive(text: str) -> int:

@@ -338,7 +338,7 @@ def ar_fanin_scales(work: nn.Module, group, labels, k: int, fused: dict[str, str
 # proxy settings (kind, samples, steps, proxy seed, resolution) live in foldviz.proxy.PROXY_DEFAULTS; a plan's
 # repair_settings override them; these are the repair's own switches
 DFR_DEFAULTS = {"proxy": "di", "samples": 32, "sequential": True, "linear_repair": True, "calibration": "members",
-                "proxy_steps": 20, "proxy_seed": 0, "proxy_resolution": None, "lr": 0.25, "balanced": False,
+                "proxy_steps": 30, "proxy_seed": 0, "proxy_resolution": None, "lr": 0.25, "balanced": False,
                 "normalized": True}
 # Inputs larger than 32x32 carry more positions per sample in every BN statistic, and each Deep-Inversion step costs
 # more. Measured (benchmarks/results/proxy_resolution.md: small VGG-BNs at 64 and 128 px, ratios 0.5 / 0.7, seeds
