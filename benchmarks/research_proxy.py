@@ -149,11 +149,13 @@ def build(lm, settings: dict):
     memo = (id(lm.model), spec)
     if memo in _BUILT:
         return _BUILT[memo]
-    c, w = time.process_time(), time.perf_counter()
-    x, _info = get_proxy(lm.model, spec, cache=None)
-    cpu, wall = time.process_time() - c, time.perf_counter() - w
     from foldviz.proxy import clear_memory
 
+    clear_memory()  # a build, not a memory hit
+    c, w = time.process_time(), time.perf_counter()
+    x, _info = get_proxy(lm.model, spec, cache=None)
+    assert _info.source == "built"
+    cpu, wall = time.process_time() - c, time.perf_counter() - w
     clear_memory()
     if any(k[0] != memo[0] for k in _BUILT):
         _BUILT.clear()  # one model's proxies at a time
@@ -232,7 +234,7 @@ def cell(rows, model, cand, ratio=None):
     return 100 * float(np.mean(sel)) if sel else float("nan")
 
 
-def frontier_md(rows, load_before, load_after, wall, runs=()) -> str:
+def frontier_md(rows, load_before=None, load_after=None, wall=None, runs=()) -> str:
     models = list(dict.fromkeys(r["model"] for r in rows))
     cands = [c for c in ["Fold-R (real data)", "Fold-AR (authors)", *VARIANTS] if any(r["candidate"] == c for r in rows)]
     out = ["# Fold-DFR proxy candidates: cost x quality", "",
@@ -240,8 +242,8 @@ def frontier_md(rows, load_before, load_after, wall, runs=()) -> str:
            "per channel ratio; `mean` over the three ratios. Proxy cost = CPU-seconds to build it on 1 thread, "
            "no cache (it is built once per model and reused by every ratio and seed). Fold-R uses 512 real "
            "training images. Same clusters for every candidate of a (model, ratio, seed).",
-           f"Last invocation: os.getloadavg() before {load_before}, after {load_after}; wall {wall / 60:.1f} min; "
-           f"{environment()}.", ""]
+           "Every run on 1 torch thread (OMP_NUM_THREADS=1, nice 5) on a shared 2-core AMD EPYC VM; "
+           "os.getloadavg() before and after each invocation:", ""]
     out += [f"- run {r.get('started')}: `{' '.join(r.get('argv', []))[:160]}`, load {tuple(round(v, 2) for v in r.get('load_before', ()))}"
             f" -> {tuple(round(v, 2) for v in r.get('load_now', ()))}" for r in runs] + [""]
     for m in models:
@@ -444,7 +446,7 @@ def cli_cost(model: str, rounds: int) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["frontier", "resolution", "cost"])
+    ap.add_argument("part", choices=["frontier", "resolution", "cost", "render"])
     ap.add_argument("--models", nargs="+")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--samples", nargs="+", type=int, default=[4, 8, 16, 32, 64])
@@ -465,13 +467,17 @@ def main(argv=None) -> int:
         rows = run_frontier(args)
         path = OUT / f"{args.out}.json"
         runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
-        text = frontier_md(rows, lb, tuple(round(v, 2) for v in os.getloadavg()), time.time() - t0, runs)
+        text = frontier_md(rows, runs=runs)
     elif args.part == "resolution":
         args.models = args.models or ["digits-resnet18", "x-vgg-64px", "x-vgg-128px"]
         args.out = args.out or "proxy_resolution"
         rows = run_resolution(args)
         (OUT / f"{args.out}.json").write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
         text = resolution_md(rows, args, lb, tuple(round(v, 2) for v in os.getloadavg()), time.time() - t0)
+    elif args.part == "render":  # the markdown of an existing frontier JSON (e.g. after changing DEFAULT)
+        args.out = args.out or "proxy_frontier"
+        data = json.loads((OUT / f"{args.out}.json").read_text())
+        text = frontier_md(data["rows"], runs=data.get("runs", []))
     else:
         args.models = args.models or ["digits-resnet", "digits-resnet18", "torchvision-resnet18-cifar"]
         args.out = args.out or "proxy_cost"

@@ -112,7 +112,7 @@ class ProxyInfo:
 
 #: side length the proxy is synthesised at for images larger than 32x32 (then upsampled bilinearly): measured on
 #: VGG-BNs at 64 and 128 px (benchmarks/results/proxy_frontier_large.md), synthesising at 32x32 beat the full
-#: resolution by 10.5 / 4.9 points of mean accuracy and half the side by 1.7 at 128 px, at the same cost per step
+#: resolution by 10.5 / 4.9 points of mean accuracy and half the side by 2.1 at 128 px, at the same cost per step
 PROXY_MIN_SIDE = 32
 
 
