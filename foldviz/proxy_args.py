@@ -36,10 +36,10 @@ def add_proxy_args(parser: argparse.ArgumentParser) -> None:
     """``--proxy``, ``--proxy-samples``, ``--proxy-steps``, ``--proxy-seed``, ``--cache-dir`` and ``--no-cache``."""
     g = parser.add_argument_group("data-free proxy (Fold-DFR)")
     g.add_argument("--proxy", choices=PROXY_KINDS,
-                   help=f"proxy batch Fold-DFR re-estimates statistics on: di (Deep Inversion, the default), smooth "
-                        f"(blurred noise) or noise; both noise kinds cost nothing and repair less well")
+                   help="proxy batch Fold-DFR re-estimates statistics on: di (Deep Inversion, the default), smooth "
+                        "(blurred noise) or noise; both noise kinds cost nothing and repair less well")
     g.add_argument("--proxy-samples", type=_positive, metavar="N",
-                   help=f"proxy inputs (default {PROXY_DEFAULTS['samples']} up to 32x32 inputs, proportionally "
+                   help=f"proxy inputs (default {PROXY_DEFAULTS['samples']} up to 32x32 inputs, 16 up to 128x128, "
                         "fewer above)")
     g.add_argument("--proxy-steps", type=_positive, metavar="N",
                    help=f"Deep-Inversion steps (default {PROXY_DEFAULTS['proxy_steps']})")
