@@ -378,7 +378,7 @@ def run_cost(args) -> str:
     from foldviz.proxy import clear_memory
 
     lines = ["# Fold-DFR cost: warm cache against Fold-AR, cold proxy against the previous default", "",
-             f"os.getloadavg() before {os.getloadavg()}; {environment()}.", "",
+             f"os.getloadavg() before {tuple(round(v, 2) for v in os.getloadavg())}; {environment()}.", "",
              "| model | ratio | Fold-AR fold CPU-s | default fold, warm cache CPU-s | ratio DFR/AR | cold proxy CPU-s (new default) | cold proxy CPU-s (previous DI-50 x64) | new/previous |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = []
@@ -410,7 +410,7 @@ def run_cost(args) -> str:
     lines += ["", f"In-process `fold()` calls, medians over {args.rounds} alternating rounds (the DFR proxy read from the "
               "cache and validated every time, memory cleared).", ""]
     lines += cli_cost(args.cli_model, args.rounds)
-    lines += ["", f"os.getloadavg() after {os.getloadavg()}.", ""]
+    lines += ["", f"os.getloadavg() after {tuple(round(v, 2) for v in os.getloadavg())}.", ""]
     (OUT / "proxy_cost.json").write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
     return "\n".join(lines)
 
