@@ -256,7 +256,9 @@ def _invert(model: nn.Module, input_shape, *, num_classes, batch_size, iteration
                 xj = torch.roll(xl, shifts=(dx, dy), dims=(-2, -1)) if xl.dim() == 4 else xl
                 losses.clear()
                 out = model(xj)
-                loss = F.cross_entropy(out, targets) + bn_weight * torch.stack(losses).sum()
+                # a model without BatchNorm has no statistics to match: targets (and priors) only
+                bn_term = torch.stack(losses).sum() if losses else out.new_zeros(())
+                loss = F.cross_entropy(out, targets) + bn_weight * bn_term
                 if xj.dim() == 4 and tv_weight:
                     tv = (xj[..., 1:, :] - xj[..., :-1, :]).norm() + (xj[..., :, 1:] - xj[..., :, :-1]).norm()
                     loss = loss + tv_weight * tv
