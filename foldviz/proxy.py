@@ -186,7 +186,7 @@ def clear_memory() -> None:
 
 def install_proxy(x: torch.Tensor, info: ProxyInfo) -> None:
     """Make a proxy built elsewhere (a sweep's driver or another Ray task) available to this process."""
-    if tuple(x.shape) != (info.samples, *x.shape[1:]) or not torch.isfinite(x).all():
+    if x.shape[0] != info.samples or not torch.isfinite(x).all():
         raise ValueError("install_proxy: the tensor does not match its description or has non-finite values")
     _remember(info.key, x, replace(info, source="shared", seconds=0.0))
 
@@ -196,7 +196,7 @@ def _build(model: nn.Module, spec: ProxySpec, progress: Progress, device=None) -
 
     gen = torch.Generator().manual_seed(int(spec.seed))
     x = torch.randn(spec.shape, generator=gen)
-    if spec.kind == "noise" or x.dim() < 4:
+    if spec.kind == "noise" or (spec.kind == "smooth" and x.dim() < 4):  # blurring needs images
         return x
     if spec.kind == "smooth":
         c = x.shape[1]

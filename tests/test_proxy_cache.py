@@ -377,3 +377,17 @@ def test_low_resolution_synthesis_is_upsampled_and_smoother():
         return float(((x[..., 1:, :] - x[..., :-1, :]) ** 2).mean() / x.var())
 
     assert roughness(low) < 0.25 * roughness(full)
+
+
+def test_deep_inversion_proxy_for_feature_vector_inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv(C.CACHE_DIR_ENV, str(tmp_path))
+    P.clear_memory()
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        net[1].running_mean.fill_(2.0)
+    stages = []
+    x, info = P.get_proxy(net, P.proxy_spec((6,), {"proxy_steps": 4, "samples": 8}, num_classes=3),
+                          progress=lambda s, d, t: stages.append((s, d, t)))
+    noise = torch.randn((8, 6), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (8, 6) and info.source == "built" and stages[-1] == ("proxy", 4, 4)
+    assert not torch.equal(x, noise)  # synthesised, not the starting noise
