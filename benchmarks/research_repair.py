@@ -52,15 +52,28 @@ CANDIDATES = {
     "DFR c: noise, not sequential": ("dfr", DataFreeRepair(proxy="noise", samples=256, sequential=False,
                                                            linear_repair=False)),
     "DFR a: stats propagation (no forward pass)": ("dfr", StatProp()),
-    "Fold-DFR (default: DI-50 x64 proxy + BN-less layer repair)": ("dfr", REPAIRS["dfr"]),
+    "Fold-DFR (default: DI-30 x32 proxy + BN-less layer repair)": ("dfr", REPAIRS["dfr"]),
+    # variance calibration by the cluster's sum with the proxy's member correlations (research_proxy.py measures it
+    # on shared merges: benchmarks/results/proxy_frontier.md)
+    "DFR cov calibration": ("dfr", DataFreeRepair(calibration="cov")),
     # baselines run through foldviz.apply.apply_method (their own selectors): (method key, None)
     "IFM": ("ifm", None),
     "L1 + REPAIR (real data)": ("l1+r", None),
 }
 # the panel of issue #12 (README 3b): the columns the issue names, Fold-DIR aside (minutes per fold on CPU)
 MAIN_PANEL = ["Fold-Naive", "Fold-R (real data)", "Fold-AR (authors, whole group)",
-              "Fold-DFR (default: DI-50 x64 proxy + BN-less layer repair)", "IFM", "L1 + REPAIR (real data)"]
+              "Fold-DFR (default: DI-30 x32 proxy + BN-less layer repair)", "IFM", "L1 + REPAIR (real data)"]
 MODELS = ("digits-mlp", "digits-vgg", "digits-resnet", "digits-resnet-2x", "digits-resnet18")
+
+
+def _load(name: str):
+    """A bundled demo, or an unshipped checkpoint of benchmarks/checkpoints.py (trained when missing)."""
+    if name.startswith("digits-"):
+        return load_model(f"demo:{name}")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from checkpoints import load_checkpoint
+
+    return load_checkpoint(name)
 
 
 def _rectified_var(gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -150,7 +163,7 @@ def main(argv=None) -> int:
     rows = json.loads(out.with_suffix(".json").read_text()) if args.append and out.with_suffix(".json").exists() else []
     have = {(r["model"], r["ratio"], r["candidate"], r["seed"]) for r in rows}
     for name in args.models:
-        lm = load_model(f"demo:{name}")
+        lm = _load(name)
         xt, yt = digits_arrays("test")
         x_test = tensor_transform(xt, tuple(lm.input_shape), lm.normalization)
         x_var = x_test[:256]

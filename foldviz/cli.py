@@ -257,6 +257,10 @@ def cmd_fold(args) -> int:
     if args.prompt is not None and kind.key != "lm":
         raise PlanError("--prompt applies to language models only")
     plan = _plan_for(args, loaded, kind)
+    # data-free proxy flags (foldviz.proxy) go into the plan's repair_settings
+    from .proxy import describe_proxy, proxy_progress, proxy_settings_from_args
+    if proxy_settings_from_args(args):
+        plan = plan.with_changes(repair_settings={**plan.repair_settings, **proxy_settings_from_args(args)})
     method = _method_for(args, plan, kind)
     _check_method(method, kind)
     if METHODS[method].needs_data and not repair_spec:
@@ -279,8 +283,11 @@ def cmd_fold(args) -> int:
     # (one copy of the weights instead of two: what makes a 1B model fit in 2x its weights)
     inplace = args.no_latency and args.variance_samples == 0
     measured = measure_before(loaded) if inplace else None
+    progress = proxy_progress(progress, quiet=args.quiet)  # the proxy in words: "building ... about N s" / "from cache"
     result = apply_method(loaded, plan, method, repair_data=data, progress=progress, device=args.device,
                           inplace=inplace)
+    if result.proxy and not args.quiet:
+        print(describe_proxy(result.proxy), file=sys.stderr)
     report = build_report(loaded, result, data_spec=test_spec, eval_limit=args.eval_limit,
                           latency=not args.no_latency, variance_samples=args.variance_samples, baseline=baseline,
                           weights_sha256=sha, before=measured)
@@ -366,6 +373,8 @@ def cmd_sweep(args) -> int:
         raise ValueError("--ray-address, --ray-ship-code and --gpus-per-task need --executor ray")
     ResultsCSV(args.out).check()  # a bad --out is an error before any work
     _data_roles(args)
+    from .proxy_args import apply_cache_args, proxy_settings_from_args  # --cache-dir/--no-cache; proxy flags
+    apply_cache_args(args)
     loaded = {}
     if args.spec:
         spec = load_spec(args.spec)
@@ -380,7 +389,8 @@ def cmd_sweep(args) -> int:
         loaded[args.model] = _load(args)
         methods = args.methods or DEFAULT_SWEEP_METHODS[loaded[args.model].kind]
         spec = spec_from_args(ref, args.ratios, methods, args.data, seeds=args.seeds,
-                              eval_limit=args.eval_limit, repair_samples=args.repair_samples)
+                              eval_limit=args.eval_limit, repair_samples=args.repair_samples,
+                              repair_settings=proxy_settings_from_args(args))
     executor = make_executor(args.executor, address=args.ray_address, gpus_per_task=args.gpus_per_task,
                              max_retries=args.max_retries, ship_code=args.ray_ship_code)
     try:
@@ -414,6 +424,7 @@ def _common_fold_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .export import add_export_subparser
+    from .proxy_args import add_proxy_args  # data-free proxy flags (no torch import)
     from .train import add_train_subparser
 
     repair_help = ", ".join(f"{k} ({METHODS[k].label})" for k in fold_keys())
@@ -467,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "folding) or foldviz-lm (per-layer sizes; loads with foldviz only)")
     p.add_argument("--prompt", help="language models: greedy continuation of this prompt before and after, in the report")
     p.add_argument("--max-new-tokens", type=_positive, default=40, help="tokens generated for --prompt")
+    add_proxy_args(p)  # data-free proxy: --proxy, --proxy-samples, --proxy-steps, --proxy-seed, cache flags
     p.add_argument("--out", required=True, help="output directory (new, or empty)")
     p.add_argument("--force", action="store_true",
                    help="replace a model foldviz wrote before in --out (atomically; never the input model or a "
@@ -510,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-task", type=float, help="GPUs per Ray task (default: 1 if the cluster has GPUs, else 0; "
                                                        "0.5 runs two cells per GPU)")
     p.add_argument("--max-retries", type=int, help="attempts after a transient failure (default: local 2, ray 3)")
+    add_proxy_args(p)
     p.add_argument("--out", required=True, help="CSV file; appended to and resumed when it exists")
     p.set_defaults(func=cmd_sweep)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .metrics import count_params
-from .sweep import LocalExecutor, retryable_exceptions, run_cell
+from .sweep import LocalExecutor, cell_proxy_spec, retryable_exceptions, run_cell
 
 __all__ = ["LocalExecutor", "RayExecutor", "make_executor", "executor_from_env", "init_ray", "retryable_exceptions", "ADDRESS_ENV"]
 
@@ -28,14 +28,30 @@ OnRow = Callable[[int, object, dict], None]
 OnError = Callable[[int, object, BaseException], None]
 
 
-def _ray_cell(run, loaded, cell, weights_sha256: str, n0: int, use_gpu: bool) -> dict:
-    """The body of one Ray task (module level, so workers import it by reference)."""
-    device = None
+def _ray_device(use_gpu: bool):
     if use_gpu:
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else None
-    return run(loaded, cell, weights_sha256=weights_sha256, device=device, n0=n0)
+        return "cuda" if torch.cuda.is_available() else None
+    return None
+
+
+def _ray_cell(run, loaded, cell, weights_sha256: str, n0: int, use_gpu: bool, *proxies) -> dict:
+    """The body of one Ray task (module level, so workers import it by reference). ``proxies``: (batch, info)
+    pairs built once per model by :func:`_ray_proxy` (Ray resolves them before the task starts)."""
+    from .proxy import install_proxy
+
+    for x, info in proxies:
+        install_proxy(x, info)
+    return run(loaded, cell, weights_sha256=weights_sha256, device=_ray_device(use_gpu), n0=n0)
+
+
+def _ray_proxy(loaded, spec, use_gpu: bool):
+    """One Ray task per (model, proxy): build it (or read it from that node's cache) for every cell to share
+    through the object store, whether or not the cluster's nodes share a cache directory."""
+    from .proxy import get_proxy
+
+    return get_proxy(loaded.model, spec, device=_ray_device(use_gpu))
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, ship_code: bool = False, **kwargs) -> None:
@@ -108,11 +124,22 @@ class RayExecutor:
             task = ray.remote(_ray_cell).options(
                 num_cpus=self.cpus_per_task, num_gpus=gpus, max_retries=self.max_retries,
                 retry_exceptions=list(retryable_exceptions()))
+            proxy_task = ray.remote(_ray_proxy).options(
+                num_cpus=self.cpus_per_task, num_gpus=gpus, max_retries=self.max_retries,
+                retry_exceptions=list(retryable_exceptions()))
             for job in jobs:
                 model_ref = ray.put(job.loaded)  # once per model, shared by all of its tasks
                 n0 = count_params(job.loaded.model)
+                proxies: dict = {}  # proxy key -> the task building it: once per model, not once per worker
                 for index, cell in job.cells:
-                    pending[task.remote(self.run_cell, model_ref, cell, job.weights_sha256, n0, gpus > 0)] = (
+                    spec = cell_proxy_spec(job.loaded, cell)
+                    deps = ()
+                    if spec is not None:
+                        key = spec.key(job.weights_sha256)
+                        if key not in proxies:
+                            proxies[key] = proxy_task.remote(model_ref, spec, gpus > 0)
+                        deps = (proxies[key],)
+                    pending[task.remote(self.run_cell, model_ref, cell, job.weights_sha256, n0, gpus > 0, *deps)] = (
                         index, cell)
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)

@@ -51,6 +51,11 @@ SCHEMA = {
                 "tv_weight": {"type": "number", "minimum": 0},
                 "l2_weight": {"type": "number", "minimum": 0},
                 "jitter": {"type": "integer", "minimum": 0},
+                # Fold-DFR's data-free proxy (foldviz.proxy.PROXY_DEFAULTS; "samples" above is its sample count)
+                "proxy": {"enum": ["noise", "smooth", "di"]},
+                "proxy_steps": {"type": "integer", "minimum": 1, "maximum": 100_000},
+                "proxy_seed": {"type": "integer", "minimum": 0},
+                "proxy_resolution": {"type": ["integer", "null"], "minimum": 2, "maximum": 4096},
             },
         },
         "clustering": {
@@ -170,7 +175,8 @@ class FoldPlan:
 
 
 _INT_FIELDS = {("seed",), ("foldviz_plan",)} | {("repair_settings", k) for k in ("samples", "batch_size", "iterations",
-                                                                                  "jitter")} \
+                                                                                  "jitter", "proxy_steps", "proxy_seed",
+                                                                                  "proxy_resolution")} \
     | {("clustering", k) for k in ("n_init", "max_iter")}
 
 

@@ -9,7 +9,7 @@ plan's ``repair`` key to its behaviour; labels and descriptions live in :mod:`fo
   producer emits standardised channels (the basis of Fold-AR). The function is unchanged.
 - ``reset_bn_stats``: recompute every BatchNorm's running statistics on a batch of inputs (Fold-R with real data,
   Fold-DIR with synthetic data).
-- ``deep_inversion``: synthesise inputs from a trained model by matching its BatchNorm statistics (Fold-DIR).
+- Fold-DIR synthesises its inputs with :func:`foldviz.synth.deep_inversion`.
 - ``ar_group_scales``: the authors' Fold-AR correction (one factor per cluster from the whole group's vectors).
 - ``dfr_finish``: Fold-DFR, data-free REPAIR (the default): re-estimates every BN from the original model's
   running statistics, corrected by what folding changed on a cheap proxy batch (``proxy_batch``).
@@ -17,20 +17,18 @@ plan's ``repair`` key to its behaviour; labels and descriptions live in :mod:`fo
 from __future__ import annotations
 
 import copy
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .features import group_features
 from .groups import BN_TYPES, CONV_TYPES, build_dependency_graph
 from .metrics import channel_axis
-from .utils import Progress, state_dict_hash
+from .synth import deep_inversion
+from .utils import Progress
 
 
 def _bn_producers(dg, model: nn.Module) -> dict[nn.Module, nn.Module]:
@@ -170,78 +168,6 @@ def dir_defaults(input_shape) -> dict:
             "l2_weight": 1e-5, "jitter": 30}
 
 
-def deep_inversion(model: nn.Module, input_shape, *, num_classes: int | None = None, batch_size: int = 256,
-                   iterations: int = 200, lr: float = 0.1, bn_weight: float = 1.0, tv_weight: float = 1e-4,
-                   l2_weight: float = 1e-5, jitter: int = 1, seed: int = 0, device=None,
-                   progress: Progress = None, chunk: int | None = None) -> torch.Tensor:
-    """Synthesise ``batch_size`` inputs whose per-layer batch statistics match the model's BatchNorm statistics.
-
-    Loss = CE(f(x), random targets) + bn_weight * sum_l (||mu_l - running_mean_l|| + ||var_l - running_var_l||)
-    + tv_weight * total variation + l2_weight * ||x||, optimised with Adam on randomly jittered copies of x.
-    The model is not modified (it runs in eval mode; gradients flow only to x). ``chunk`` synthesises the batch
-    in independent groups of at most that many inputs (each matching the statistics on its own), which bounds
-    the memory of the backward pass: 4 inputs at 224x224 through VGG-16 hold about 0.85 GB of activations.
-    """
-    if chunk is not None and 0 < chunk < batch_size:
-        kw = dict(num_classes=num_classes, iterations=iterations, lr=lr, bn_weight=bn_weight, tv_weight=tv_weight,
-                  l2_weight=l2_weight, jitter=jitter, device=device)
-        return torch.cat([deep_inversion(model, input_shape, batch_size=min(chunk, batch_size - i),
-                                         seed=seed * 1009 + i, **kw) for i in range(0, batch_size, chunk)])
-    device = device or next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn((batch_size, *input_shape), generator=gen).to(device).requires_grad_(True)
-    bns = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.running_mean is not None]
-    losses: list[torch.Tensor] = []
-
-    def hook(mod, inp, _out):
-        a = inp[0]
-        dims = [0] + list(range(2, a.dim()))
-        mean = a.mean(dims)
-        var = a.var(dims, unbiased=False)
-        losses.append(torch.norm(mean - mod.running_mean, 2) + torch.norm(var - mod.running_var, 2))
-
-    handles = [m.register_forward_hook(hook) for m in bns]
-    was_training = model.training
-    model.eval()
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
-    with torch.no_grad():
-        logits = model(x)
-    classes = num_classes or logits.shape[1]
-    targets = torch.randint(classes, (batch_size,), generator=gen).to(device)
-    try:
-        with torch.enable_grad():
-            for it in range(iterations):
-                dx, dy = (torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist() if jitter else (0, 0))
-                xj = torch.roll(x, shifts=(dx, dy), dims=(-2, -1)) if x.dim() == 4 else x
-                losses.clear()
-                out = model(xj)
-                # a model without BatchNorm (a vision transformer) has no statistics to match: targets only
-                bn_term = torch.stack(losses).sum() if losses else out.new_zeros(())
-                loss = F.cross_entropy(out, targets) + bn_weight * bn_term
-                if x.dim() == 4 and tv_weight:
-                    tv = (xj[..., 1:, :] - xj[..., :-1, :]).norm() + (xj[..., :, 1:] - xj[..., :, :-1]).norm()
-                    loss = loss + tv_weight * tv
-                if l2_weight:
-                    loss = loss + l2_weight * xj.norm()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if progress:
-                    progress("dir", it + 1, iterations)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
-        model.train(was_training)
-    return x.detach()
-
-
 SCALE_BLOCK_BYTES = 32 * 1024 * 1024
 
 
@@ -299,31 +225,11 @@ def ar_fanin_scales(work: nn.Module, group, labels, k: int, fused: dict[str, str
 # ---------------------------------------------------------------------------------------------------------------
 # Fold-DFR: data-free REPAIR by relative re-estimation on a proxy batch
 # ---------------------------------------------------------------------------------------------------------------
-DFR_DEFAULTS = {"proxy": "di", "samples": 64, "sequential": True, "linear_repair": True}
-# The Deep Inversion proxy costs samples x 50 forward+backward passes: at 224x224 on one CPU thread, 64 samples took
-# 418 s and 2.9 GiB for torchvision resnet18 (8 samples: 43 s, 1.2 GiB; resnet50 with 8 samples: 1.84 GiB, over the
-# 1.69 GiB bound of benchmarks/bench_memory.py). Unless a plan sets "samples", inputs larger than 32x32 get proportionally fewer
-# samples (the BN statistics are averaged over every spatial position, so larger images carry more of them per
-# sample: 4 images at 224x224 give 12,544 positions per channel after the stem), never fewer than DFR_MIN_SAMPLES.
-DFR_MIN_SAMPLES = 4
-# pixels per Deep Inversion chunk of the proxy (2 images at 224x224; the 32x32 demos run in one chunk, unchanged)
-DI_CHUNK_PIXELS = 2 * 224 * 224
-DFR_FULL_PIXELS = 32 * 32
-
-
-def _pixels(input_shape) -> int:
-    """Spatial positions of one input of ``input_shape`` ((C, H, W, ...), or 1 for a feature vector)."""
-    return int(np.prod(input_shape[1:])) if len(input_shape) >= 3 else 1
-
-
-def dfr_samples(input_shape, samples: int = DFR_DEFAULTS["samples"]) -> int:
-    """Proxy samples Fold-DFR draws for inputs of ``input_shape`` (C, H, W) or (features,) by default."""
-    pixels = _pixels(input_shape)
-    if pixels <= DFR_FULL_PIXELS:
-        return int(samples)
-    return max(DFR_MIN_SAMPLES, min(int(samples), int(round(samples * DFR_FULL_PIXELS / pixels))))
-
-
+# proxy settings (kind, samples, steps, proxy seed, resolution) live in foldviz.proxy.PROXY_DEFAULTS; a plan's
+# repair_settings override them; these are the repair's own switches
+DFR_DEFAULTS = {"proxy": "di", "samples": 32, "sequential": True, "linear_repair": True, "calibration": "members",
+                "proxy_steps": 30, "proxy_seed": 0, "proxy_resolution": None, "lr": 0.25, "balanced": False,
+                "normalized": True}
 def _layers_without_bn(model: nn.Module) -> list[str]:
     """Conv/linear layers whose next module (in definition order) is not a BatchNorm: nothing re-normalises them."""
     named = [(n, m) for n, m in model.named_modules() if n]
@@ -364,52 +270,29 @@ def _forward_with(model: nn.Module, x: torch.Tensor, handles: list) -> None:
         model.train(was)
 
 
-#: Deep-Inversion proxy batches kept per process (a few MB each even at 224 x 224)
-PROXY_CACHE_SIZE = 8
-_PROXY_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_PROXY_LOCK = threading.Lock()
-
-
 def proxy_batch(input_shape, n: int = 256, *, kind: str = "noise", seed: int = 0, model: nn.Module | None = None,
-                num_classes: int | None = None) -> torch.Tensor:
-    """A cheap, deterministic proxy input batch (no data): "noise" = N(0, 1) in the model's (normalised) input
-    space; "smooth" = the same noise blurred spatially (3x3 box, twice) and re-standardised, so neighbouring
-    pixels correlate as in images; "di" = a short Deep Inversion from noise (needs ``model``)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    x = torch.randn((int(n), *input_shape), generator=gen)
-    if kind == "noise" or x.dim() < 4:
-        return x
-    if kind == "smooth":
-        c = x.shape[1]
-        k = torch.ones(c, 1, 3, 3) / 9.0
-        for _ in range(2):
-            x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=c)
-        return (x - x.mean()) / x.std()
-    if kind.startswith("di"):  # "di" = 50 steps, "di20" = 20 steps ...
-        steps = int(kind[2:] or 50)
-        # the batch depends only on the original model and these settings, never on the plan: every fold of the
-        # same model (sweeps, repair comparisons, the app's live estimate) reuses it
-        key = (state_dict_hash(model), tuple(input_shape), int(n), steps, int(seed), num_classes)
-        with _PROXY_LOCK:
-            hit = _PROXY_CACHE.get(key)
-            if hit is not None:
-                _PROXY_CACHE.move_to_end(key)
-                return hit.clone()
-        x = deep_inversion(model, tuple(input_shape), num_classes=num_classes, batch_size=int(n), iterations=steps,
-                           lr=0.1, bn_weight=1.0, tv_weight=1e-4, l2_weight=1e-5, jitter=1, seed=seed,
-                           chunk=max(1, DI_CHUNK_PIXELS // _pixels(input_shape)))
-        with _PROXY_LOCK:
-            _PROXY_CACHE[key] = x.detach().cpu().clone()
-            while len(_PROXY_CACHE) > PROXY_CACHE_SIZE:
-                _PROXY_CACHE.popitem(last=False)
-        return x
-    raise ValueError(f"unknown proxy kind {kind!r}")
+                num_classes: int | None = None, progress: Progress = None, **settings) -> torch.Tensor:
+    """A deterministic proxy input batch (no data): "noise" = N(0, 1) in the model's (normalised) input space;
+    "smooth" = the same noise blurred spatially (3x3 box, twice) and re-standardised, so neighbouring pixels
+    correlate as in images; "di" = a short Deep Inversion from noise (needs ``model``; "di20" = 20 steps).
+    ``settings``: further :data:`foldviz.proxy.PROXY_DEFAULTS` keys. Deep-Inversion batches are reused from
+    memory or the persistent cache (:func:`foldviz.proxy.get_proxy`)."""
+    from .proxy import get_proxy, proxy_spec
+
+    spec = proxy_spec(tuple(input_shape), {**settings, "proxy": kind, "samples": int(n), "proxy_seed": int(seed)},
+                      num_classes=num_classes)
+    if spec.kind == "di" and model is None:
+        raise ValueError("a Deep-Inversion proxy needs the model")
+    x, _info = get_proxy(model if model is not None else nn.Identity(), spec, progress=progress)
+    return x
 
 
 def _bn_input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, unbiased variance) of a BN input, returned in float64; reduced in the input's dtype so
+    that no float64 copy of a large activation is made."""
     dims = [0] + list(range(2, x.dim()))
-    a = x.detach().double()
-    return a.mean(dims), a.var(dims, unbiased=True)
+    var, mean = torch.var_mean(x.detach(), dims, correction=1)
+    return mean.double(), var.double()
 
 
 @torch.no_grad()
@@ -426,6 +309,34 @@ def bn_proxy_stats(model: nn.Module, proxy: torch.Tensor) -> dict[str, tuple[tor
     return stats
 
 
+@torch.no_grad()
+def _cluster_ratios(original: nn.Module, x: torch.Tensor, channel_maps: dict[str, np.ndarray]) -> dict:
+    """Per merged BN: data-to-proxy variance ratio of each cluster's sum, Var(sum s_i z_i) / Var(sum z_i) with
+    s_i = sqrt(RV_i / v_o[i]), z the original's BN inputs on the proxy (see ``dfr_finish(calibration="cov")``)."""
+    out: dict = {}
+    names = {m: n for n, m in original.named_modules()}
+
+    def hook(mod, inp):
+        name = names[mod]
+        cmap = channel_maps.get(name)
+        if name in out or cmap is None or (cmap == np.arange(len(cmap))).all():
+            return
+        a = inp[0].detach().double().transpose(0, 1).reshape(inp[0].shape[1], -1)   # (C, samples x positions)
+        a = a - a.mean(1, keepdim=True)
+        s = (mod.running_var.double().cpu() / a.var(1).cpu().clamp_min(1e-30)).sqrt().to(a.device)
+        keep = torch.as_tensor(cmap >= 0)
+        size = int(cmap.max()) + 1
+        idx = torch.as_tensor(cmap, dtype=torch.long)[keep].to(a.device)
+        pool = torch.zeros(size, a.shape[1], dtype=a.dtype, device=a.device)
+        den = pool.clone().index_add_(0, idx, a[keep.to(a.device)]).var(1)
+        num = pool.index_add_(0, idx, (s[:, None] * a)[keep.to(a.device)]).var(1)
+        out[name] = torch.where(den > 1e-30, num / den.clamp_min(1e-30), torch.full_like(den, float("nan"))).cpu()
+
+    _forward_with(original, x, [m.register_forward_pre_hook(hook) for m in original.modules()
+                                if isinstance(m, BN_TYPES) and m.track_running_stats and m.running_var is not None])
+    return out
+
+
 def _pooled(values: torch.Tensor, cmap: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of ``values`` over the original channels mapped to each folded channel, and the member counts."""
     keep = torch.as_tensor(cmap >= 0)
@@ -438,7 +349,8 @@ def _pooled(values: torch.Tensor, cmap: np.ndarray, size: int) -> tuple[torch.Te
 @torch.no_grad()
 def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.ndarray], input_shape, *, seed: int = 0,
                proxy: str | torch.Tensor = "di", samples: int = 64, sequential: bool = True,
-               linear_repair: bool = True, num_classes: int | None = None) -> dict:
+               linear_repair: bool = True, num_classes: int | None = None, proxy_model: nn.Module | None = None,
+               calibration: str = "members", **proxy_settings) -> dict:
     """Fold-DFR: set every BN of the folded ``work`` model from the ORIGINAL model's running statistics,
     corrected by how folding changed that BN's input on a proxy batch. For folded channel c of a BN with
     original members i in c (from ``channel_maps``; identity for unfolded BNs), with RM/RV the original running
@@ -449,15 +361,25 @@ def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.
 
     With ``sequential`` (default) the BNs are reset in one forward pass of the folded model in topological order
     (forward pre-hooks), so each BN sees its inputs already corrected upstream. Collapse (merged producers) and
-    explosion (summed consumers, residual adds) are handled alike. Returns {"proxy": kind, "samples": n, "bns": count}.
+    explosion (summed consumers, residual adds) are handled alike. ``calibration="cov"`` (research) replaces the
+    members' variance sum by the variance of the cluster's sum, each member rescaled to its data variance, on the
+    original's proxy activations: Var(sum_i sqrt(RV_i / v_o[i]) z_i) / Var(sum_i z_i), which keeps the proxy's
+    correlations between members. ``proxy`` is the batch itself, or a kind for
+    :func:`proxy_batch` (synthesised from ``proxy_model``, default ``original``, with ``seed``, ``samples`` and
+    ``proxy_settings``). Returns {"proxy": kind, "samples": n, "bns": count}.
     """
     dev = next(work.parameters()).device
     if torch.is_tensor(proxy):
         x, kind = proxy, "given"
     else:
-        x, kind = proxy_batch(tuple(input_shape), samples, kind=proxy, seed=seed, model=original, num_classes=num_classes), proxy
+        x = proxy_batch(tuple(input_shape), samples, kind=proxy, seed=seed, num_classes=num_classes,
+                        model=proxy_model if proxy_model is not None else original, **proxy_settings)
+        kind = proxy
     x = x.to(dev)
     ref = bn_proxy_stats(original, x.to(next(original.parameters()).device))
+    if calibration not in ("members", "cov"):
+        raise ValueError(f"unknown Fold-DFR calibration {calibration!r}; choose members or cov")
+    ratios = _cluster_ratios(original, x, channel_maps) if calibration == "cov" else {}
     orig_mods = dict(original.named_modules())
     names = {m: n for n, m in work.named_modules()}
     done: set[str] = set()
@@ -480,6 +402,8 @@ def dfr_finish(original: nn.Module, work: nn.Module, channel_maps: dict[str, np.
         cnt = cnt.clamp_min(1)
         ok = vo > 1e-12 * rv.clamp_min(1e-30)
         var = torch.where(ok, v_f.cpu() * rv / vo.clamp_min(1e-30), rv / cnt)
+        if name in ratios and len(ratios[name]) == size:
+            var = torch.where(ok & torch.isfinite(ratios[name]), v_f.cpu() * ratios[name], var)
         mean = m_f.cpu() + dm / cnt
         mod.running_var.copy_(var.clamp_min(0).to(mod.running_var.dtype))
         mod.running_mean.copy_(mean.to(mod.running_mean.dtype))
@@ -561,6 +485,7 @@ class RepairContext:
     samples: int = 0                                       # inputs used to re-estimate statistics
     seconds: dict[str, float] = field(default_factory=dict)
     folded: list = field(default_factory=list)             # the ChannelGroups this compression folds
+    proxy: dict | None = None                              # Fold-DFR: foldviz.proxy.ProxyInfo.as_dict()
 
 
 class Repair:
@@ -568,6 +493,7 @@ class Repair:
 
     key = "none"
     needs_data = False        # needs real inputs (``repair_data``)
+    needs_original = False    # reads the unfolded model in ``finish`` (so a fold in place works on a copy anyway)
     feature_space = "raw"     # features the fold clusters in (foldviz.features.FEATURE_SPACES)
 
     def prepare(self, ctx: RepairContext) -> None:
@@ -646,35 +572,59 @@ class DataFreeRepair(Repair):
     # better for FC layers (digits-mlp 0.5: 91.0 % vs 82.0 %) and worse for convolutions (digits-resnet 0.5: 84.9 %
     # vs 91.7 %).
     key, feature_space = "dfr", "fused-linear"
+    needs_original = True
 
     def __init__(self, **options):
         unknown = set(options) - set(DFR_DEFAULTS)
         if unknown:
             raise ValueError(f"unknown Fold-DFR option(s) {sorted(unknown)}; known: {sorted(DFR_DEFAULTS)}")
         self.options = {**DFR_DEFAULTS, **options}
-        self.explicit = set(options)  # options the caller chose (never scaled by dfr_samples)
+        self.explicit = set(options)  # options the caller chose (never scaled by foldviz.proxy.default_samples)
 
     def prepare(self, ctx):
         only = linear_bns(ctx.work, ctx.folded)
         if only:
             ctx.fused, ctx.biased = fuse_batchnorms(ctx.work, ctx.dg, only=only)
 
+    def proxy_spec(self, input_shape, repair_settings: dict, num_classes: int | None = None):
+        """The :class:`foldviz.proxy.ProxySpec` a fold with a plan's ``repair_settings`` uses (the plan's proxy
+        settings over this repair's options). It does not depend on the plan's ratios, fused layers or seed."""
+        from .proxy import PROXY_DEFAULTS, proxy_spec
+
+        chosen = {k: v for k, v in repair_settings.items() if k in PROXY_DEFAULTS}  # what a plan may set
+        settings = {**self.options, **chosen}
+        if "samples" not in chosen and "samples" not in self.explicit:
+            settings.pop("samples")  # proxy_spec scales the default sample count to the input size
+        return proxy_spec(tuple(input_shape), settings, num_classes=num_classes)
+
+    def proxy_for(self, ctx: RepairContext):
+        """The proxy batch and its :class:`foldviz.proxy.ProxyInfo` for this fold, synthesised from the input
+        model as given (unfused), so every fold of the model reuses it."""
+        from .proxy import get_proxy
+
+        spec = self.proxy_spec(tuple(ctx.example_input.shape[1:]), ctx.plan.repair_settings, ctx.num_classes)
+        return get_proxy(ctx.original, spec, progress=ctx.progress, device=ctx.device)
+
     def finish(self, ctx):
         if not any((cmap != np.arange(len(cmap))).any() for cmap in ctx.channel_maps.values()):
             unfuse_biases(ctx.work, ctx.fused, ctx.biased)
             return  # nothing was folded: the statistics are already right
-        settings = {**self.options, **{k: v for k, v in ctx.plan.repair_settings.items() if k == "samples"}}
-        if "samples" not in ctx.plan.repair_settings and "samples" not in self.explicit:
-            settings["samples"] = dfr_samples(tuple(ctx.example_input.shape[1:]), settings["samples"])
+        x, info = self.proxy_for(ctx)
+        ctx.proxy = info.as_dict()
+        self.apply_proxy(ctx, x)
+
+    def apply_proxy(self, ctx: RepairContext, x: torch.Tensor) -> None:
+        """Re-estimate the merged ``ctx.work``'s statistics on proxy batch ``x`` (:func:`dfr_finish`)."""
         original = ctx.original  # never moved: a copy goes to the device when it is not there already
         if next(original.parameters()).device != ctx.device or ctx.fused:
             original = copy.deepcopy(original).to(ctx.device).eval()
         if ctx.fused:  # the reference statistics in the same (partly fused) space as the folded model
             fuse_batchnorms(original, build_dependency_graph(original, ctx.example_input), only=set(ctx.fused))
-        info = dfr_finish(original, ctx.work, ctx.channel_maps, tuple(ctx.example_input.shape[1:]),
-                          seed=ctx.plan.seed, num_classes=ctx.num_classes, **settings)
+        res = dfr_finish(original, ctx.work, ctx.channel_maps, tuple(ctx.example_input.shape[1:]), proxy=x,
+                         sequential=self.options["sequential"], linear_repair=self.options["linear_repair"],
+                         calibration=self.options["calibration"], num_classes=ctx.num_classes)
         unfuse_biases(ctx.work, ctx.fused, ctx.biased)
-        ctx.samples = info["samples"]
+        ctx.samples = res["samples"]
 
 
 REPAIRS: dict[str, Repair] = {r.key: r for r in (Repair(), BNReset(), FoldAR(), DeepInversionRepair(),

@@ -77,6 +77,7 @@ class FoldResult:
     unit_maps: dict[str, np.ndarray] = field(default_factory=dict)  # group -> new index of each unit (-1 removed)
     kind: str = "cnn"                             # the model kind (foldviz.kinds) the result belongs to
     notes: list[str] = field(default_factory=list)
+    proxy: dict | None = None                     # Fold-DFR: where its proxy came from (foldviz.proxy.ProxyInfo)
 
     @property
     def label(self) -> str:
@@ -262,13 +263,15 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
 
     ``kind`` finds and changes the groups (``trace``, ``surgery``, ``finish``; default :data:`TRACED`). The input
     model is never modified: the work is done on a copy, unless ``inplace`` (then ``model`` itself is folded, to
-    save memory on large models; the caller gives it up).
+    save memory on large models; the caller gives it up; a repair that reads the unfolded model still gets a
+    copy).
     """
     kind = kind or TRACED
     rep = REPAIRS[repair] if isinstance(repair, str) else repair
     dev = resolve_device(device)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    inplace = inplace and not rep.needs_original
     work = (model if inplace else copy.deepcopy(model)).to(dev).eval()
     x = example_input.to(dev)
     dg, graph = kind.trace(work, x)
@@ -329,4 +332,4 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     units = {g.id: unit_map(decisions[g.id], g.channels) for g, _k in todo}
     synthetic = ctx.synthetic.cpu() if ctx.synthetic is not None else None
     return FoldResult(work, plan, method, rows, labels, surgery.maps, seconds, ctx.fused, synthetic, ctx.samples,
-                      units, graph.kind, list(notes))
+                      units, graph.kind, list(notes), ctx.proxy)

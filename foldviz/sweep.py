@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .apply import DEFAULT_REPAIR_SAMPLES, apply_method, repair_inputs
-from .kinds import KIND_LABELS, kind_of
+from .kinds import KIND_LABELS, kind_of, methods_for
 from .methods import METHODS
 from .metrics import count_params
 from .plans import FoldPlan
@@ -153,6 +153,7 @@ def run_cell(loaded: LoadedModel, cell: Cell, *, weights_sha256: str | None = No
                        lambda: kind.prepare_eval(loaded, cell.data, cell.eval_limit))
     n0 = n0 if n0 is not None else count_params(loaded.model)
     t = time.perf_counter()
+    proxy = None  # Fold-DFR's proxy info (not a CSV column: rows handed to callbacks carry it)
     if cell.method == ORIGINAL:
         model, label = loaded.model, "Original"
     else:
@@ -162,6 +163,7 @@ def run_cell(loaded: LoadedModel, cell: Cell, *, weights_sha256: str | None = No
                            lambda: repair_inputs(loaded, cell.data, cell.repair_samples, seed=cell.seed))
         res = apply_method(loaded, cell.plan(), cell.method, repair_data=data, device=device)
         model, label = res.model, METHODS[cell.method].label
+        proxy = res.proxy
     fold_seconds = time.perf_counter() - t if cell.method != ORIGINAL else 0.0
     t = time.perf_counter()
     ev = kind.evaluate(loaded, model, cell.data, cell.eval_limit, prepared=prepared, device=device)
@@ -173,8 +175,19 @@ def run_cell(loaded: LoadedModel, cell: Cell, *, weights_sha256: str | None = No
            "data": cell.data, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "label": label,
            "param_sparsity": 1 - n / n0, "params": n, "accuracy": ev.get("accuracy"),
            "perplexity": ev.get("perplexity"), "loss": ev["loss"], "eval_samples": ev["samples"],
-           "seconds": fold_seconds, "eval_seconds": time.perf_counter() - t}
+           "seconds": fold_seconds, "eval_seconds": time.perf_counter() - t,
+           "proxy": proxy, "pid": os.getpid()}  # the last two are not CSV columns: callbacks see them
     return row
+
+
+def cell_proxy_spec(loaded: LoadedModel, cell: Cell):
+    """The Fold-DFR proxy (:class:`foldviz.proxy.ProxySpec`) ``cell`` will use, or None when it uses none: lets
+    an executor build each model's proxy once and hand it to every cell."""
+    from .repair import REPAIRS
+
+    if cell.method == ORIGINAL or cell.method not in methods_for(loaded) or METHODS[cell.method].repair != "dfr":
+        return None
+    return REPAIRS["dfr"].proxy_spec(tuple(loaded.input_shape), cell.repair_settings, loaded.num_classes)
 
 
 def retryable_exceptions() -> tuple[type[BaseException], ...]:

@@ -121,10 +121,12 @@ def _deterministic(num_threads: int):
 
 
 def train_preset(name: str, out_dir: str | os.PathLike | None = None, epochs: int | None = None,
-                 progress=None) -> dict:
+                 progress=None, preset: dict | None = None) -> dict:
     """Train demo preset ``name`` on the digits train split and write ``NAME.safetensors`` + ``NAME.json``.
 
-    ``out_dir`` defaults to ``assets/models``.  ``epochs`` overrides the preset's epoch count.
+    ``out_dir`` defaults to ``assets/models``.  ``epochs`` overrides the preset's epoch count. ``preset``: a
+    preset of the same form as :data:`PRESETS`' values, for a model that is not bundled (e.g. the benchmarks'
+    checkpoints); ``name`` then only names the files.
     ``progress(epoch, epochs, stats)`` is called after every epoch with ``stats = {"loss", "train_accuracy",
     "lr"}``.  Runs on CPU with a fixed seed, 1 thread and deterministic algorithms, so the same machine
     reproduces the same weights.  Returns the card (also written as JSON).
@@ -140,9 +142,10 @@ def train_preset(name: str, out_dir: str | os.PathLike | None = None, epochs: in
     from .utils import set_seed, state_dict_hash
     from .zoo import build_architecture
 
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
-    preset = PRESETS[name]
+    if preset is None:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        preset = PRESETS[name]
     recipe = {**DEFAULT_RECIPE, **preset.get("recipe", {})}
     if epochs is not None:
         if int(epochs) < 1:

@@ -26,7 +26,7 @@ from foldviz.methods import label as method_label
 from foldviz.share import StateError, decode_state, encode_state
 from foldviz.session import DEFAULT_MODEL, DataSource, ModelSource, Workbench, WorkbenchError
 
-from foldviz.utils import ASSETS_DIR as ASSETS  # noqa: E402 - the app's own icon and images
+from foldviz.utils import ASSETS_DIR as ASSETS  # noqa: E402,F401 - the app's own icon and images (pages use _ui.ASSETS)
 
 #: what a page catches as "the action failed, say why in one line"
 LOAD_ERRORS = (WorkbenchError,)

@@ -57,6 +57,21 @@ def no_network(monkeypatch, tmp_path):
     return _offline
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_proxy_cache(tmp_path_factory):
+    """Tests never read or fill the user's proxy cache (foldviz.cache): one private directory per session,
+    exported so that worker processes (multiprocessing, Ray) use it too."""
+    import os
+
+    saved = os.environ.get("FOLDVIZ_CACHE_DIR")
+    os.environ["FOLDVIZ_CACHE_DIR"] = str(tmp_path_factory.mktemp("foldviz-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("FOLDVIZ_CACHE_DIR", None)
+    else:
+        os.environ["FOLDVIZ_CACHE_DIR"] = saved
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~30 s (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; run with -m cuda)")

@@ -6,7 +6,8 @@ from torch import nn
 from foldviz.repair import cluster_scale as ar_scale
 from foldviz.fold import fold
 from foldviz.groups import build_dependency_graph
-from foldviz.repair import deep_inversion, fuse_batchnorms, reset_bn_stats
+from foldviz.repair import fuse_batchnorms, reset_bn_stats
+from foldviz.synth import deep_inversion
 from engine_models import cifar_resnet18, random_demo, warm_bn
 
 X8 = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(2))

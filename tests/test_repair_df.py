@@ -174,14 +174,15 @@ def test_concatenated_groups_fold_with_every_data_free_repair(repair):
     assert out.shape == (16, 4) and torch.isfinite(out).all()
 
 
-def test_dfr_proxy_samples_scale_down_with_input_area():
-    """Issue #13: the Deep Inversion proxy at 224x224 with 64 samples took 418 s and 2.9 GiB for resnet18; larger
-    inputs get proportionally fewer samples (floor 4) unless the plan sets them."""
+def test_dfr_proxy_samples_shrink_above_32x32():
+    """Inputs larger than 32x32 get 16 proxy samples up to 128x128 (the knee measured at 64 and 128 px), then as
+    many positions per channel as that (at least 4), unless the plan sets them; fewer when fewer are asked for."""
     from foldviz.plans import FoldPlan
-    from foldviz.repair import dfr_samples
+    from foldviz.proxy import default_samples as dfr_samples
 
-    assert [dfr_samples(s) for s in [(64,), (1, 8, 8), (3, 32, 32), (3, 64, 64), (3, 224, 224)]] == [64, 64, 64, 16, 4]
-    assert dfr_samples((3, 64, 64), 32) == 8 and dfr_samples((3, 32, 32), 12) == 12
+    shapes = [(64,), (1, 8, 8), (3, 32, 32), (3, 64, 64), (3, 128, 128), (3, 224, 224), (3, 512, 512)]
+    assert [dfr_samples(s) for s in shapes] == [32, 32, 32, 16, 16, 5, 4]
+    assert dfr_samples((3, 64, 64), 64) == 16 and dfr_samples((3, 64, 64), 8) == 8 and dfr_samples((3, 32, 32), 12) == 12
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
@@ -194,7 +195,7 @@ def test_dfr_proxy_samples_scale_down_with_input_area():
 
 def test_deep_inversion_in_chunks_bounds_the_batch_and_is_deterministic():
     """The DFR proxy at large inputs is synthesised in independent chunks (bounded backward memory)."""
-    from foldviz.repair import deep_inversion
+    from foldviz.synth import deep_inversion
 
     net = random_demo("resnet")
     kw = dict(num_classes=10, batch_size=5, iterations=2, seed=3)
