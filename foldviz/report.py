@@ -26,7 +26,7 @@ REPORT_KEYS = (
     "eval_protocol", "params_before", "params_after", "param_sparsity", "flops_before", "flops_after", "flops_unit",
     "size_bytes_before", "size_bytes_after", "latency", "accuracy_before", "accuracy_after", "loss_before",
     "loss_after", "perplexity_before", "perplexity_after", "variance_inputs", "variance_ratio", "variance_notes",
-    "notes", "groups", "seconds", "repair_samples",
+    "notes", "groups", "seconds", "repair_samples", "proxy",
 )
 # image classifiers fill accuracy_*; language models perplexity_* (loss_* is the mean cross-entropy for both), and
 # their variance_ratio rows are per decoder layer: Var(folded MLP output) / Var(original MLP output); a group's
@@ -79,6 +79,7 @@ def build_report(loaded: LoadedModel, result: FoldResult, *, data_spec: str | No
         "size_bytes_before": cmp["before"]["size_bytes"], "size_bytes_after": cmp["after"]["size_bytes"],
         "latency": cmp.get("latency"), "groups": [{c: g.get(c) for c in GROUP_COLUMNS} for g in result.groups],
         "seconds": dict(result.seconds), "repair_samples": result.repair_samples, "notes": list(result.notes),
+        "proxy": dict(result.proxy) if result.proxy else None,  # Fold-DFR: what its data-free proxy was, where from
     })
     if data_spec:
         cb = (lambda d, n: progress("evaluate", d, n)) if progress else None

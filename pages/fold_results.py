@@ -11,6 +11,7 @@ import streamlit as st
 from foldviz import figures as F
 from foldviz.methods import METHODS
 from foldviz.methods import label as method_label
+from foldviz.proxy import describe_proxy
 from foldviz.figures import fmt_count
 from foldviz.report import report_csv, report_json
 from foldviz.sweep import to_csv as sweep_csv
@@ -183,6 +184,9 @@ else:
                          "runs); a change smaller than the spread is noise.")
     st.caption(f"{wb.kind.metric_label}{_ui.metric_change(r) or ': no evaluation data'} · parameter sparsity "
                f"{_ui.fmt_pct(r['param_sparsity'])} · " + " · ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items()))
+    if r.get("proxy"):
+        st.caption(describe_proxy(r["proxy"]).capitalize() + " (synthesised from the original model alone; "
+                   "every fold of this model reuses it).")
     for note in r.get("notes") or []:
         st.caption(f"Note: {note}")
     _ui.chart(F.before_after_bars(b, a, metrics=[k for k in (METRIC, "params", "flops", "size_bytes")
