@@ -72,6 +72,27 @@ def _private_proxy_cache(tmp_path_factory):
         os.environ["FOLDVIZ_CACHE_DIR"] = saved
 
 
+@pytest.fixture(autouse=True)
+def _cache_settings_do_not_leak():
+    """``foldviz.cache.configure`` (the CLI's --cache-dir / --no-cache run in process) writes module state and the
+    environment for worker processes; restore both after every test so no later test inherits a switched-off cache."""
+    import os
+
+    from foldviz import cache as C
+
+    names = (C.CACHE_DIR_ENV, C.CACHE_SWITCH_ENV, C.CACHE_MAX_ENV)
+    saved_env = {k: os.environ.get(k) for k in names}
+    saved_config = dict(C._CONFIG)
+    yield
+    C._CONFIG.clear()
+    C._CONFIG.update(saved_config)
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~30 s (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; run with -m cuda)")

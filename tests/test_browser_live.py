@@ -105,7 +105,7 @@ def test_an_embedding_click_selects_the_channel_in_every_linked_view(fresh_serve
     page.goto(fresh_server + "/explorer")
     settle(page)
     page.get_by_text("One group in detail", exact=True).scroll_into_view_if_needed()
-    emb = page.locator("[data-testid='stPlotlyChart']").filter(has=page.locator(".scatterlayer")).first
+    emb = page.locator("[data-testid='stPlotlyChart']").filter(has=page.locator(".gtitle:has-text('in 2-D')")).first
     emb.scroll_into_view_if_needed()
     pt = emb.locator(".scatterlayer .trace").last.locator(".points path").first
     pt.wait_for(state="attached")
@@ -120,23 +120,41 @@ def test_an_embedding_click_selects_the_channel_in_every_linked_view(fresh_serve
     ctx.close()
 
 
+def _cpu_per_second(pid: int) -> float:
+    a = _proc_cpu_seconds(pid)
+    time.sleep(1.0)
+    return _proc_cpu_seconds(pid) - a
+
+
 def test_closing_the_tab_stops_the_servers_background_work_within_a_second(browser):
     import subprocess
 
     with running_server("streamlit-close.log") as url:
-        pid = int(subprocess.check_output(["pgrep", "-f", f"--server.port {url.rsplit(':', 1)[1]}"]).split()[0])
+        pid = int(subprocess.check_output(["pgrep", "-f", "--", f"--server.port {url.rsplit(':', 1)[1]}"]).split()[0])
+        # a first visit compiles UMAP once per server (about 15 CPU-s, for every later session) and precomputes the
+        # first group: let that finish, so that what is measured below is the closed session's own work
+        ctx0, page0, _ = offline_page(browser, url)
+        page0.goto(url + "/explorer")
+        settle(page0)
+        deadline = time.time() + 300
+        while _cpu_per_second(pid) > 0.2 and time.time() < deadline:
+            pass
+        ctx0.close()
         ctx, page, outside = offline_page(browser, url)
         page.goto(url + "/explorer")
         settle(page)
-        page.wait_for_selector("text=/Slider stops ready|Every slider stop/")
+        box = page.locator("[data-testid='stSelectbox']").filter(has_text="Group").first
+        box.click()
+        page.keyboard.type("layer3.1.conv1")            # the option list is virtualised: filter, then pick
+        page.get_by_role("option").filter(has_text="layer3.1.conv1").first.click()
+        page.wait_for_selector("text=/Slider stops ready: \\d+\\/20/")  # another group: its stops are computing
+        assert _cpu_per_second(pid) > 0.2                                  # (the work is really there)
         ctx.close()                                  # the tab goes away while the stops are being computed
         deadline = time.time() + 5
         busy = None
         while time.time() < deadline:
             time.sleep(1.0)
-            a = _proc_cpu_seconds(pid)
-            time.sleep(1.0)
-            busy = _proc_cpu_seconds(pid) - a       # CPU seconds used in one wall second
+            busy = _cpu_per_second(pid)              # CPU seconds used in one wall second
             if busy < 0.2:
                 break
         assert busy is not None and busy < 0.2, f"the server still used {busy:.2f} CPU-s per second"

@@ -125,13 +125,14 @@ def test_app_sweep_runs_on_the_cluster_named_by_the_environment(ray_local, monke
     monkeypatch.delenv("FOLDVIZ_RAY_ADDRESS", raising=False)
     local = wb.sweep([0.3], ["none", "l1"], data)
     assert wb.sweep_target() == "this process"
-    import foldviz.session as session
+    import foldviz.executors as executors
 
     made = []
-    monkeypatch.setattr(session, "make_executor", lambda *a, **k: made.append(RayExecutor(**k)) or made[-1])
+    monkeypatch.setattr(executors, "make_executor", lambda *a, **k: made.append(RayExecutor(**k)) or made[-1])
     monkeypatch.setenv("FOLDVIZ_RAY_ADDRESS", "auto")   # the running instance; a real cluster address in use
     assert "Ray cluster at auto" in wb.sweep_target()
-    remote = wb.sweep([0.3], ["none", "l1"], data)
+    # a fresh workbench: the first one memoises its local rows (same cells, same numbers) and would not resubmit
+    remote = Workbench.load(ModelSource(MODEL)).sweep([0.3], ["none", "l1"], data)
     assert len(made) == 1 and made[0].address == "auto"
     key = ("method", "ratio", "seed", "params", "accuracy", "param_sparsity")
     assert [{k: r[k] for k in key} for r in remote] == [{k: r[k] for k in key} for r in local]
