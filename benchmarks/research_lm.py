@@ -5,8 +5,10 @@ Parts (``--part``):
 ``train``    trains the unshipped research models (:data:`UNSHIPPED`) into ``benchmarks/checkpoints/NAME/``
              (gitignored; re-created by this command, deterministic for a torch build and thread count).
 ``cluster``  clustering candidates x every model x ratios 0.1-0.5 x seeds 0-2 -> perplexity.
+``default``  the recommended default (clustering + refit on self-generated text) on the same grid.
 ``repair``   data-free repairs and the calibration baselines (wanda_sp, flap) at 0.2 / 0.3 / 0.5.
 ``table``    the paper-shaped table (method, data used, perplexity, local zero-shot tasks, average).
+``report``   rewrites the markdown from the JSON.
 
 Results go to ``benchmarks/results/lm_research.{md,json}`` (each part updates its own section).
 Run with ``OMP_NUM_THREADS=1 nice -n 5 python benchmarks/research_lm.py --part NAME``.
@@ -68,13 +70,362 @@ def part_train(names) -> None:
         train_preset(name, out, preset=UNSHIPPED[name], log=lambda s: print(s, flush=True))
 
 
+BUNDLED = ("demo:shakespeare-llama", "demo:shakespeare-llama-wide")
+MODELS = BUNDLED + tuple(f"hf:{CHECKPOINTS / n}" for n in UNSHIPPED)
+EVAL_TOKENS = 16_384          # perplexity cap for every run: the first EVAL_TOKENS // context windows of the test plays
+SELFGEN = 64                  # self-generated sequences of the context length (repairs)
+CALIB_SAMPLES = 128           # calibration windows of the context length from shakespeare:train (Wanda-sp, FLAP)
+ZS_ITEMS = 100                # items per local zero-shot task
+TUNE_STEPS = 60               # norm fine-tuning steps (Adam, lr 5e-3, 8 self-generated windows per step)
+OUT_JSON = RESULTS / "lm_research.json"
+
+
+def short(spec: str) -> str:
+    return spec.split(":", 1)[1].rsplit("/", 1)[-1]
+
+
+def _load_json() -> dict:
+    if OUT_JSON.is_file():
+        return json.loads(OUT_JSON.read_text())
+    return {}
+
+
+def _save(data: dict) -> None:
+    from foldviz.utils import atomic_write_bytes
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data["loadavg"] = os.getloadavg()
+    data["machine"] = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip()
+    atomic_write_bytes(OUT_JSON, (json.dumps(data, indent=1, default=float) + "\n").encode())
+
+
+class Ctx:
+    """One model with its evaluation tokens, self-generated text and calibration statistics (lazily built)."""
+
+    def __init__(self, spec: str):
+        import torch
+
+        from foldviz.lm import load_lm, split_text
+
+        self.spec, self.name = spec, short(spec)
+        self.lm = load_lm(spec)
+        self.model = self.lm.model
+        self.ctx = self.lm.context_length
+        self.tokens = self.lm.encode_documents(split_text("shakespeare:test"))
+        self.max_windows = EVAL_TOKENS // self.ctx
+        self._sg = self._stats = None
+        torch.manual_seed(0)
+
+    def ppl(self, model) -> float:
+        from foldviz.lm import perplexity
+
+        return perplexity(model, self.tokens, max_windows=self.max_windows)["perplexity"]
+
+    @property
+    def selfgen(self):
+        import numpy as np
+        import torch
+
+        from foldviz.lm.repair import self_generate
+
+        if self._sg is None:
+            cache = CHECKPOINTS / f"selfgen-{self.name}-{SELFGEN}x{self.ctx}.npy"
+            if cache.is_file():
+                self._sg = torch.as_tensor(np.load(cache, allow_pickle=False))
+            else:
+                self._sg = self_generate(self.model, SELFGEN, self.ctx, seed=0)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cache, self._sg.numpy())
+        return self._sg
+
+    @property
+    def stats(self):
+        from foldviz.lm.calib import calibration_windows, unit_input_stats
+
+        if self._stats is None:
+            w = calibration_windows(self.lm.tokenizer, "shakespeare:train", CALIB_SAMPLES, self.ctx, seed=0,
+                                    eval_spec="shakespeare:test")
+            self._stats = unit_input_stats(self.model, w, max_tokens=CALIB_SAMPLES * self.ctx)
+        return self._stats
+
+
+CLUSTER_CANDIDATES = {
+    "ward": {"algo": "ward", "features": "raw"},
+    "kmeans": {"algo": "kmeans", "features": "raw"},
+    "kmeans-cos": {"algo": "kmeans", "features": "cos"},
+    "ward+hartigan": {"algo": "ward+h", "features": "raw"},
+}
+DETERMINISTIC = {"ward", "ward+hartigan"}
+
+
+def build(c: Ctx, method: str, ratio: float, seed: int = 0):
+    """(compressed model, data used) for a method label: ``CLUSTER+REPAIR`` for folds (REPAIR: none, wm, rescale,
+    refit, tune, refit+tune; self-generated text), ``magnitude``, ``wanda_sp``, ``flap``."""
+    from foldviz.lm import fold_lm, lm_plan
+    from foldviz.lm.calib import flap_bias, add_output_bias, flap_scores, unit_maps_from_scores, wanda_sp_scores
+    from foldviz.lm.repair import refit_outputs, rescale_outputs, tune_norms, weighted_merge
+    from lm_lab import apply_maps, candidate_maps
+
+    if method == "magnitude":
+        return fold_lm(c.model, lm_plan(ratio, seed=seed), method="magnitude").model, "none"
+    if method in ("wanda_sp", "flap"):
+        scores = (wanda_sp_scores if method == "wanda_sp" else flap_scores)(c.model, c.stats)
+        maps = unit_maps_from_scores(c.model, scores, ratio)
+        m = apply_maps(c.model, maps, "prune")
+        if method == "flap":
+            add_output_bias(m, flap_bias(c.model, c.stats, maps))
+        return m, f"calibration: shakespeare:train {CALIB_SAMPLES}x{c.ctx}"
+    clus, _, rep = method.partition("+")
+    rep = rep or "none"
+    maps = candidate_maps(c.model, CLUSTER_CANDIDATES[clus], ratio, seed)
+    m = apply_maps(c.model, maps, "fold")
+    data = "none" if rep in ("none", "wm") else f"self-generated {SELFGEN}x{c.ctx}"
+    for step in rep.split("&"):
+        if step == "wm":
+            weighted_merge(c.model, m, maps)
+        elif step == "rescale":
+            rescale_outputs(c.model, m, maps, tokens=c.selfgen)
+        elif step == "rescale-gauss":
+            rescale_outputs(c.model, m, maps)
+        elif step == "refit":
+            refit_outputs(c.model, m, maps, tokens=c.selfgen)
+        elif step == "tune":
+            tune_norms(c.model, m, maps, tokens=c.selfgen, steps=TUNE_STEPS)
+        elif step != "none":
+            raise ValueError(f"unknown repair {step!r}")
+    return m, data
+
+
+def _run_grid(section: str, models, jobs, *, zero_shot: bool = False) -> None:
+    """Run (method, ratio, seed) jobs on every model, appending rows to the section (resumable)."""
+    import torch
+
+    torch.set_num_threads(1)
+    data = _load_json()
+    rows = data.setdefault(section, [])
+    done = {(r["model"], r["method"], r["ratio"], r["seed"]) for r in rows}
+    task_dir = CHECKPOINTS / "zero-shot-tasks"
+    names = None
+    if zero_shot:
+        from foldviz.lm.harness import write_shakespeare_tasks
+
+        names = write_shakespeare_tasks(task_dir, n=ZS_ITEMS, seed=0)
+    for spec in models:
+        c = Ctx(spec)
+        if (c.name, "original", 0.0, 0) not in done:
+            rows.append(_row(c, "original", 0.0, 0, c.model, "none", 0.0, names, task_dir))
+            _save(data)
+        for method, ratio, seed in jobs:
+            if (c.name, method, ratio, seed) in done:
+                continue
+            t0 = time.time()
+            m, used = build(c, method, ratio, seed)
+            rows.append(_row(c, method, ratio, seed, m, used, time.time() - t0, names, task_dir))
+            print(json.dumps(rows[-1]), flush=True)
+            _save(data)
+
+
+def _row(c: Ctx, method, ratio, seed, model, used, seconds, names, task_dir) -> dict:
+    from foldviz.lm import count_params
+
+    row = {"model": c.name, "method": method, "ratio": ratio, "seed": seed, "data": used,
+           "perplexity": round(c.ppl(model), 4), "params": count_params(model), "seconds": round(seconds, 2)}
+    if names:
+        from foldviz.lm.harness import run_tasks
+
+        res = run_tasks(model, c.lm.tokenizer, names, include_path=task_dir)
+        row["zero_shot"] = {k: v["acc"] for k, v in res.items()}
+    return row
+
+
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def part_cluster(models) -> None:
+    jobs = [(m, r, s) for r in RATIOS for m in CLUSTER_CANDIDATES for s in ((0,) if m in DETERMINISTIC else (0, 1, 2))]
+    _run_grid("cluster", models, jobs)
+
+
+def part_default(models) -> None:
+    """The recommended default (clustering + self-generated refit) at every ratio and seed."""
+    jobs = [(m, r, s) for r in RATIOS for m in ("kmeans+refit", "ward+refit") for s in
+            ((0,) if m.startswith("ward") else (0, 1, 2))]
+    _run_grid("default", models, jobs)
+
+
+REPAIRS = ("ward+none", "ward+wm", "ward+rescale-gauss", "ward+rescale", "ward+refit", "ward+tune",
+           "ward+refit&tune", "wanda_sp", "flap")
+
+
+def part_repair(models) -> None:
+    _run_grid("repair", models, [(m, r, 0) for r in (0.2, 0.3, 0.5) for m in REPAIRS])
+
+
+TABLE = ("magnitude", "wanda_sp", "flap", "ward", "kmeans", "ward+refit", "ward+tune", "ward+refit&tune")
+
+
+def part_table(models) -> None:
+    _run_grid("table", models, [(m, r, 0) for r in (0.2, 0.3, 0.5) for m in TABLE], zero_shot=True)
+
+
+def _mean(v):
+    import statistics
+
+    return (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (float("nan"), 0.0)
+
+
+def _cell(rows, model, method, ratio) -> tuple[float, float, int]:
+    v = [r["perplexity"] for r in rows if r["model"] == model and r["method"] == method and r["ratio"] == ratio]
+    m, sd = _mean(v)
+    return m, sd, len(v)
+
+
+def _fmt(m, sd, n) -> str:
+    if n == 0:
+        return "–"
+    return f"{m:.2f} ± {sd:.2f}" if n > 1 else f"{m:.2f}"
+
+
+def _models(rows) -> list[str]:
+    return list(dict.fromkeys(r["model"] for r in rows))
+
+
+def _cluster_md(rows, default_rows) -> list[str]:
+    cands = [m for m in CLUSTER_CANDIDATES if any(r["method"] == m for r in rows)]
+    defaults = [m for m in ("kmeans+refit", "ward+refit") if any(r["method"] == m for r in default_rows)]
+    allrows = rows + default_rows
+    out = ["## Clustering (and the recommended default) vs Ward", "",
+           f"Perplexity on the first {EVAL_TOKENS} tokens of shakespeare:test (whole windows of the context length), "
+           "mean ± sd over seeds 0-2 (Ward and Ward+Hartigan are deterministic: one run). Every method folds the "
+           "same units at the same counts (k_for_ratio per MLP, per KV group for heads). `+refit`: least-squares "
+           f"refit of the output projections on {SELFGEN} sequences sampled from the original model "
+           "(foldviz.lm.repair.refit_outputs; no outside data).", ""]
+    hdr = "| model | r | original | " + " | ".join(cands + defaults) + " | best vs Ward |"
+    out += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+    gains: dict[float, list[float]] = {}
+    for model in _models(rows):
+        base = _cell(rows, model, "original", 0.0)[0]
+        for r in RATIOS:
+            cells = {m: _cell(allrows, model, m, r) for m in cands + defaults}
+            ward = cells.get("ward", (float("nan"),))[0]
+            avail = {m: v[0] for m, v in cells.items() if v[2]}
+            best = min(avail, key=avail.get) if avail else None
+            gain = 100 * (ward - avail[best]) / ward if best else float("nan")
+            if "kmeans+refit" in avail:
+                gains.setdefault(r, []).append(100 * (ward - avail["kmeans+refit"]) / ward)
+            out.append(f"| {model} | {r} | {base:.2f} | " + " | ".join(_fmt(*cells[m]) for m in cands + defaults)
+                       + f" | {best}: {gain:+.1f} % |")
+    if gains:
+        out += ["", "Perplexity reduction of the recommended default (k-means + refit on self-generated text) vs "
+                "Ward (authors' configuration), mean over models: " +
+                ", ".join(f"r = {r}: {_mean(v)[0]:.1f} % (min {min(v):.1f} %)" for r, v in sorted(gains.items())),
+                ""]
+    # clustering alone: mean relative perplexity vs Ward over models, per ratio
+    out += ["", "Clustering alone, perplexity relative to Ward (mean over models; < 1 is better):", "",
+            "| candidate | " + " | ".join(f"r = {r}" for r in RATIOS) + " | mean |",
+            "|---|" + "---|" * (len(RATIOS) + 1)]
+    for m in cands:
+        rel = []
+        for r in RATIOS:
+            v = [_cell(rows, md, m, r)[0] / _cell(rows, md, "ward", r)[0] for md in _models(rows)
+                 if _cell(rows, md, m, r)[2] and _cell(rows, md, "ward", r)[2]]
+            rel.append(_mean(v)[0])
+        out.append(f"| {m} | " + " | ".join(f"{x:.3f}" for x in rel) + f" | {_mean(rel)[0]:.3f} |")
+    return out + [""]
+
+
+REPAIR_LABELS = {"ward+none": "fold (Ward), no repair", "ward+wm": "+ weighted merge (weights)",
+                 "ward+rescale-gauss": "+ RMSNorm-aware rescale (Gaussian probes, weights only)",
+                 "ward+rescale": "+ RMSNorm-aware rescale (self-generated)",
+                 "ward+refit": "+ least-squares refit (self-generated)",
+                 "ward+tune": "+ fine-tuned norms (self-generated)",
+                 "ward+refit&tune": "+ refit + fine-tuned norms (self-generated)",
+                 "wanda_sp": "Wanda-sp (calibration text)", "flap": "FLAP (calibration text, bias compensation)"}
+
+
+def _repair_md(rows) -> list[str]:
+    models = _models(rows)
+    out = ["## Repairs for folded LMs vs calibration-based pruning", "",
+           "Perplexity (same cap). Repairs act on the Ward fold; self-generated text: "
+           f"{SELFGEN} sequences of the context length sampled (temperature 1) from the original model; calibration "
+           f"text: {CALIB_SAMPLES} windows of the context length from shakespeare:train (checked disjoint from the "
+           "evaluation plays).", ""]
+    for r in (0.2, 0.3, 0.5):
+        out += [f"### r = {r}", "", "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for m in REPAIRS:
+            out.append(f"| {REPAIR_LABELS[m]} | " + " | ".join(_fmt(*_cell(rows, md, m, r)) for md in models) + " |")
+        out.append("")
+    return out
+
+
+TABLE_LABELS = {"original": "Dense", "magnitude": "Magnitude (L2)", "wanda_sp": "Wanda-sp", "flap": "FLAP",
+                "ward": "Folding (Ward, authors)", "kmeans": "Folding (k-means)",
+                "ward+refit": "Folding + refit", "ward+tune": "Folding + fine-tuned norms",
+                "ward+refit&tune": "Folding + refit + fine-tuned norms"}
+
+
+def _table_md(rows) -> list[str]:
+    from foldviz.lm.harness import LOCAL_TASKS
+
+    tasks = list(LOCAL_TASKS)
+    out = ["## The paper's table, in shape", "",
+           "Zero-shot columns are foldviz's local stand-ins (multiple choice from the held-out plays, "
+           f"{ZS_ITEMS} items each, accuracy through the EleutherAI harness): " +
+           "; ".join(f"`{t}` ~ {v}" for t, v in LOCAL_TASKS.items()) +
+           ". They are not BoolQ/WinoGrande/ARC (no downloads here, and those need far larger models).", ""]
+    for model in _models(rows):
+        for r in sorted({x["ratio"] for x in rows if x["ratio"] > 0}):
+            out += [f"### {model}, r = {r}", "",
+                    "| method | data used | perplexity | " + " | ".join(tasks) + " | average |",
+                    "|---|---|---|" + "---|" * (len(tasks) + 1)]
+            for m in ("original",) + TABLE:
+                rr = [x for x in rows if x["model"] == model and x["method"] == m and x["ratio"] == (0.0 if m ==
+                      "original" else r)]
+                if not rr:
+                    continue
+                x = rr[0]
+                zs = [x.get("zero_shot", {}).get(t) for t in tasks]
+                avg = sum(zs) / len(zs) if all(v is not None for v in zs) else None
+                out.append(f"| {TABLE_LABELS[m]} | {x['data']} | {x['perplexity']:.2f} | " +
+                           " | ".join("–" if v is None else f"{100 * v:.1f}" for v in zs) +
+                           f" | {'–' if avg is None else f'{100 * avg:.1f}'} |")
+            out.append("")
+    return out
+
+
+def write_report() -> None:
+    data = _load_json()
+    out = ["# LM research: clustering, data-free repair, calibration baselines", "",
+           "Written by `benchmarks/research_lm.py` (see its docstring for the commands). Models: the bundled "
+           "demos and two unshipped models trained here: " +
+           "; ".join(f"`{k}`: {v['description']}" for k, v in UNSHIPPED.items()) + ".", ""]
+    if data.get("cluster"):
+        out += _cluster_md(data["cluster"], data.get("default", []))
+    if data.get("repair"):
+        out += _repair_md(data["repair"])
+    if data.get("table"):
+        out += _table_md(data["table"])
+    la = data.get("loadavg")
+    out += [f"Machine: {data.get('machine', '?')}; load average at the last write "
+            f"{', '.join(f'{x:.2f}' for x in la) if la else '?'}; torch threads 1."]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lm_research.md").write_text("\n".join(out) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", required=True, choices=["train", "cluster", "repair", "table"])
-    p.add_argument("--models", nargs="*", default=None)
+    p.add_argument("--part", required=True, choices=["train", "cluster", "default", "repair", "table", "report"])
+    p.add_argument("--models", nargs="*", default=None, help="model specs (default: every bundled and unshipped LM)")
     a = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     if a.part == "train":
         part_train(a.models or list(UNSHIPPED))
+    elif a.part == "report":
+        write_report()
+    else:
+        {"cluster": part_cluster, "default": part_default, "repair": part_repair,
+         "table": part_table}[a.part](a.models or list(MODELS))
+        write_report()
     return 0
 
 
