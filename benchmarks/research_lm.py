@@ -77,26 +77,31 @@ SELFGEN = 64                  # self-generated sequences of the context length (
 CALIB_SAMPLES = 128           # calibration windows of the context length from shakespeare:train (Wanda-sp, FLAP)
 ZS_ITEMS = 100                # items per local zero-shot task
 TUNE_STEPS = 60               # norm fine-tuning steps (Adam, lr 5e-3, 8 self-generated windows per step)
-OUT_JSON = RESULTS / "lm_research.json"
+SECTIONS = ("cluster", "default", "repair", "table")
+
+
+def _json_path(section: str) -> Path:
+    """Each part writes its own file (parts may run side by side); the report reads them all."""
+    return RESULTS / f"lm_research_{section}.json"
 
 
 def short(spec: str) -> str:
     return spec.split(":", 1)[1].rsplit("/", 1)[-1]
 
 
-def _load_json() -> dict:
-    if OUT_JSON.is_file():
-        return json.loads(OUT_JSON.read_text())
-    return {}
+def _load_json(section: str) -> dict:
+    p = _json_path(section)
+    return json.loads(p.read_text()) if p.is_file() else {"rows": []}
 
 
-def _save(data: dict) -> None:
+def _save(section: str, data: dict) -> None:
     from foldviz.utils import atomic_write_bytes
 
     RESULTS.mkdir(parents=True, exist_ok=True)
+    data["section"] = section
     data["loadavg"] = os.getloadavg()
     data["machine"] = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip()
-    atomic_write_bytes(OUT_JSON, (json.dumps(data, indent=1, default=float) + "\n").encode())
+    atomic_write_bytes(_json_path(section), (json.dumps(data, indent=1, default=float) + "\n").encode())
 
 
 class Ctx:
@@ -201,8 +206,8 @@ def _run_grid(section: str, models, jobs, *, zero_shot: bool = False) -> None:
     import torch
 
     torch.set_num_threads(1)
-    data = _load_json()
-    rows = data.setdefault(section, [])
+    data = _load_json(section)
+    rows = data["rows"]
     done = {(r["model"], r["method"], r["ratio"], r["seed"]) for r in rows}
     task_dir = CHECKPOINTS / "zero-shot-tasks"
     names = None
@@ -214,7 +219,7 @@ def _run_grid(section: str, models, jobs, *, zero_shot: bool = False) -> None:
         c = Ctx(spec)
         if (c.name, "original", 0.0, 0) not in done:
             rows.append(_row(c, "original", 0.0, 0, c.model, "none", 0.0, names, task_dir))
-            _save(data)
+            _save(section, data)
         for method, ratio, seed in jobs:
             if (c.name, method, ratio, seed) in done:
                 continue
@@ -222,7 +227,7 @@ def _run_grid(section: str, models, jobs, *, zero_shot: bool = False) -> None:
             m, used = build(c, method, ratio, seed)
             rows.append(_row(c, method, ratio, seed, m, used, time.time() - t0, names, task_dir))
             print(json.dumps(rows[-1]), flush=True)
-            _save(data)
+            _save(section, data)
 
 
 def _row(c: Ctx, method, ratio, seed, model, used, seconds, names, task_dir) -> dict:
@@ -248,13 +253,12 @@ def part_cluster(models) -> None:
 
 def part_default(models) -> None:
     """The recommended default (clustering + self-generated refit) at every ratio and seed."""
-    jobs = [(m, r, s) for r in RATIOS for m in ("kmeans+refit", "ward+refit") for s in
-            ((0,) if m.startswith("ward") else (0, 1, 2))]
+    jobs = [(m, r, 0) for r in RATIOS for m in ("ward+refit", "kmeans+refit")]
     _run_grid("default", models, jobs)
 
 
 REPAIRS = ("ward+none", "ward+wm", "ward+rescale-gauss", "ward+rescale", "ward+refit", "ward+tune",
-           "ward+refit&tune", "wanda_sp", "flap")
+           "wanda_sp", "flap")
 
 
 def part_repair(models) -> None:
@@ -394,7 +398,10 @@ def _table_md(rows) -> list[str]:
 
 
 def write_report() -> None:
-    data = _load_json()
+    data = {sec: _load_json(sec)["rows"] for sec in SECTIONS}
+    last = max((_load_json(sec) for sec in SECTIONS if _json_path(sec).is_file()),
+               key=lambda d: _json_path(d.get("section", "")).stat().st_mtime if d.get("section") else 0,
+               default={})
     out = ["# LM research: clustering, data-free repair, calibration baselines", "",
            "Written by `benchmarks/research_lm.py` (see its docstring for the commands). Models: the bundled "
            "demos and two unshipped models trained here: " +
@@ -405,8 +412,8 @@ def write_report() -> None:
         out += _repair_md(data["repair"])
     if data.get("table"):
         out += _table_md(data["table"])
-    la = data.get("loadavg")
-    out += [f"Machine: {data.get('machine', '?')}; load average at the last write "
+    la = last.get("loadavg")
+    out += [f"Machine: {last.get('machine', '?')}; load average at the last write "
             f"{', '.join(f'{x:.2f}' for x in la) if la else '?'}; torch threads 1."]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lm_research.md").write_text("\n".join(out) + "\n")
