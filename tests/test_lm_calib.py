@@ -313,3 +313,41 @@ def test_unit_stats_update_matches_numpy():
     np.testing.assert_allclose(s.var, x.var(0, ddof=1), rtol=1e-12)
     np.testing.assert_allclose(s.mean, x.mean(0), rtol=1e-12)
     assert s.count == 1000
+
+
+@pytest.mark.parametrize("arch", ["Mistral", "Qwen2", "Qwen3", "Gemma"])
+def test_other_layouts(arch, windows, tmp_path):
+    import transformers
+
+    cfg_cls = getattr(transformers, f"{arch}Config")
+    model_cls = getattr(transformers, f"{arch}ForCausalLM")
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=V, hidden_size=H, intermediate_size=INTER, num_hidden_layers=L, num_attention_heads=NQ,
+                  num_key_value_heads=NKV, head_dim=HD, max_position_embeddings=CTX, tie_word_embeddings=False)
+    m = model_cls(cfg).eval()
+    stats = unit_input_stats(m, windows, max_tokens=2 * CTX)
+    assert stats[1]["heads"].count == 2 * CTX and stats[1]["heads"].units == NQ
+    wanda, flap = hand_scores(m, captured_inputs(m, windows[:2]))
+    got_w, got_f = wanda_sp_scores(m, stats), flap_scores(m, stats)
+    for gid in wanda:
+        np.testing.assert_allclose(got_w[gid], wanda[gid], rtol=1e-9, atol=1e-5)
+        np.testing.assert_allclose(got_f[gid], flap[gid], rtol=1e-9, atol=1e-5)
+    maps = unit_maps_from_scores(m, got_f, 0.5)
+    # which output projections the architecture can give a bias that survives save/load (transformers' configs)
+    holds = {"Mistral": (), "Qwen2": (), "Qwen3": ("self_attn",), "Gemma": ("self_attn",)}[arch]
+    for kind in ("mlp", "self_attn"):
+        part = {k: v for k, v in maps.items() if k.endswith(kind)}
+        target = _zero_removed(_clone(m), part)
+        if kind not in holds:
+            before = {k: v.clone() for k, v in target.state_dict().items()}
+            with pytest.raises(ValueError, match=f"cannot hold a bias on {kind}") as e:
+                flap_compensate(m, target, stats, part)
+            assert "\n" not in str(e.value)
+            assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())   # nothing changed
+            continue
+        pruned = flap_compensate(m, target, stats, part)
+        pruned.save_pretrained(tmp_path / arch, safe_serialization=True)
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / arch, local_files_only=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(back(input_ids=windows).logits, pruned(input_ids=windows).logits,
+                                       atol=1e-5, rtol=1e-5)

@@ -348,6 +348,21 @@ def _with_bias(lin: nn.Linear, bias: torch.Tensor) -> nn.Linear:
     return new
 
 
+def _check_bias_supported(model: nn.Module, kind: str, proj: str, flag: str) -> None:
+    """Refuse (before changing anything) when the architecture rebuilt from the config with ``flag`` set has no
+    bias on ``proj``: a saved model would silently lose the compensation on reload."""
+    import copy as _copy
+
+    cfg = _copy.deepcopy(model.config)
+    setattr(cfg, flag, True)
+    with torch.device("meta"):
+        fresh = type(model)(cfg)
+    name = f"model.layers.0.{kind}.{proj}.bias"
+    if name not in dict(fresh.named_parameters()):
+        raise ValueError(f"{type(model).__name__} cannot hold a bias on {kind}.{proj} (its config has no "
+                         f"{flag}); the compensation would be lost when the model is saved")
+
+
 @torch.no_grad()
 def add_output_bias(model: nn.Module, biases: dict[str, np.ndarray]) -> nn.Module:
     """Add ``biases`` (``{group id: (hidden,)}``, e.g. :func:`flap_bias`) to the groups' output projections, in place.
@@ -355,7 +370,9 @@ def add_output_bias(model: nn.Module, biases: dict[str, np.ndarray]) -> nn.Modul
     Llama has no biases; its config can hold them only per block (``mlp_bias`` adds one to each of gate/up/down,
     ``attention_bias`` to each of q/k/v/o), so every projection of that block in every layer gets a bias (zeros
     where there was none) and the config flag is set: the model stays loadable with
-    ``AutoModelForCausalLM.from_pretrained`` and computes the same function. Returns ``model``.
+    ``AutoModelForCausalLM.from_pretrained`` and computes the same function. Architectures whose config cannot
+    hold the bias are refused before anything changes (ValueError): in transformers, Qwen3 and Gemma hold
+    ``attention_bias`` but no MLP bias, Mistral and Qwen2 neither on these projections. Returns ``model``.
     """
     layers = decoder_layers(model)
     kinds = {gid.rsplit(".", 1)[-1] for gid in biases}
@@ -363,8 +380,12 @@ def add_output_bias(model: nn.Module, biases: dict[str, np.ndarray]) -> nn.Modul
                not in ("mlp", "self_attn")]
     if unknown:
         raise ValueError(f"unknown group id {unknown[0]!r}; expected model.layers.I.mlp or model.layers.I.self_attn")
-    for kind, names, flag in (("mlp", ("gate_proj", "up_proj", "down_proj"), "mlp_bias"),
-                              ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), "attention_bias")):
+    blocks = (("mlp", ("gate_proj", "up_proj", "down_proj"), "mlp_bias"),
+              ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), "attention_bias"))
+    for kind, names, flag in blocks:
+        if kind in kinds:
+            _check_bias_supported(model, kind, names[-1], flag)
+    for kind, names, flag in blocks:
         if kind not in kinds:
             continue
         for i, layer in enumerate(layers):
