@@ -8,6 +8,7 @@ Parts (``--part``):
 ``default``  the recommended default (clustering + refit on self-generated text) on the same grid.
 ``repair``   data-free repairs and the calibration baselines (wanda_sp, flap) at 0.2 / 0.3 / 0.5.
 ``table``    the paper-shaped table (method, data used, perplexity, local zero-shot tasks, average).
+``sensitivity``  perplexity with one decoder layer at a time folded at r = 0.3.
 ``report``   rewrites the markdown from the JSON.
 
 Results go to ``benchmarks/results/lm_research.{md,json}`` (each part updates its own section).
@@ -77,7 +78,7 @@ SELFGEN = 64                  # self-generated sequences of the context length (
 CALIB_SAMPLES = 128           # calibration windows of the context length from shakespeare:train (Wanda-sp, FLAP)
 ZS_ITEMS = 100                # items per local zero-shot task
 TUNE_STEPS = 60               # norm fine-tuning steps (Adam, lr 5e-3, 8 self-generated windows per step)
-SECTIONS = ("cluster", "default", "repair", "table")
+SECTIONS = ("cluster", "default", "repair", "table", "sensitivity")
 
 
 def _json_path(section: str) -> Path:
@@ -173,17 +174,19 @@ def build(c: Ctx, method: str, ratio: float, seed: int = 0):
     """(compressed model, data used) for a method label: ``CLUSTER+REPAIR`` for folds (REPAIR: none, wm, rescale,
     refit, tune, refit+tune; self-generated text), ``magnitude``, ``wanda_sp``, ``flap``."""
     from foldviz.lm import fold_lm, lm_plan
-    from foldviz.lm.calib import flap_bias, add_output_bias, flap_scores, unit_maps_from_scores, wanda_sp_scores
+    from foldviz.lm.calib import (adaptive_unit_maps, add_output_bias, flap_bias, flap_scores, unit_maps_from_scores,
+                                  wanda_sp_scores)
     from foldviz.lm.repair import refit_outputs, rescale_outputs, tune_norms, weighted_merge
     from lm_lab import apply_maps, candidate_maps
 
     if method == "magnitude":
         return fold_lm(c.model, lm_plan(ratio, seed=seed), method="magnitude").model, "none"
-    if method in ("wanda_sp", "flap"):
+    if method in ("wanda_sp", "flap", "flap-adaptive"):
         scores = (wanda_sp_scores if method == "wanda_sp" else flap_scores)(c.model, c.stats)
-        maps = unit_maps_from_scores(c.model, scores, ratio)
+        select = adaptive_unit_maps if method == "flap-adaptive" else unit_maps_from_scores
+        maps = select(c.model, scores, ratio)
         m = apply_maps(c.model, maps, "prune")
-        if method == "flap":
+        if method.startswith("flap"):
             add_output_bias(m, flap_bias(c.model, c.stats, maps))
         return m, f"calibration: shakespeare:train {CALIB_SAMPLES}x{c.ctx}"
     clus, _, rep = method.partition("+")
@@ -264,23 +267,73 @@ def part_cluster(models) -> None:
 
 def part_default(models) -> None:
     """The recommended default (clustering + self-generated refit) at every ratio and seed."""
-    jobs = [(m, r, 0) for r in RATIOS for m in ("ward+refit", "kmeans+refit")]
+    jobs = [(m, r, 0) for r in RATIOS for m in ("ward+refit", "kmeans+refit", "kmeans-cos+refit")]
     _run_grid("default", models, jobs)
 
 
 REPAIRS = ("ward+none", "ward+wm", "ward+rescale-gauss", "ward+rescale", "ward+refit", "ward+tune",
-           "wanda_sp", "flap")
+           "wanda_sp", "flap", "flap-adaptive")
 
 
 def part_repair(models) -> None:
     _run_grid("repair", models, [(m, r, 0) for r in (0.2, 0.3, 0.5) for m in REPAIRS])
 
 
-TABLE = ("magnitude", "wanda_sp", "flap", "ward", "kmeans", "ward+refit", "ward+tune", "ward+refit&tune")
+TABLE = ("magnitude", "wanda_sp", "flap", "flap-adaptive", "ward", "kmeans", "ward+refit", "ward+tune",
+         "ward+refit&tune")
 
 
 def part_table(models) -> None:
     _run_grid("table", models, [(m, r, 0) for r in (0.2, 0.3, 0.5) for m in TABLE], zero_shot=True)
+
+
+def part_sensitivity(models, ratio: float = 0.3) -> None:
+    """Perplexity with one decoder layer at a time folded (Ward; Ward + refit) at ``ratio``."""
+    import torch
+
+    from foldviz.lm.repair import refit_outputs
+    from foldviz.lm.sensitivity import layer_sensitivity
+    from lm_lab import apply_maps, candidate_maps
+
+    torch.set_num_threads(1)
+    data = _load_json("sensitivity")
+    for spec in models:
+        c = Ctx(spec)
+        full = candidate_maps(c.model, CLUSTER_CANDIDATES["ward"], ratio)
+        base = c.ppl(c.model)
+        for rep in ("none", "refit"):
+            if any(r["model"] == c.name and r["method"] == f"ward+{rep}" for r in data["rows"]):
+                continue
+
+            def compress(model, gids, rep=rep):
+                maps = {g: full[g] for g in gids}
+                m = apply_maps(model, maps, "fold")
+                if rep == "refit":
+                    refit_outputs(model, m, maps, tokens=c.selfgen)
+                return m
+
+            rows = layer_sensitivity(c.model, c.tokens, compress, max_windows=c.max_windows, base=base)
+            for r in rows:
+                data["rows"].append({"model": c.name, "method": f"ward+{rep}", "ratio": ratio, "seed": 0,
+                                     "layer": r["layer"], "perplexity": r["perplexity"], "base": base})
+            print(c.name, rep, [round(r["perplexity"], 2) for r in rows], flush=True)
+            _save("sensitivity", data)
+
+
+def _sensitivity_md(rows) -> list[str]:
+    out = ["## Per-layer sensitivity", "",
+           "Perplexity with one decoder layer at a time folded (its MLP and its query heads) at r = 0.3, everything "
+           "else intact (foldviz.lm.sensitivity.layer_sensitivity).", "",
+           "| model | method | dense | " + " | ".join(f"layer {i}" for i in range(6)) + " |",
+           "|---|---|---|" + "---|" * 6]
+    for model in _models(rows):
+        for m in ("ward+none", "ward+refit"):
+            rr = sorted((r for r in rows if r["model"] == model and r["method"] == m), key=lambda r: r["layer"])
+            if not rr:
+                continue
+            cells = [f"{r['perplexity']:.2f}" for r in rr] + ["–"] * (6 - len(rr))
+            out.append(f"| {model} | {m} | {rr[0]['base']:.2f} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _mean(v):
@@ -355,7 +408,8 @@ REPAIR_LABELS = {"ward+none": "fold (Ward), no repair", "ward+wm": "+ weighted m
                  "ward+refit": "+ least-squares refit (self-generated)",
                  "ward+tune": "+ fine-tuned norms (self-generated)",
                  "ward+refit&tune": "+ refit + fine-tuned norms (self-generated)",
-                 "wanda_sp": "Wanda-sp (calibration text)", "flap": "FLAP (calibration text, bias compensation)"}
+                 "wanda_sp": "Wanda-sp (calibration text)", "flap": "FLAP (calibration text, bias compensation)",
+                 "flap-adaptive": "FLAP, adaptive widths (calibration text, bias compensation)"}
 
 
 def _repair_md(rows) -> list[str]:
@@ -373,7 +427,8 @@ def _repair_md(rows) -> list[str]:
     return out
 
 
-TABLE_LABELS = {"original": "Dense", "magnitude": "Magnitude (L2)", "wanda_sp": "Wanda-sp", "flap": "FLAP",
+TABLE_LABELS = {"original": "Dense", "magnitude": "Magnitude (L2)", "wanda_sp": "Wanda-sp", "flap": "FLAP (uniform)",
+                "flap-adaptive": "FLAP (adaptive widths)",
                 "ward": "Folding (Ward, authors)", "kmeans": "Folding (k-means)",
                 "ward+refit": "Folding + refit", "ward+tune": "Folding + fine-tuned norms",
                 "ward+refit&tune": "Folding + refit + fine-tuned norms"}
@@ -423,6 +478,8 @@ def write_report() -> None:
         out += _repair_md(data["repair"])
     if data.get("table"):
         out += _table_md(data["table"])
+    if data.get("sensitivity"):
+        out += _sensitivity_md(data["sensitivity"])
     la = last.get("loadavg")
     out += [f"Machine: {last.get('machine', '?')}; load average at the last write "
             f"{', '.join(f'{x:.2f}' for x in la) if la else '?'}; torch threads 1."]
@@ -432,7 +489,8 @@ def write_report() -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", required=True, choices=["train", "cluster", "default", "repair", "table", "report"])
+    p.add_argument("--part", required=True,
+                   choices=["train", "cluster", "default", "repair", "table", "sensitivity", "report"])
     p.add_argument("--models", nargs="*", default=None, help="model specs (default: every bundled and unshipped LM)")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -441,8 +499,8 @@ def main(argv=None) -> int:
     elif a.part == "report":
         write_report()
     else:
-        {"cluster": part_cluster, "default": part_default, "repair": part_repair,
-         "table": part_table}[a.part](a.models or list(MODELS))
+        {"cluster": part_cluster, "default": part_default, "repair": part_repair, "table": part_table,
+         "sensitivity": part_sensitivity}[a.part](a.models or list(MODELS))
         write_report()
     return 0
 

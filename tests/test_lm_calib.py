@@ -351,3 +351,31 @@ def test_other_layouts(arch, windows, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(back(input_ids=windows).logits, pruned(input_ids=windows).logits,
                                        atol=1e-5, rtol=1e-5)
+
+
+def test_adaptive_unit_maps_budget_and_kv_groups(windows):
+    from foldviz.lm.calib import adaptive_unit_maps
+    from foldviz.lm.groups import find_lm_groups
+
+    m = two_layer()
+    groups = {g.id: g for g in find_lm_groups(m) if g.foldable}
+    stats = unit_input_stats(m, windows, max_tokens=10_000)
+    scores = flap_scores(m, stats)
+    uni = unit_maps_from_scores(m, scores, 0.3)
+    ada = adaptive_unit_maps(m, scores, 0.3)
+    cost = lambda maps: sum(int((v < 0).sum()) * groups[k].params_per_unit for k, v in maps.items())  # noqa: E731
+    biggest = max(g.params_per_unit * (NKV if g.kind == "heads" else 1) for g in groups.values())
+    assert cost(uni) <= cost(ada) < cost(uni) + biggest
+    for gid, lab in ada.items():
+        assert (lab >= 0).sum() >= 1 and sorted(lab[lab >= 0]) == list(range(int((lab >= 0).sum())))
+        if gid.endswith("self_attn"):      # the same number of heads kept in each KV group
+            kept = (lab.reshape(NKV, NQ // NKV) >= 0).sum(1)
+            assert (kept == kept[0]).all() and kept[0] >= 1
+        z = (scores[gid] - scores[gid].mean()) / scores[gid].std()
+        if gid.endswith("mlp") and (lab < 0).any():    # within a group the lowest scores go first
+            assert z[lab < 0].max() <= z[lab >= 0].min()
+    # a group whose scores have one far outlier below the rest gives up that unit first
+    skewed = {k: v.copy() for k, v in scores.items()}
+    skewed["model.layers.1.mlp"] = np.r_[-1000.0, np.linspace(1, 2, INTER - 1)]
+    tiny = adaptive_unit_maps(m, skewed, 0.1)
+    assert tiny["model.layers.1.mlp"][0] == -1

@@ -37,7 +37,7 @@ from .groups import attn_shape, decoder_layers, find_lm_groups
 
 __all__ = ["OVERLAP_NGRAM", "CalibrationOverlapError", "text_identity", "check_no_overlap", "shared_ngrams",
            "calibration_windows", "UnitStats", "unit_input_stats", "wanda_sp_scores", "flap_scores",
-           "unit_maps_from_scores", "flap_bias", "add_output_bias", "flap_compensate"]
+           "unit_maps_from_scores", "adaptive_unit_maps", "flap_bias", "add_output_bias", "flap_compensate"]
 
 #: calibration and evaluation text overlap when they share a run of this many consecutive words (whitespace
 #: tokens). Shorter shared runs (headings, stage directions, stock phrases) are normal between distinct texts: the
@@ -317,6 +317,54 @@ def unit_maps_from_scores(model: nn.Module, scores: dict[str, np.ndarray], ratio
             block = s[j * per:(j + 1) * per]
             top = np.argsort(-block, kind="stable")[:k]
             keep[j * per + top] = True
+        labels = np.full(g.n, -1, dtype=np.int64)
+        labels[keep] = np.arange(int(keep.sum()))
+        out[g.id] = labels
+    return out
+
+
+def adaptive_unit_maps(model: nn.Module, scores: dict[str, np.ndarray], ratio: float) -> dict[str, np.ndarray]:
+    """FLAP-style adaptive widths: one global ranking of standardised scores (per group ``(s - mean) / std``)
+    removes the lowest-ranked units of any group until as many parameters are removed as the uniform plan at
+    ``ratio`` removes (:func:`unit_maps_from_scores`; overshoot at most one unit).
+
+    Units: MLP neurons; for heads, one "slot" = the j-th lowest-scoring head of every KV group at once (score: their
+    mean), so every KV group of a layer keeps the same number of query heads (MHA: single heads). Every group keeps
+    at least one unit (one head per KV group). Returns unit maps like :func:`unit_maps_from_scores`.
+    """
+    groups = [g for g, _ in _projections(model) if g.id in scores]
+    uniform = unit_maps_from_scores(model, scores, ratio)
+    budget = sum(int((uniform[g.id] < 0).sum()) * g.params_per_unit for g in groups)
+    cand = []           # (standardised score, group index, slot j, cost)
+    order = {}
+    for gi, g in enumerate(groups):
+        s = np.asarray(scores[g.id], dtype=np.float64)
+        z = (s - s.mean()) / (s.std() if s.std() > 0 else 1.0)
+        per = g.n if g.kind == "mlp" or g.mha else g.heads_per_kv
+        blocks = z.reshape(g.n // per, per)
+        ranks = np.argsort(blocks, axis=1, kind="stable")              # lowest first, per KV group
+        order[g.id] = ranks
+        slot_scores = np.take_along_axis(blocks, ranks, axis=1).mean(0)  # (per,)
+        for j in range(per - 1):                                        # the last slot is always kept
+            cand.append((float(slot_scores[j]), gi, j, (g.n // per) * g.params_per_unit))
+    cand.sort(key=lambda c: (c[0], c[1], c[2]))
+    removed = {g.id: 0 for g in groups}                                 # slots removed per group, lowest first
+    total = 0
+    for score, gi, j, cost in cand:
+        if total >= budget:
+            break
+        g = groups[gi]
+        if j != removed[g.id]:    # slots go in order within a group (their scores increase, ties aside)
+            continue
+        removed[g.id] += 1
+        total += cost
+    out = {}
+    for g in groups:
+        ranks = order[g.id]
+        per = ranks.shape[1]
+        keep = np.ones(g.n, dtype=bool)
+        for b in range(ranks.shape[0]):
+            keep[b * per + ranks[b, :removed[g.id]]] = False
         labels = np.full(g.n, -1, dtype=np.int64)
         labels[keep] = np.arange(int(keep.sum()))
         out[g.id] = labels
