@@ -124,6 +124,8 @@ def test_stats_bounded_and_batch_independent(windows):
     np.testing.assert_allclose(one[1]["mlp"].var, s[1]["mlp"].var, rtol=1e-10)
     with pytest.raises(ValueError, match="below one window"):
         unit_input_stats(m, windows, max_tokens=CTX - 1)
+    with pytest.raises(ValueError, match="exceed the model's context length"):
+        unit_input_stats(m, torch.zeros(1, CTX + 1, dtype=torch.long), max_tokens=10_000)
 
 
 def test_stats_bf16():

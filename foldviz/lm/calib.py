@@ -228,6 +228,10 @@ def unit_input_stats(model: nn.Module, token_windows, *, max_tokens: int, batch_
     """
     windows = _as_windows(token_windows)
     seqlen = windows.shape[1]
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and seqlen > int(ctx):
+        raise ValueError(f"calibration windows of {seqlen} tokens exceed the model's context length {ctx}; "
+                         "use --calib-seqlen <= the context length")
     n_win = min(len(windows), int(max_tokens) // seqlen)
     if n_win < 1:
         raise ValueError(f"max_tokens={max_tokens} is below one window of {seqlen} tokens")
