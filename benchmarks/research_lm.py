@@ -81,28 +81,37 @@ TUNE_STEPS = 60               # norm fine-tuning steps (Adam, lr 5e-3, 8 self-ge
 SECTIONS = ("cluster", "default", "repair", "table", "sensitivity")
 
 
-def _json_path(section: str) -> Path:
-    """Each part writes its own file (parts may run side by side); the report reads them all."""
-    return RESULTS / f"lm_research_{section}.json"
+def _json_path(section: str, model: str) -> Path:
+    """One file per part and model: parts and models may run side by side; the report reads them all."""
+    return RESULTS / "lm_research" / f"{section}-{model}.json"
 
 
-def short(spec: str) -> str:
-    return spec.split(":", 1)[1].rsplit("/", 1)[-1]
-
-
-def _load_json(section: str) -> dict:
-    p = _json_path(section)
+def _load_json(section: str, model: str) -> dict:
+    p = _json_path(section, model)
     return json.loads(p.read_text()) if p.is_file() else {"rows": []}
 
 
-def _save(section: str, data: dict) -> None:
+def _load_section(section: str) -> tuple[list[dict], dict]:
+    """Every model's rows of a section, and the most recently written file's metadata."""
+    rows, last, mtime = [], {}, -1.0
+    for p in sorted((RESULTS / "lm_research").glob(f"{section}-*.json")):
+        d = json.loads(p.read_text())
+        rows += d["rows"]
+        if p.stat().st_mtime > mtime:
+            last, mtime = d, p.stat().st_mtime
+    return rows, last
+
+
+def _save(section: str, model: str, data: dict) -> None:
     from foldviz.utils import atomic_write_bytes
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    data["section"] = section
+    data["section"], data["model"] = section, model
     data["loadavg"] = os.getloadavg()
     data["machine"] = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip()
-    atomic_write_bytes(_json_path(section), (json.dumps(data, indent=1, default=float) + "\n").encode())
+    p = _json_path(section, model)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(p, (json.dumps(data, indent=1, default=float) + "\n").encode())
+    p.chmod(0o644)
 
 
 class Ctx:
@@ -215,9 +224,6 @@ def _run_grid(section: str, models, jobs, *, zero_shot: bool = False) -> None:
     import torch
 
     torch.set_num_threads(1)
-    data = _load_json(section)
-    rows = data["rows"]
-    done = {(r["model"], r["method"], r["ratio"], r["seed"]) for r in rows}
     task_dir = CHECKPOINTS / "zero-shot-tasks"
     names = None
     if zero_shot:
@@ -226,17 +232,17 @@ def _run_grid(section: str, models, jobs, *, zero_shot: bool = False) -> None:
         names = write_shakespeare_tasks(task_dir, n=ZS_ITEMS, seed=0)
     for spec in models:
         c = Ctx(spec)
-        if (c.name, "original", 0.0, 0) not in done:
-            rows.append(_row(c, "original", 0.0, 0, c.model, "none", 0.0, names, task_dir))
-            _save(section, data)
-        for method, ratio, seed in jobs:
+        data = _load_json(section, c.name)
+        rows = data["rows"]
+        done = {(r["model"], r["method"], r["ratio"], r["seed"]) for r in rows}
+        for method, ratio, seed in [("original", 0.0, 0)] + list(jobs):
             if (c.name, method, ratio, seed) in done:
                 continue
             t0 = time.time()
-            m, used = build(c, method, ratio, seed)
+            m, used = (c.model, "none") if method == "original" else build(c, method, ratio, seed)
             rows.append(_row(c, method, ratio, seed, m, used, time.time() - t0, names, task_dir))
             print(json.dumps(rows[-1]), flush=True)
-            _save(section, data)
+            _save(section, c.name, data)
 
 
 def _row(c: Ctx, method, ratio, seed, model, used, seconds, names, task_dir) -> dict:
@@ -296,9 +302,9 @@ def part_sensitivity(models, ratio: float = 0.3) -> None:
     from lm_lab import apply_maps, candidate_maps
 
     torch.set_num_threads(1)
-    data = _load_json("sensitivity")
     for spec in models:
         c = Ctx(spec)
+        data = _load_json("sensitivity", c.name)
         full = candidate_maps(c.model, CLUSTER_CANDIDATES["ward"], ratio)
         base = c.ppl(c.model)
         for rep in ("none", "refit"):
@@ -317,7 +323,7 @@ def part_sensitivity(models, ratio: float = 0.3) -> None:
                 data["rows"].append({"model": c.name, "method": f"ward+{rep}", "ratio": ratio, "seed": 0,
                                      "layer": r["layer"], "perplexity": r["perplexity"], "base": base})
             print(c.name, rep, [round(r["perplexity"], 2) for r in rows], flush=True)
-            _save("sensitivity", data)
+            _save("sensitivity", c.name, data)
 
 
 def _sensitivity_md(rows) -> list[str]:
@@ -358,48 +364,69 @@ def _models(rows) -> list[str]:
     return list(dict.fromkeys(r["model"] for r in rows))
 
 
+def _relative(rows, ward_rows, method) -> dict[tuple[str, float], float]:
+    """(model, ratio) -> mean perplexity of ``method`` / Ward's, where both were measured."""
+    out = {}
+    for model in _models(ward_rows):
+        for r in RATIOS:
+            m, w = _cell(rows, model, method, r), _cell(ward_rows, model, "ward", r)
+            if m[2] and w[2]:
+                out[(model, r)] = m[0] / w[0]
+    return out
+
+
 def _cluster_md(rows, default_rows) -> list[str]:
     cands = [m for m in CLUSTER_CANDIDATES if any(r["method"] == m for r in rows)]
-    defaults = [m for m in ("kmeans+refit", "ward+refit") if any(r["method"] == m for r in default_rows)]
-    allrows = rows + default_rows
-    out = ["## Clustering (and the recommended default) vs Ward", "",
+    out = ["## Clustering", "",
            f"Perplexity on the first {EVAL_TOKENS} tokens of shakespeare:test (whole windows of the context length), "
-           "mean ± sd over seeds 0-2 (Ward and Ward+Hartigan are deterministic: one run). Every method folds the "
-           "same units at the same counts (k_for_ratio per MLP, per KV group for heads). `+refit`: least-squares "
-           f"refit of the output projections on {SELFGEN} sequences sampled from the original model "
-           "(foldviz.lm.repair.refit_outputs; no outside data).", ""]
-    hdr = "| model | r | original | " + " | ".join(cands + defaults) + " | best vs Ward |"
+           "mean ± sd over seeds 0-2 (Ward is deterministic: one run). Every method folds the same units at the same "
+           "counts (k_for_ratio per MLP, per KV group for heads); no repair. `kmeans`: foldviz's k-means (k-means++, "
+           "4 restarts, Hartigan refinement) on the unit features; `kmeans-cos`: the same on the features scaled to "
+           "unit length per unit (direction only; the merge itself is unchanged).", ""]
+    hdr = "| model | r | dense | " + " | ".join(cands) + " |"
     out += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+    for model in _models(rows):
+        base = _cell(rows, model, "original", 0.0)[0]
+        for r in RATIOS:
+            out.append(f"| {model} | {r} | {base:.2f} | " + " | ".join(_fmt(*_cell(rows, model, m, r)) for m in cands)
+                       + " |")
+    out += ["", "Perplexity relative to Ward, mean over the models measured (< 1 is better):", "",
+            "| candidate | " + " | ".join(f"r = {r}" for r in RATIOS) + " | mean |",
+            "|---|" + "---|" * (len(RATIOS) + 1)]
+    for m in cands:
+        rel = _relative(rows, rows, m)
+        per = [_mean([v for (md, r), v in rel.items() if r == ratio])[0] for ratio in RATIOS]
+        out.append(f"| {m} | " + " | ".join(f"{x:.3f}" for x in per) + f" | {_mean(list(rel.values()))[0]:.3f} |")
+    out.append("")
+    if not default_rows:
+        return out
+    # the recommended default: the best mean (relative to Ward) among the clustering + refit variants
+    variants = [m for m in dict.fromkeys(r["method"] for r in default_rows) if m != "original"]
+    scored = {m: _mean(list(_relative(default_rows, rows, m).values()))[0] for m in variants}
+    best = min(scored, key=scored.get)
+    out += ["## The default: clustering + refit on self-generated text vs Ward (the authors' configuration)", "",
+            f"`+refit`: least-squares refit of the output projections on {SELFGEN} sequences of the context length "
+            "sampled from the original model itself (foldviz.lm.repair.self_generate + refit_outputs; no outside "
+            "data). Seed 0. Mean perplexity relative to Ward over every model and ratio measured: " +
+            ", ".join(f"{m} {v:.3f}" for m, v in sorted(scored.items(), key=lambda kv: kv[1])) +
+            f" -> default **{best}**.", "",
+            "| model | r | dense | Ward | " + " | ".join(variants) + f" | {best} vs Ward |",
+            "|---|---|---|---|" + "---|" * (len(variants) + 1)]
     gains: dict[float, list[float]] = {}
     for model in _models(rows):
         base = _cell(rows, model, "original", 0.0)[0]
         for r in RATIOS:
-            cells = {m: _cell(allrows, model, m, r) for m in cands + defaults}
-            ward = cells.get("ward", (float("nan"),))[0]
-            avail = {m: v[0] for m, v in cells.items() if v[2]}
-            best = min(avail, key=avail.get) if avail else None
-            gain = 100 * (ward - avail[best]) / ward if best else float("nan")
-            if "kmeans+refit" in avail:
-                gains.setdefault(r, []).append(100 * (ward - avail["kmeans+refit"]) / ward)
-            out.append(f"| {model} | {r} | {base:.2f} | " + " | ".join(_fmt(*cells[m]) for m in cands + defaults)
-                       + f" | {best}: {gain:+.1f} % |")
-    if gains:
-        out += ["", "Perplexity reduction of the recommended default (k-means + refit on self-generated text) vs "
-                "Ward (authors' configuration), mean over models: " +
-                ", ".join(f"r = {r}: {_mean(v)[0]:.1f} % (min {min(v):.1f} %)" for r, v in sorted(gains.items())),
-                ""]
-    # clustering alone: mean relative perplexity vs Ward over models, per ratio
-    out += ["", "Clustering alone, perplexity relative to Ward (mean over models; < 1 is better):", "",
-            "| candidate | " + " | ".join(f"r = {r}" for r in RATIOS) + " | mean |",
-            "|---|" + "---|" * (len(RATIOS) + 1)]
-    for m in cands:
-        rel = []
-        for r in RATIOS:
-            v = [_cell(rows, md, m, r)[0] / _cell(rows, md, "ward", r)[0] for md in _models(rows)
-                 if _cell(rows, md, m, r)[2] and _cell(rows, md, "ward", r)[2]]
-            rel.append(_mean(v)[0])
-        out.append(f"| {m} | " + " | ".join(f"{x:.3f}" for x in rel) + f" | {_mean(rel)[0]:.3f} |")
-    return out + [""]
+            w = _cell(rows, model, "ward", r)[0]
+            b = _cell(default_rows, model, best, r)
+            gain = 100 * (w - b[0]) / w if b[2] else float("nan")
+            if b[2]:
+                gains.setdefault(r, []).append(gain)
+            out.append(f"| {model} | {r} | {base:.2f} | {w:.2f} | " +
+                       " | ".join(_fmt(*_cell(default_rows, model, m, r)) for m in variants) + f" | {gain:+.1f} % |")
+    out += ["", f"Perplexity reduction of {best} vs Ward, mean over models (min): " +
+            ", ".join(f"r = {r}: {_mean(v)[0]:.1f} % ({min(v):.1f} %, {len(v)} models)" for r, v in sorted(gains.items())),
+            ""]
+    return out
 
 
 REPAIR_LABELS = {"ward+none": "fold (Ward), no repair", "ward+wm": "+ weighted merge (weights)",
@@ -464,10 +491,9 @@ def _table_md(rows) -> list[str]:
 
 
 def write_report() -> None:
-    data = {sec: _load_json(sec)["rows"] for sec in SECTIONS}
-    last = max((_load_json(sec) for sec in SECTIONS if _json_path(sec).is_file()),
-               key=lambda d: _json_path(d.get("section", "")).stat().st_mtime if d.get("section") else 0,
-               default={})
+    loaded = {sec: _load_section(sec) for sec in SECTIONS}
+    data = {sec: rows for sec, (rows, _) in loaded.items()}
+    last = max((meta for _, meta in loaded.values() if meta), key=lambda m: m.get("loadavg", [0])[0], default={})
     out = ["# LM research: clustering, data-free repair, calibration baselines", "",
            "Written by `benchmarks/research_lm.py` (see its docstring for the commands). Models: the bundled "
            "demos and two unshipped models trained here: " +
@@ -481,7 +507,7 @@ def write_report() -> None:
     if data.get("sensitivity"):
         out += _sensitivity_md(data["sensitivity"])
     la = last.get("loadavg")
-    out += [f"Machine: {last.get('machine', '?')}; load average at the last write "
+    out += [f"Machine: {last.get('machine', '?')}; highest load average recorded at a write "
             f"{', '.join(f'{x:.2f}' for x in la) if la else '?'}; torch threads 1."]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lm_research.md").write_text("\n".join(out) + "\n")
