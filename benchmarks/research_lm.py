@@ -9,6 +9,7 @@ Parts (``--part``):
 ``repair``   data-free repairs and the calibration baselines (wanda_sp, flap) at 0.2 / 0.3 / 0.5.
 ``table``    the paper-shaped table (method, data used, perplexity, local zero-shot tasks, average).
 ``sensitivity``  perplexity with one decoder layer at a time folded at r = 0.3.
+``ablation`` refit's ridge strength and amount of self-generated text.
 ``report``   rewrites the markdown from the JSON.
 
 Results go to ``benchmarks/results/lm_research.{md,json}`` (each part updates its own section).
@@ -78,7 +79,12 @@ SELFGEN = 64                  # self-generated sequences of the context length (
 CALIB_SAMPLES = 128           # calibration windows of the context length from shakespeare:train (Wanda-sp, FLAP)
 ZS_ITEMS = 100                # items per local zero-shot task
 TUNE_STEPS = 60               # norm fine-tuning steps (Adam, lr 5e-3, 8 self-generated windows per step)
-SECTIONS = ("cluster", "default", "repair", "table", "sensitivity")
+SECTIONS = ("cluster", "default", "repair", "table", "sensitivity", "ablation")
+
+
+def short(spec: str) -> str:
+    """A model's short name: the demo name or the checkpoint directory's name."""
+    return spec.split(":", 1)[1].rsplit("/", 1)[-1]
 
 
 def _json_path(section: str, model: str) -> Path:
@@ -212,6 +218,8 @@ def build(c: Ctx, method: str, ratio: float, seed: int = 0):
             rescale_outputs(c.model, m, maps)
         elif step == "refit":
             refit_outputs(c.model, m, maps, tokens=c.selfgen)
+        elif step == "refit-os":
+            refit_outputs(c.model, m, maps, tokens=c.selfgen, target="original-stream")
         elif step == "tune":
             tune_norms(c.model, m, maps, tokens=c.selfgen, steps=TUNE_STEPS)
         elif step != "none":
@@ -273,7 +281,7 @@ def part_cluster(models) -> None:
 
 def part_default(models) -> None:
     """The recommended default (clustering + self-generated refit) at every ratio and seed."""
-    jobs = [(m, r, 0) for r in RATIOS for m in ("ward+refit", "kmeans+refit", "kmeans-cos+refit")]
+    jobs = [(m, r, 0) for r in RATIOS for m in ("ward+refit", "kmeans+refit", "kmeans-cos+refit", "ward+refit-os")]
     _run_grid("default", models, jobs)
 
 
@@ -340,6 +348,50 @@ def _sensitivity_md(rows) -> list[str]:
             cells = [f"{r['perplexity']:.2f}" for r in rr] + ["–"] * (6 - len(rr))
             out.append(f"| {model} | {m} | {rr[0]['base']:.2f} | " + " | ".join(cells) + " |")
     return out + [""]
+
+
+def part_ablation(models, ratio: float = 0.3) -> None:
+    """Refit on self-generated text: ridge strength x number of sequences (Ward fold at ``ratio``)."""
+    import torch
+
+    from foldviz.lm.repair import refit_outputs, self_generate
+    from lm_lab import apply_maps, candidate_maps
+
+    torch.set_num_threads(1)
+    for spec in models:
+        c = Ctx(spec)
+        data = _load_json("ablation", c.name)
+        done = {(r["ridge"], r["sequences"]) for r in data["rows"]}
+        maps = candidate_maps(c.model, CLUSTER_CANDIDATES["ward"], ratio)
+        folded = apply_maps(c.model, maps, "fold")
+        sg = self_generate(c.model, 128, c.ctx, seed=0)
+        for n in (16, 64, 128):
+            for ridge in (1e-4, 1e-2, 1e-1, 1.0):
+                if (ridge, n) in done:
+                    continue
+                m = apply_maps(c.model, maps, "fold")
+                refit_outputs(c.model, m, maps, tokens=sg[:n], ridge=ridge)
+                data["rows"].append({"model": c.name, "method": "ward+refit", "ratio": ratio, "seed": 0,
+                                     "ridge": ridge, "sequences": n, "perplexity": c.ppl(m),
+                                     "ward": c.ppl(folded) if not data["rows"] else data["rows"][0]["ward"]})
+                print(json.dumps(data["rows"][-1]), flush=True)
+                _save("ablation", c.name, data)
+
+
+def _ablation_md(rows) -> list[str]:
+    out = ["## Refit: ridge strength and amount of self-generated text", "",
+           "Ward fold at r = 0.3, then refit_outputs on the first N of 128 self-generated sequences of the context "
+           "length; ridge is relative to the mean eigenvalue of the merged units' Gram matrix.", ""]
+    for model in _models(rows):
+        rr = [r for r in rows if r["model"] == model]
+        ridges = sorted({r["ridge"] for r in rr})
+        out += [f"{model} (Ward without refit: {rr[0]['ward']:.2f})", "",
+                "| sequences | " + " | ".join(f"ridge {x:g}" for x in ridges) + " |", "|---|" + "---|" * len(ridges)]
+        for n in sorted({r["sequences"] for r in rr}):
+            cells = {r["ridge"]: r["perplexity"] for r in rr if r["sequences"] == n}
+            out.append(f"| {n} | " + " | ".join(f"{cells[x]:.2f}" if x in cells else "–" for x in ridges) + " |")
+        out.append("")
+    return out
 
 
 def _mean(v):
@@ -433,6 +485,7 @@ REPAIR_LABELS = {"ward+none": "fold (Ward), no repair", "ward+wm": "+ weighted m
                  "ward+rescale-gauss": "+ RMSNorm-aware rescale (Gaussian probes, weights only)",
                  "ward+rescale": "+ RMSNorm-aware rescale (self-generated)",
                  "ward+refit": "+ least-squares refit (self-generated)",
+                 "ward+refit-os": "+ least-squares refit to the original stream (self-generated)",
                  "ward+tune": "+ fine-tuned norms (self-generated)",
                  "ward+refit&tune": "+ refit + fine-tuned norms (self-generated)",
                  "wanda_sp": "Wanda-sp (calibration text)", "flap": "FLAP (calibration text, bias compensation)",
@@ -506,6 +559,8 @@ def write_report() -> None:
         out += _table_md(data["table"])
     if data.get("sensitivity"):
         out += _sensitivity_md(data["sensitivity"])
+    if data.get("ablation"):
+        out += _ablation_md(data["ablation"])
     la = last.get("loadavg")
     out += [f"Machine: {last.get('machine', '?')}; highest load average recorded at a write "
             f"{', '.join(f'{x:.2f}' for x in la) if la else '?'}; torch threads 1."]
@@ -516,7 +571,7 @@ def write_report() -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", required=True,
-                   choices=["train", "cluster", "default", "repair", "table", "sensitivity", "report"])
+                   choices=["train", "cluster", "default", "repair", "table", "sensitivity", "ablation", "report"])
     p.add_argument("--models", nargs="*", default=None, help="model specs (default: every bundled and unshipped LM)")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -526,7 +581,7 @@ def main(argv=None) -> int:
         write_report()
     else:
         {"cluster": part_cluster, "default": part_default, "repair": part_repair, "table": part_table,
-         "sensitivity": part_sensitivity}[a.part](a.models or list(MODELS))
+         "sensitivity": part_sensitivity, "ablation": part_ablation}[a.part](a.models or list(MODELS))
         write_report()
     return 0
 

@@ -136,10 +136,19 @@ def test_refit_recovers_a_perturbed_projection_and_helps_a_fold():
     rep = refit_outputs(m, f, tokens=toks, ridge=1e-8)["relative_error"]
     assert all(after < 1e-8 for _before, after in rep.values())
     torch.testing.assert_close(logits(f, X), logits(m, X), atol=1e-4, rtol=1e-4)
+    g = copy.deepcopy(m)
+    with torch.no_grad():
+        g.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    refit_outputs(m, g, tokens=toks, ridge=1e-8, target="original-stream")
+    torch.testing.assert_close(logits(g, X), logits(m, X), atol=1e-4, rtol=1e-4)
     res = fold_lm(m, lm_plan(0.4))
-    rep = refit_outputs(m, res.model, res.labels, tokens=toks)["relative_error"]
-    assert set(rep) == set(res.labels)
-    assert all(after < before for before, after in rep.values())
+    for target in ("same-input", "original-stream"):
+        folded = copy.deepcopy(res.model)
+        rep = refit_outputs(m, folded, res.labels, tokens=toks, target=target)["relative_error"]
+        assert set(rep) == set(res.labels)
+        assert all(after < before for before, after in rep.values())
+    with pytest.raises(ValueError, match="unknown refit target"):
+        refit_outputs(m, copy.deepcopy(res.model), res.labels, tokens=toks, target="elsewhere")
 
 
 def test_tune_norms_only_touches_norms():

@@ -174,12 +174,22 @@ def _feed(model: nn.Module, tokens: torch.Tensor | None, *, n_probe: int, seqlen
     return out
 
 
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
-def _sublayer_pass(original: nn.Module, folded: nn.Module, layer: int, kind: str, feed, consume) -> None:
+def _sublayer_pass(original: nn.Module, folded: nn.Module, layer: int, kind: str, feed, consume,
+                   target: str = "same-input") -> None:
     """Run ``folded`` on every batch of ``feed``; at decoder layer ``layer``'s sublayer ``kind`` ("mlp" or
     "self_attn") call ``consume(proj_input, folded_output, original_output)``: the folded output projection's input
-    (tokens, in), the folded sublayer's output and the original sublayer's output on the same input (tokens, hidden),
-    all float64."""
+    (tokens, in), the folded sublayer's output and the original sublayer's output (tokens, hidden), all float64.
+
+    ``target="same-input"``: the original sublayer applied to the folded model's input there;
+    ``"original-stream"``: the original sublayer's output in the original model's own forward pass (so a fit also
+    undoes the drift accumulated in the layers before)."""
+    if target not in ("same-input", "original-stream"):
+        raise ValueError(f"unknown refit target {target!r}; use 'same-input' or 'original-stream'")
     sub_f = getattr(decoder_layers(folded)[layer], kind)
     sub_o = getattr(decoder_layers(original)[layer], kind)
     proj = sub_f.down_proj if kind == "mlp" else sub_f.o_proj
@@ -189,23 +199,30 @@ def _sublayer_pass(original: nn.Module, folded: nn.Module, layer: int, kind: str
         box["in"] = args[0].detach().double().reshape(-1, args[0].shape[-1])
 
     def post(_m, args, kwargs, out):
-        ref = sub_o(*args, **kwargs)
-        ref = ref[0] if isinstance(ref, tuple) else ref
-        got = out[0] if isinstance(out, tuple) else out
+        ref = box.pop("ref") if target == "original-stream" else _first(sub_o(*args, **kwargs))
+        got = _first(out)
         consume(box.pop("in"), got.detach().double().reshape(-1, got.shape[-1]),
                 ref.detach().double().reshape(-1, ref.shape[-1]))
 
-    h1 = proj.register_forward_pre_hook(pre)
-    h2 = sub_f.register_forward_hook(post, with_kwargs=True)
+    def grab(_m, _args, out):
+        box["ref"] = _first(out)
+
+    hooks = [proj.register_forward_pre_hook(pre), sub_f.register_forward_hook(post, with_kwargs=True)]
     was_f, was_o = folded.training, original.training
     folded.eval()
     original.eval()
     try:
         for kw in feed:
+            if target == "original-stream":
+                h = sub_o.register_forward_hook(grab)
+                try:
+                    original(**kw, use_cache=False)
+                finally:
+                    h.remove()
             folded(**kw, use_cache=False)
     finally:
-        h1.remove()
-        h2.remove()
+        for h in hooks:
+            h.remove()
         folded.train(was_f)
         original.train(was_o)
 
@@ -258,13 +275,16 @@ def rescale_outputs(original: nn.Module, folded: nn.Module, unit_maps: dict | No
 @torch.no_grad()
 def refit_outputs(original: nn.Module, folded: nn.Module, unit_maps: dict | None = None, *,
                   tokens: torch.Tensor | None = None, n_probe: int = 16, seqlen: int | None = None, seed: int = 0,
-                  batch_size: int = 8, ridge: float = 1e-2, kinds=("self_attn", "mlp")) -> dict:
+                  batch_size: int = 8, ridge: float = 1e-2, kinds=("self_attn", "mlp"),
+                  target: str = "same-input") -> dict:
     """Least-squares refit of each folded output projection W' (out, k) on the same input x as the original
     sublayer: ``W' = argmin sum_x ||y_orig(x) - b - W' a(x)||^2 + ridge * tr(A)/k * ||W'||^2`` with ``a(x)`` the
     folded projection's input (the merged units) and A their Gram matrix; running sums only (memory O(k^2)).
 
-    Layer by layer (attention before MLP), each fit on the inputs the already-refitted layers produce. ``tokens``
-    / ``n_probe`` / ``seqlen`` as in :func:`rescale_outputs`. Returns ``{"relative_error": {group id: (before,
+    Layer by layer (attention before MLP), each fit on the inputs the already-refitted layers produce. ``target``:
+    ``"same-input"`` fits the original sublayer applied to those inputs; ``"original-stream"`` fits the original
+    sublayer's output in the original model's own forward pass (also absorbing the drift of earlier layers).
+    ``tokens`` / ``n_probe`` / ``seqlen`` as in :func:`rescale_outputs`. Returns ``{"relative_error": {group id: (before,
     after)}}``, the fitted objective relative to ``sum ||y_orig - mean||^2``.
     """
     kinds = _targets(kinds)
@@ -290,7 +310,7 @@ def refit_outputs(original: nn.Module, folded: nn.Module, unit_maps: dict | None
                 acc["ysum"] = y.sum(0) if acc["ysum"] is None else acc["ysum"] + y.sum(0)
                 acc["n"] += y.shape[0]
 
-            _sublayer_pass(original, folded, i, kind, feed, consume)
+            _sublayer_pass(original, folded, i, kind, feed, consume, target)
             aa, ya = acc["aa"], acc["ya"]
             k = aa.shape[0]
             lam = ridge * float(torch.trace(aa)) / k
