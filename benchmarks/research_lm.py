@@ -573,6 +573,44 @@ def _table_md(rows) -> list[str]:
     return out
 
 
+def _summary_md(data) -> list[str]:
+    """Headline numbers computed from the sections below."""
+    out = ["## Summary", ""]
+    cl, df = data.get("cluster", []), data.get("default", [])
+    if cl:
+        cands = [m for m in GRID_CANDIDATES if m != "ward" and any(r["method"] == m for r in cl)]
+        rel = {m: _mean(list(_relative(cl, cl, m).values()))[0] for m in cands}
+        if rel:
+            b = min(rel, key=rel.get)
+            at3 = _relative(cl, cl, b)
+            v3 = [v for (md, r), v in at3.items() if r == 0.3]
+            out.append(f"* Clustering alone: best candidate **{b}**, mean perplexity {rel[b]:.3f} x Ward's over "
+                       f"{len(at3)} (model, ratio) cells ({100 * (1 - _mean(v3)[0]):.1f} % lower at r = 0.3 on "
+                       "average); k-means as shipped: " +
+                       (f"{rel['kmeans']:.3f} x Ward." if "kmeans" in rel else "not measured."))
+    if df and cl:
+        variants = [m for m in dict.fromkeys(r["method"] for r in df) if m != "original"]
+        scored = {m: _mean(list(_relative(df, cl, m).values()))[0] for m in variants}
+        b = min(scored, key=scored.get)
+        rel = _relative(df, cl, b)
+        worst = max(rel.values())
+        v3 = [v for (md, r), v in rel.items() if r == 0.3]
+        out.append(f"* Recommended default **{b}** (fold, then refit the output projections on text sampled from "
+                   f"the original model; no outside data): mean perplexity {scored[b]:.3f} x Ward's over {len(rel)} "
+                   f"cells; at r = 0.3 {100 * (1 - _mean(v3)[0]):.1f} % lower on average ({len(v3)} models); "
+                   f"{'better than Ward in every cell' if worst < 1 else f'worst cell {worst:.3f} x Ward'} "
+                   f"(smallest gain {100 * (1 - worst):.1f} %).")
+    sens = data.get("sensitivity", [])
+    for model in _models(sens):
+        rr = [r for r in sens if r["model"] == model and r["method"] == "ward+none"]
+        if rr:
+            w = max(rr, key=lambda r: r["perplexity"])
+            others = _mean([r["perplexity"] for r in rr if r is not w])[0]
+            out.append(f"* {model}: folding layer {w['layer']} alone at r = 0.3 costs the most (perplexity "
+                       f"{w['perplexity']:.2f}, the other layers {others:.2f} on average, dense {w['base']:.2f}).")
+    return out + [""]
+
+
 def write_report() -> None:
     loaded = {sec: _load_section(sec) for sec in SECTIONS}
     data = {sec: rows for sec, (rows, _) in loaded.items()}
@@ -581,6 +619,7 @@ def write_report() -> None:
            "Written by `benchmarks/research_lm.py` (see its docstring for the commands). Models: the bundled "
            "demos and two unshipped models trained here: " +
            "; ".join(f"`{k}`: {v['description']}" for k, v in UNSHIPPED.items()) + ".", ""]
+    out += _summary_md(data)
     if data.get("cluster"):
         out += _cluster_md(data["cluster"], data.get("default", []))
     if data.get("repair"):

@@ -178,6 +178,10 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+class _Stop(Exception):
+    """Raised by a hook once the sublayer of interest has run: the layers after it are not needed."""
+
+
 @torch.no_grad()
 def _sublayer_pass(original: nn.Module, folded: nn.Module, layer: int, kind: str, feed, consume,
                    target: str = "same-input") -> None:
@@ -187,7 +191,10 @@ def _sublayer_pass(original: nn.Module, folded: nn.Module, layer: int, kind: str
 
     ``target="same-input"``: the original sublayer applied to the folded model's input there;
     ``"original-stream"``: the original sublayer's output in the original model's own forward pass (so a fit also
-    undoes the drift accumulated in the layers before)."""
+    undoes the drift accumulated in the layers before). Each forward pass stops once that sublayer has run.
+    Cost: one partial pass per sublayer, O(layers^2) sublayer evaluations in all — fine for small models; a
+    layer-by-layer cache of hidden states would make it O(layers).
+    """
     if target not in ("same-input", "original-stream"):
         raise ValueError(f"unknown refit target {target!r}; use 'same-input' or 'original-stream'")
     sub_f = getattr(decoder_layers(folded)[layer], kind)
@@ -203,9 +210,11 @@ def _sublayer_pass(original: nn.Module, folded: nn.Module, layer: int, kind: str
         got = _first(out)
         consume(box.pop("in"), got.detach().double().reshape(-1, got.shape[-1]),
                 ref.detach().double().reshape(-1, ref.shape[-1]))
+        raise _Stop
 
     def grab(_m, _args, out):
         box["ref"] = _first(out)
+        raise _Stop
 
     hooks = [proj.register_forward_pre_hook(pre), sub_f.register_forward_hook(post, with_kwargs=True)]
     was_f, was_o = folded.training, original.training
@@ -217,9 +226,14 @@ def _sublayer_pass(original: nn.Module, folded: nn.Module, layer: int, kind: str
                 h = sub_o.register_forward_hook(grab)
                 try:
                     original(**kw, use_cache=False)
+                except _Stop:
+                    pass
                 finally:
                     h.remove()
-            folded(**kw, use_cache=False)
+            try:
+                folded(**kw, use_cache=False)
+            except _Stop:
+                pass
     finally:
         for h in hooks:
             h.remove()
