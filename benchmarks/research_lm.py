@@ -429,6 +429,15 @@ def _relative(rows, ward_rows, method) -> dict[tuple[str, float], float]:
     return out
 
 
+def _score_defaults(default_rows, ward_rows, variants) -> tuple[dict[str, float], int]:
+    """Mean perplexity relative to Ward of each variant over the cells where all of them were measured."""
+    rel = {m: _relative(default_rows, ward_rows, m) for m in variants}
+    cells = set.intersection(*(set(v) for v in rel.values())) if rel else set()
+    if not cells:    # nothing in common yet: each over its own cells
+        return {m: _mean(list(v.values()))[0] for m, v in rel.items()}, 0
+    return {m: _mean([v[c] for c in cells])[0] for m, v in rel.items()}, len(cells)
+
+
 def _cluster_md(rows, default_rows) -> list[str]:
     cands = [m for m in CLUSTER_CANDIDATES if any(r["method"] == m for r in rows)]
     out = ["## Clustering", "",
@@ -456,12 +465,13 @@ def _cluster_md(rows, default_rows) -> list[str]:
         return out
     # the recommended default: the best mean (relative to Ward) among the clustering + refit variants
     variants = [m for m in dict.fromkeys(r["method"] for r in default_rows) if m != "original"]
-    scored = {m: _mean(list(_relative(default_rows, rows, m).values()))[0] for m in variants}
+    scored, common = _score_defaults(default_rows, rows, variants)
     best = min(scored, key=scored.get)
     out += ["## The default: clustering + refit on self-generated text vs Ward (the authors' configuration)", "",
             f"`+refit`: least-squares refit of the output projections on {SELFGEN} sequences of the context length "
             "sampled from the original model itself (foldviz.lm.repair.self_generate + refit_outputs; no outside "
-            "data). Seed 0. Mean perplexity relative to Ward over every model and ratio measured: " +
+            f"data). Seed 0. Mean perplexity relative to Ward over the {common} (model, ratio) cells where every "
+            "variant was measured: " +
             ", ".join(f"{m} {v:.3f}" for m, v in sorted(scored.items(), key=lambda kv: kv[1])) +
             f" -> default **{best}**.", "",
             "| model | r | dense | Ward | " + " | ".join(variants) + f" | {best} vs Ward |",
@@ -590,7 +600,7 @@ def _summary_md(data) -> list[str]:
                        (f"{rel['kmeans']:.3f} x Ward." if "kmeans" in rel else "not measured."))
     if df and cl:
         variants = [m for m in dict.fromkeys(r["method"] for r in df) if m != "original"]
-        scored = {m: _mean(list(_relative(df, cl, m).values()))[0] for m in variants}
+        scored, _ = _score_defaults(df, cl, variants)
         b = min(scored, key=scored.get)
         rel = _relative(df, cl, b)
         worst = max(rel.values())
