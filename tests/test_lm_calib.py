@@ -381,3 +381,13 @@ def test_adaptive_unit_maps_budget_and_kv_groups(windows):
     skewed["model.layers.1.mlp"] = np.r_[-1000.0, np.linspace(1, 2, INTER - 1)]
     tiny = adaptive_unit_maps(m, skewed, 0.1)
     assert tiny["model.layers.1.mlp"][0] == -1
+
+
+def test_blank_rows_are_not_shared_text(tmp_path):
+    """WikiText's many blank rows and stock headings never add up to an overlap on their own."""
+    d = tmp_path / "wt"
+    d.mkdir()
+    head = " \n" * 40 + " = = Reception = = \n" + " \n" * 40      # 80 blank rows: 80 empty documents
+    (d / "wiki.test.raw").write_text((head + " Alpha beta gamma delta . \n") * 5)
+    (d / "wiki.train.raw").write_text((head + " Epsilon zeta eta theta . \n") * 5)
+    check_no_overlap(f"wikitext2-train:{d}", f"wikitext2:{d}")

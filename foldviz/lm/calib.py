@@ -76,11 +76,14 @@ def text_identity(spec: str) -> str:
 
 
 def _word_hashes(docs: list[str]) -> np.ndarray:
-    """One 64-bit hash per whitespace word of the documents, in order (a document boundary is a word of its own)."""
+    """One 64-bit hash per whitespace word of the documents, in order (a document boundary is a word of its own;
+    empty documents, e.g. WikiText's blank rows, are skipped)."""
     words: list[int] = []
     for d in docs:
-        words.extend(hash(w) for w in d.split())
-        words.append(hash("\x00doc"))
+        ws = d.split()
+        if ws:
+            words.extend(hash(w) for w in ws)
+            words.append(hash("\x00doc"))
     return np.asarray(words, dtype=np.int64).view(np.uint64)
 
 
@@ -108,7 +111,7 @@ def shared_ngrams(docs_a: list[str], docs_b: list[str], n: int = OVERLAP_NGRAM) 
     if not count:
         return 0, ""
     first = int(np.flatnonzero(hit)[0])
-    words = [w for d in docs_b for w in (d.split() + ["\x00doc"])]
+    words = [w for d in docs_b if d.split() for w in (d.split() + ["\x00doc"])]
     return count, " ".join(w for w in words[first:first + n] if w != "\x00doc")
 
 
