@@ -522,20 +522,20 @@ def _repair_md(rows) -> list[str]:
 CALIBRATED = ("wanda_sp", "flap", "flap-adaptive")
 
 
-def _verdict_md(all_rows) -> list[str]:
+def _verdict_md(all_rows, default: str) -> list[str]:
     """Folding at r = 0.2 with its best repair without outside data vs the best calibration-based baseline."""
     out = ["## Folding at 20 % vs the best calibration-based baseline", "",
            "Best of Wanda-sp / FLAP (uniform) / FLAP (adaptive widths) with real calibration text vs the default "
-           "(Ward + refit) and the best fold with any repair measured here that uses no outside data "
+           f"({default}) and the best fold with any repair measured here that uses no outside data "
            "(refit, fine-tuned norms, both; self-generated text), same perplexity cap.", "",
-           "| model | best calibration-based | default (ward+refit) | best data-free fold | default vs best calib. | "
+           f"| model | best calibration-based | default ({default}) | best data-free fold | default vs best calib. | "
            "best data-free vs best calib. |", "|---|---|---|---|---|---|"]
     for model in _models(all_rows):
         rr = [r for r in all_rows if r["model"] == model and r["ratio"] == 0.2]
         cal = [(r["perplexity"], r["method"]) for r in rr if r["method"] in CALIBRATED]
         free = [(r["perplexity"], r["method"]) for r in rr if r["method"].startswith(("ward+", "kmeans+", "kmeans-cos+"))
                 and r["method"] not in ("ward+none", "ward+wm", "ward+rescale-gauss")]
-        dflt = [r["perplexity"] for r in rr if r["method"] == "ward+refit"]
+        dflt = [r["perplexity"] for r in rr if r["method"] == default]
         if not cal or not free:
             continue
         c, f = min(cal), min(free)
@@ -635,8 +635,10 @@ def write_report() -> None:
     if data.get("repair"):
         out += _repair_md(data["repair"])
     verdict_rows = data.get("repair", []) + data.get("table", []) + data.get("default", [])
-    if verdict_rows:
-        out += _verdict_md(verdict_rows)
+    if verdict_rows and data.get("default") and data.get("cluster"):
+        variants = [m for m in dict.fromkeys(r["method"] for r in data["default"]) if m != "original"]
+        scored, _ = _score_defaults(data["default"], data["cluster"], variants)
+        out += _verdict_md(verdict_rows, min(scored, key=scored.get))
     if data.get("table"):
         out += _table_md(data["table"])
     if data.get("sensitivity"):
