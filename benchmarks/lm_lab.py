@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from foldviz.kmeans import _gram, _hartigan, _canonical, k_for_ratio, kmeans
+from foldviz.kmeans import _canonical, _gram, _hartigan, k_for_ratio, kmeans
 from foldviz.lm.fold import group_seed, sync_config
 from foldviz.lm.groups import attn_shape, decoder_layers, find_lm_groups
 from foldviz.plans import FoldPlan

@@ -107,7 +107,7 @@ def shared_ngrams(docs_a: list[str], docs_b: list[str], n: int = OVERLAP_NGRAM) 
     ha = np.unique(_ngram_hashes(_word_hashes(docs_a), n))
     hb = _ngram_hashes(_word_hashes(docs_b), n)
     hit = np.isin(hb, ha)
-    count = int(len(np.unique(hb[hit])))
+    count = len(np.unique(hb[hit]))
     if not count:
         return 0, ""
     first = int(np.flatnonzero(hit)[0])

@@ -319,9 +319,9 @@ def write_shakespeare_tasks(out_dir: str | os.PathLike, docs: list[str] | None =
                 items["sh_cloze"].append({"context": ctx1 + " ".join(words[:k]), "label": lab,
                                           "choices": choices if lab == 0 else choices[::-1]})
         # distractors of about the same length (within 25 %), so that summed log-probs compare like with like
-        similar = lambda ln: abs(len(ln) - len(true)) <= 0.25 * len(true)  # noqa: E731
-        others = [ln for dj, ls in enumerate(per_doc) if dj != di for _, ln in ls if similar(ln)]
-        near = [ln for jj, (_, ln) in enumerate(lines) if 0 < abs(jj - j) <= 30 and ln != true and similar(ln)]
+        lo, hi = 0.75 * len(true), 1.25 * len(true)
+        others = [ln for dj, ls in enumerate(per_doc) if dj != di for _, ln in ls if lo <= len(ln) <= hi]
+        near = [ln for jj, (_, ln) in enumerate(lines) if 0 < abs(jj - j) <= 30 and ln != true and lo <= len(ln) <= hi]
         for name, src in (("sh_next_line", others), ("sh_next_line_hard", near)):
             if len(items[name]) < n and len(src) >= 3:
                 choices = rng.sample(src, 3)
