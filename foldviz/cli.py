@@ -12,7 +12,8 @@ from pathlib import Path
 
 # Only the torch-free registry is imported here: `--help` and argument errors answer in well under a second;
 # each command imports the engine (torch, torchvision) when it runs.
-from .methods import DEFAULT_REPAIR_SAMPLES, METHODS, VARIANCE_SAMPLES, fold_keys
+from .methods import (DEFAULT_REPAIR_SAMPLES, KIND_NAMES, METHODS, MODEL_KINDS, VARIANCE_SAMPLES, fold_keys,
+                      plan_method)
 
 MODEL_HELP = ("a model spec: demo:NAME (bundled: demo:digits-resnet, demo:shakespeare-llama, ...), torchvision:ARCH, "
               "hf:DIR (a local Hugging Face directory of a Llama-layout language model) or file:DIR (a model saved by "
@@ -227,7 +228,7 @@ def cmd_plan(args) -> int:
     loaded = _load(args)
     kind = kind_of(loaded)
     plan = _plan_for(args, loaded, kind)
-    _check_method(plan.repair if kind.key == "cnn" else "fold", kind)
+    _check_method(plan_method(kind.key, plan.repair), kind)
     plan.validate(kind.graph(loaded))
     plan.save(args.out)
     print(f"wrote {args.out}")
@@ -237,7 +238,7 @@ def cmd_plan(args) -> int:
 def _method_for(args, plan, kind) -> str:
     if args.method != "fold":
         return args.method
-    return plan.repair if kind.key == "cnn" else "fold"
+    return plan_method(kind.key, plan.repair)
 
 
 def cmd_fold(args) -> int:
@@ -410,7 +411,7 @@ def cmd_sweep(args) -> int:
 
 
 #: the methods a sweep runs when --methods is not given, per model kind
-DEFAULT_SWEEP_METHODS = {"cnn": ["none", "r", "ar", "l1", "l2"], "lm": ["fold", "magnitude", "random"]}
+DEFAULT_SWEEP_METHODS = {"cnn": ["none", "r", "ar", "l1", "l2"], "lm": ["refit", "fold", "magnitude", "random"]}
 
 
 def _common_fold_args(p: argparse.ArgumentParser) -> None:
@@ -427,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .proxy_args import add_proxy_args  # data-free proxy flags (no torch import)
     from .train import add_train_subparser
 
-    repair_help = ", ".join(f"{k} ({METHODS[k].label})" for k in fold_keys())
+    repair_help = "; ".join(f"{KIND_NAMES[kind]}s: " + ", ".join(f"{k} ({METHODS[k].label})" for k in fold_keys(kind))
+                            for kind in MODEL_KINDS)
     method_help = "; ".join(f"{k}: {m.label} ({'/'.join(m.applies_to)})" for k, m in METHODS.items())
 
     parser = _Parser(prog="python -m foldviz", description="Data-free model folding of image classifiers and language "
@@ -445,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(p)
     p.add_argument("--ratio", type=_ratio, required=True, help="fraction of units removed per group")
-    p.add_argument("--repair", choices=fold_keys(), help=f"image classifiers: {repair_help} (language models: none)")
+    p.add_argument("--repair", choices=fold_keys(), help=f"{repair_help} (default: the kind's default, dfr / refit)")
     p.add_argument("--skip", nargs="*", help="group ids to leave untouched")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="plan file to write (must not exist unless --force)")
@@ -458,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--ratio", type=_ratio, help="uniform fraction of units removed per group")
     g.add_argument("--plan", help="fold plan JSON (from `plan`, or exported by the app)")
-    p.add_argument("--repair", choices=fold_keys(), help=f"image classifiers: {repair_help}; default: the plan's")
+    p.add_argument("--repair", choices=fold_keys(), help=f"{repair_help}; default: the plan's")
     p.add_argument("--method", choices=list(dict.fromkeys(["fold", *METHODS])), default="fold",
                    help=f"fold (the default fold of the model's kind), or a baseline at the same ratios: {method_help}")
     _common_fold_args(p)

@@ -9,7 +9,7 @@ hook                image classifier (``"cnn"``)                 language model 
                     merges by Torch-Pruning surgery              replace projections (:mod:`foldviz.lm.kind`)
 ``evaluate``        top-1 accuracy and loss on a dataset spec    perplexity on a text spec
 ``variance``        per-channel activation variance ratio        per-layer MLP output variance ratio
-``default_plan``    ratio 0.3, the default repair                ratio 0.2, no repair, 4 k-means restarts
+``default_plan``    ratio 0.3, Fold-DFR                          ratio 0.2, Fold + refit, 4 k-means restarts
 ``cost_input``      one example image                            one token (FLOPs per token)
 ``check_output``    (foldviz format, always writable)            transformers-expressible sizes, or refused
 ==================  ==========================================  ===============================================
@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from .metrics import variance_ratios
-from .methods import MODEL_KINDS, keys_for
+from .methods import KIND_NAMES, MODEL_KINDS, keys_for
 from .plans import FoldPlan, PlanError
 from .surgery import TRACED
 
 __all__ = ["ImageClassifierKind", "get_kind", "kind_of", "KIND_LABELS", "SPEC_FORMS"]
 
-KIND_LABELS = {"cnn": "image classifier", "lm": "language model"}
+KIND_LABELS = KIND_NAMES
 
 #: every model spec form, with an example (the CLI's --help and the app list these)
 SPEC_FORMS = (

@@ -58,6 +58,10 @@ METHODS: dict[str, Method] = {m.key: m for m in (
            "language models: cluster the MLP neurons of each layer and the query heads within each KV group, merge "
            "each cluster (mean on the producing side, sum on the consuming side); no repair",
            color="#2ca02c", applies_to=("lm",)),
+    Method("refit", "Fold + refit", "fold", "refit", False,
+           "language models: fold as above, then refit each layer's output projections by least squares so that the "
+           "folded layer reproduces the original's output on text the original model generates itself (data-free; "
+           "foldviz's default for language models)", color="#e377c2", applies_to=("lm",)),
     Method("magnitude", "Magnitude pruning", "prune", "none", False,
            "language models: keep the units whose whole feature vector (the rows and columns they own) has the "
            "largest L2 norm", importance="feature-l2", color="#7f7f7f", dash="dot", applies_to=("lm",)),
@@ -76,6 +80,9 @@ VARIANCE_SAMPLES = 128
 
 
 MODEL_KINDS = ("cnn", "lm")
+KIND_NAMES = {"cnn": "image classifier", "lm": "language model"}
+# the repair a language model's plan uses when none is named (benchmarks/results/lm_research.md)
+DEFAULT_LM_REPAIR = "refit"
 
 
 def keys_for(kind: str) -> tuple[str, ...]:
@@ -85,9 +92,23 @@ def keys_for(kind: str) -> tuple[str, ...]:
     return tuple(k for k, m in METHODS.items() if kind in m.applies_to)
 
 
-def fold_keys() -> tuple[str, ...]:
-    """Keys of the CNN fold family, i.e. the values a plan's ``repair`` field takes."""
-    return tuple(k for k, m in METHODS.items() if m.family == "fold" and "cnn" in m.applies_to)
+def fold_keys(kind: str | None = None) -> tuple[str, ...]:
+    """The values a plan's ``repair`` field takes: the repairs of the fold family, for one model kind or any."""
+    keys: list[str] = []
+    for m in METHODS.values():
+        if m.family == "fold" and (kind is None or kind in m.applies_to) and m.repair not in keys:
+            keys.append(m.repair)
+    return tuple(keys)
+
+
+def plan_method(kind: str, repair: str) -> str:
+    """The registry key of the method that a plan with ``repair`` runs on a model of ``kind``: the repair itself
+    for image classifiers ("dfr" -> Fold-DFR), "fold" or "refit" for language models."""
+    for k, m in METHODS.items():
+        if m.family == "fold" and kind in m.applies_to and m.repair == repair:
+            return k
+    raise ValueError(f"repair {repair!r} does not apply to {KIND_NAMES.get(kind, kind)}s; choose one of "
+                     f"{', '.join(fold_keys(kind))}")
 
 
 def get_method(key: str) -> Method:
@@ -103,4 +124,4 @@ def label(key: str) -> str:
     return m.label if m else ("Original" if key == "original" else str(key))
 
 
-__all__ = ["FAMILIES", "MODEL_KINDS", "keys_for", "Method", "METHODS", "DEFAULT_REPAIR", "DEFAULT_REPAIR_SAMPLES", "VARIANCE_SAMPLES", "fold_keys", "get_method", "label"]
+__all__ = ["FAMILIES", "MODEL_KINDS", "keys_for", "Method", "METHODS", "DEFAULT_REPAIR", "DEFAULT_LM_REPAIR", "DEFAULT_REPAIR_SAMPLES", "plan_method", "KIND_NAMES", "VARIANCE_SAMPLES", "fold_keys", "get_method", "label"]

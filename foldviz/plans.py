@@ -56,6 +56,9 @@ SCHEMA = {
                 "proxy_steps": {"type": "integer", "minimum": 1, "maximum": 100_000},
                 "proxy_seed": {"type": "integer", "minimum": 0},
                 "proxy_resolution": {"type": ["integer", "null"], "minimum": 2, "maximum": 4096},
+                # Fold + refit (language models; foldviz.repair.REFIT_DEFAULTS; "samples" above: generated sequences)
+                "ridge": {"type": "number", "minimum": 0, "maximum": 1000},
+                "seqlen": {"type": "integer", "minimum": 2, "maximum": 1_000_000},
             },
         },
         "clustering": {
@@ -176,7 +179,7 @@ class FoldPlan:
 
 _INT_FIELDS = {("seed",), ("foldviz_plan",)} | {("repair_settings", k) for k in ("samples", "batch_size", "iterations",
                                                                                   "jitter", "proxy_steps", "proxy_seed",
-                                                                                  "proxy_resolution")} \
+                                                                                  "proxy_resolution", "seqlen")} \
     | {("clustering", k) for k in ("n_init", "max_iter")}
 
 

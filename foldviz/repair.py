@@ -627,5 +627,49 @@ class DataFreeRepair(Repair):
         ctx.samples = res["samples"]
 
 
+#: Fold + refit's defaults (benchmarks/results/lm_research.md: 64 self-generated sequences, ridge 1e-2). The sequence
+#: length is the context length up to ``REFIT_MAX_SEQLEN`` (the measured demos have a context of 128; longer
+#: contexts are capped so that generating and probing stay affordable on a CPU).
+REFIT_DEFAULTS = {"samples": 64, "batch_size": 32, "ridge": 1e-2}  # batch 32: generation 3x faster than 8
+REFIT_MAX_SEQLEN = 256
+
+
+class SelfRefit(Repair):
+    """Fold + refit, for language models (the LM default): after the merge, the original model samples
+    ``samples`` sequences of its own (no outside data), and each folded output projection (``mlp.down_proj``,
+    ``self_attn.o_proj``) is refitted by ridge least squares so that, on the same input, the folded sublayer
+    reproduces the original sublayer's output (:func:`foldviz.lm.repair.refit_outputs`), layer by layer."""
+
+    key = "refit"
+    needs_original = True
+
+    def finish(self, ctx):
+        if not ctx.folded or not any((cmap != np.arange(len(cmap))).any() for cmap in ctx.channel_maps.values()):
+            return  # nothing was folded
+        from .lm.repair import refit_outputs, self_generate
+
+        unknown = set(ctx.plan.repair_settings) - {"samples", "batch_size", "ridge", "seqlen"}
+        if unknown:
+            raise ValueError(f"Fold + refit does not take {', '.join(sorted(unknown))} in repair_settings; it takes "
+                             "samples, batch_size, ridge and seqlen")
+        opts = {**REFIT_DEFAULTS, **ctx.plan.repair_settings}
+        context = int(getattr(ctx.original.config, "max_position_embeddings", REFIT_MAX_SEQLEN))
+        seqlen = int(opts.get("seqlen") or min(context, REFIT_MAX_SEQLEN))
+        original = ctx.original  # never modified: a copy goes to the device when it is not there already
+        if next(original.parameters()).device != ctx.device:
+            original = copy.deepcopy(original).to(ctx.device).eval()
+        n = int(opts["samples"])
+        if ctx.progress:
+            ctx.progress("repair", 0, 2)
+        tokens = self_generate(original, n, seqlen, seed=int(ctx.plan.seed), batch_size=int(opts["batch_size"]))
+        if ctx.progress:
+            ctx.progress("repair", 1, 2)
+        refit_outputs(original, ctx.work, {g.id: None for g in ctx.folded}, tokens=tokens,
+                      batch_size=int(opts["batch_size"]), ridge=float(opts["ridge"]))
+        if ctx.progress:
+            ctx.progress("repair", 2, 2)
+        ctx.samples = n
+
+
 REPAIRS: dict[str, Repair] = {r.key: r for r in (Repair(), BNReset(), FoldAR(), DeepInversionRepair(),
-                                                  DataFreeRepair())}
+                                                  DataFreeRepair(), SelfRefit())}

@@ -38,7 +38,7 @@ from .groups import GroupGraph
 from .jobs import Runner
 from .kinds import kind_of
 from .kmeans import ClusterResult, cluster_order, k_for_ratio
-from .methods import METHODS, keys_for
+from .methods import METHODS, keys_for, plan_method
 from .metrics import count_params, model_size_bytes
 from .models import load_model
 from .persist import folded_zip
@@ -266,8 +266,11 @@ class Workbench:
         return tuple(k for k in self.methods if METHODS[k].family == "fold")
 
     def default_method(self, plan: FoldPlan) -> str:
-        """The method a plan's fold runs: its repair for image classifiers, the fold for language models."""
-        return plan.repair if self.kind.key == "cnn" else "fold"
+        """The method a plan's fold runs (:func:`foldviz.methods.plan_method`)."""
+        try:
+            return plan_method(self.kind.key, plan.repair)
+        except ValueError as exc:
+            raise WorkbenchError(str(exc)) from None
 
     def example_input(self, batch: int = 2) -> torch.Tensor:
         return self.loaded.example_input(batch)

@@ -313,8 +313,8 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     # 3. repair statistics
     gc.collect()  # traced graphs (reference cycles) of the selection phase still hold tensors
     t = time.perf_counter()
+    notes = kind.finish(ctx) or []   # first: a decoder's attention modules learn their new head counts here
     rep.finish(ctx)
-    notes = kind.finish(ctx) or []
     seconds["repair"] = time.perf_counter() - t + seconds.pop("prepare")
     seconds["total"] = time.perf_counter() - t0
 

@@ -8,7 +8,8 @@ import streamlit as st
 
 from foldviz import figures as F
 from foldviz.kmeans import ALGORITHMS, DEFAULT_CLUSTERING
-from foldviz.methods import METHODS, fold_keys
+from foldviz.methods import METHODS, fold_keys, plan_method
+from foldviz.repair import REFIT_DEFAULTS
 from foldviz.figures import fmt_count
 from foldviz.repair import dir_defaults
 from pages import _ui
@@ -99,21 +100,28 @@ with st.container(border=True):
               "Global fold ratio (fraction of channels removed in every group)", 0.0, 0.95,
               **_ui.wv(K("default_ratio"), value=float(plan.default_ratio)), step=0.05, key=K("default_ratio"),
               on_change=_set("default_ratio", K("default_ratio")))
-    if LM:
-        c2.markdown(f"**Method:** {METHODS['fold'].label}")
-        c2.caption("Data-free, no statistics repair: language models fold as in the paper's LLaMA experiments.")
-    else:
-        repairs = list(fold_keys())
-        c2.selectbox("Repair method", repairs, **_ui.wv(K("repair"), index=repairs.index(plan.repair)),
-                     key=K("repair"),
-                     format_func=lambda r: METHODS[r].label + ("" if METHODS[r].needs_data else " (data-free)"),
-                     help="\n".join(f"- **{METHODS[r].label}**: {METHODS[r].description}" for r in repairs),
-                     on_change=_set("repair", K("repair"), str))
+    repairs = list(fold_keys(wb.kind.key))      # the plan's repair values for this kind of model
+
+    def _rlabel(r: str) -> str:
+        m = METHODS[plan_method(wb.kind.key, r)]
+        return m.label + ("" if m.needs_data else " (data-free)")
+
+    c2.selectbox("Repair method", repairs, **_ui.wv(K("repair"), index=repairs.index(plan.repair)),
+                 key=K("repair"), format_func=_rlabel,
+                 help="\n".join(f"- **{_rlabel(r)}**: {METHODS[plan_method(wb.kind.key, r)].description}"
+                                 for r in repairs),
+                 on_change=_set("repair", K("repair"), str))
     c3.number_input("Seed", min_value=0, max_value=2**31 - 1, **_ui.wv(K("seed"), value=int(plan.seed)), step=1,
                     key=K("seed"),
                     on_change=_set("seed", K("seed"), int))
     _live_estimate(c4.container(), "global")
     rs = dict(plan.repair_settings)
+    if plan.repair == "refit":
+        def _refit_samples():
+            _ui.update_plan(repair_settings={**ss["plan"].get("repair_settings", {}), "samples": int(ss[K("samples")])})
+        st.number_input("Sequences the original model generates for the refit (no outside data)", min_value=4,
+                        max_value=4096, **_ui.wv(K("samples"), value=int(rs.get("samples", REFIT_DEFAULTS["samples"]))),
+                        step=16, key=K("samples"), on_change=_refit_samples)
     if plan.repair == "r":
         if not data.spec:
             st.warning("Fold-R needs real data: pick a dataset on the Model & data page, or choose Fold-AR / Fold-DIR.")

@@ -274,7 +274,7 @@ if not data.spec:
 else:
     sweep_methods = list(wb.methods)
     c1, c2, c3 = st.columns([3, 3, 1])
-    sm = c1.multiselect("Methods", sweep_methods, default=["fold", "magnitude", "random"] if LM else ["none", "ar", "l1"],
+    sm = c1.multiselect("Methods", sweep_methods, default=["refit", "fold", "magnitude"] if LM else ["none", "ar", "l1"],
                         key="fr_sweep_methods", format_func=F.method_label)
     ratio_opts = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     sr = c2.multiselect("Per-group ratios", ratio_opts, default=[0.1, 0.2, 0.3, 0.5] if LM else [0.1, 0.3, 0.5, 0.7],

@@ -214,7 +214,7 @@ def test_magnitude_keeps_the_largest_feature_norms_and_every_method_keeps_the_sa
 def test_an_image_method_on_a_language_model_is_a_one_line_error(tmp_path):
     lm = loaded_from(tiny_llama(), tmp_path)
     with pytest.raises(ValueError, match="Fold-DFR does not apply to a language model; methods for it: fold, "
-                                         "magnitude, random"):
+                                         "refit, magnitude, random"):
         apply_method(lm, LM.default_plan(lm, 0.3), "dfr")
 
 
@@ -275,3 +275,48 @@ def test_bundled_demo_lms_load_with_their_card_tokenizer_and_data():
     ev = LM.evaluate(lm, lm.model, "shakespeare:test", 4)
     assert ev["samples"] == 4 and ev["seq_len"] == lm.context_length and 10 < ev["perplexity"] < 200
     assert load_model("demo:shakespeare-llama-wide").dtype == torch.bfloat16   # shipped as bf16, kept
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fold + refit (the LM default repair) through the engine
+# ---------------------------------------------------------------------------------------------------------------
+def test_the_default_lm_plan_refits_and_ratio_zero_changes_nothing(x, tmp_path):
+    lm = loaded_from(tiny_llama(nq=4, nkv=2, inter=24), tmp_path)
+    plan = LM.default_plan(lm, 0.0)
+    assert plan.repair == "refit"
+    res = apply_method(lm, plan, "refit")
+    torch.testing.assert_close(logits(res.model, x), logits(lm.model, x), rtol=0, atol=0)
+
+
+def test_refit_keeps_an_exact_fold_exact(x, tmp_path):
+    ref_m = tiny_llama(nq=4, nkv=2, inter=24)
+    dup = loaded_from(duplicate_mlp_neurons(ref_m), tmp_path)
+    plan = FoldPlan(default_ratio=0.0, repair="refit", ratios={f"model.layers.{i}.mlp": 0.5 for i in range(2)},
+                    repair_settings={"samples": 8, "seqlen": 16})
+    res = apply_method(dup, plan, "refit")
+    assert res.repair_samples == 8
+    torch.testing.assert_close(logits(res.model, x), logits(ref_m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_refit_brings_a_lossy_fold_closer_to_the_original_and_leaves_the_input_model_alone(x, tmp_path):
+    lm = loaded_from(tiny_llama(nq=4, nkv=2, inter=48), tmp_path)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    ref = logits(lm.model, x)
+    plan = FoldPlan(default_ratio=0.5, repair="none", repair_settings={"samples": 16, "seqlen": 16})
+    naive = apply_method(lm, plan, "fold")
+    refit = apply_method(lm, plan.with_changes(repair="refit"), "refit")
+    assert [g["channels_after"] for g in refit.groups] == [g["channels_after"] for g in naive.groups]
+    err = lambda r: float(((logits(r.model, x) - ref) ** 2).mean())  # noqa: E731
+    assert err(refit) < err(naive)   # random weights: a modest gain (the demos: benchmarks/results/lm_research.md)
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_a_plan_repair_of_the_other_kind_is_a_one_line_error(tmp_path):
+    from foldviz.methods import plan_method
+
+    assert plan_method("lm", "refit") == "refit" and plan_method("lm", "none") == "fold"
+    assert plan_method("cnn", "dfr") == "dfr"
+    with pytest.raises(ValueError, match="repair 'dfr' does not apply to language models; choose one of none, refit"):
+        plan_method("lm", "dfr")
+    with pytest.raises(ValueError, match="repair 'refit' does not apply to image classifiers"):
+        plan_method("cnn", "refit")

