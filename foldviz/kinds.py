@@ -9,7 +9,7 @@ hook                image classifier (``"cnn"``)                 language model 
                     merges by Torch-Pruning surgery              replace projections (:mod:`foldviz.lm.kind`)
 ``evaluate``        top-1 accuracy and loss on a dataset spec    perplexity on a text spec
 ``variance``        per-channel activation variance ratio        per-layer MLP output variance ratio
-``default_plan``    ratio 0.3, Fold-DFR                          ratio 0.2, Fold + refit, 4 k-means restarts
+``default_plan``    ratio 0.3, Fold-DFR                          ratio 0.2, Fold + refit, Ward clustering
 ``cost_input``      one example image                            one token (FLOPs per token)
 ``check_output``    (foldviz format, always writable)            transformers-expressible sizes, or refused
 ==================  ==========================================  ===============================================

@@ -30,10 +30,11 @@ __all__ = ["DecoderStructure", "DECODER", "LanguageModelKind", "sizes_after", "n
 
 #: formats a folded language model can be written in: a transformers directory, or foldviz's per-layer format
 LM_FORMATS = ("hf", FOLDVIZ_LM_FORMAT)
-# fewer restarts than the CNN default: an 8192-neuron MLP group of a 1B model costs ~12 s of CPU per restart
-# (Gram matrix 5 s, Hartigan 4 s, seeding + Lloyd ~3 s). Hartigan stays on: at k close to n Lloyd stops in poor
-# minima (demo perplexity at r = 0.3: 127.9 plain, 91.6 refined).
-LM_CLUSTERING = {**DEFAULT_CLUSTERING, "n_init": 4}
+# Ward (agglomerative, deterministic), the authors' LLM configuration: measured on four decoders at ratios 0.1-0.5
+# (benchmarks/results/lm_research.md) it beats foldviz's k-means on average (k-means 1.025x Ward's perplexity), and
+# with Fold + refit on top the two are within 0.5 % (Ward 0.719x, k-means 0.723x the Ward fold's perplexity).
+# Memory: the condensed distance matrix of a group, n (n - 1) / 2 doubles (8192 MLP neurons: 268 MB).
+LM_CLUSTERING = {**DEFAULT_CLUSTERING, "algorithm": "ward"}
 
 
 def _shrink(lin: nn.Linear, side: str, idx: list[int]) -> nn.Linear:
