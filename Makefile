@@ -53,7 +53,7 @@ app: venv
 	"$(VPY)" app.py --server.headless true --server.port $(PORT)
 
 test: venv
-	@"$(VPY)" -m pytest -q --timeout=$(PYTEST_TIMEOUT) $(TESTS) $(PYTEST_ARGS); rc=$$?; \
+	@"$(VPY)" -m pytest -q --timeout=$(PYTEST_TIMEOUT) --durations=15 $(TESTS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (exit code 5) — treating this as a failure"; fi; \
 	exit $$rc
 

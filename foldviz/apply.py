@@ -8,7 +8,7 @@ from .data import sample_inputs
 from .fold import fold
 from .ifm import ifm
 from .kinds import kind_of
-from .methods import DEFAULT_REPAIR_SAMPLES, get_method, keys_for
+from .methods import DEFAULT_REPAIR_SAMPLES, get_method, keys_for, plan_method
 from .plans import FoldPlan
 from .prune import prune
 from .surgery import FoldResult
@@ -24,12 +24,14 @@ def repair_inputs(loaded: LoadedModel, data_spec: str | None, n: int = DEFAULT_R
     return sample_inputs(data_spec, "train", n, card=loaded.card, seed=seed)
 
 
-def apply_method(loaded: LoadedModel, plan: FoldPlan, method: str, *, repair_data: torch.Tensor | None = None,
-                 progress: Progress = None, device=None, inplace: bool = False) -> FoldResult:
-    """Run ``method`` (a key of :data:`foldviz.methods.METHODS`) with the ratios, seed and settings of ``plan`` on a
-    model of any kind. ``inplace`` folds ``loaded.model`` itself (to save memory; the caller gives it up)."""
-    m = get_method(method)
+def apply_method(loaded: LoadedModel, plan: FoldPlan, method: str | None = None, *,
+                 repair_data: torch.Tensor | None = None, progress: Progress = None, device=None,
+                 inplace: bool = False) -> FoldResult:
+    """Run ``method`` (a key of :data:`foldviz.methods.METHODS`; default: the fold ``plan`` names, i.e. its repair,
+    :func:`foldviz.methods.plan_method`) with the ratios, seed and settings of ``plan`` on a model of any kind.
+    ``inplace`` folds ``loaded.model`` itself (to save memory; the caller gives it up)."""
     kind = kind_of(loaded)
+    m = get_method(plan_method(kind.key, plan.repair) if method is None else method)
     if kind.key not in m.applies_to:
         raise ValueError(f"{m.label} does not apply to {kind.a_label}; methods for it: "
                          f"{', '.join(keys_for(kind.key))}")
