@@ -54,9 +54,10 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("l2+r", "L2 pruning + REPAIR", "prune", "r", True,
            "L2 pruning, then recompute BatchNorm statistics on real inputs", importance="l2", color="#8c564b",
            dash="dashdot"),
-    Method("fold", "Fold (k-means)", "fold", "none", False,
-           "language models: cluster the MLP neurons of each layer and the query heads within each KV group, merge "
-           "each cluster (mean on the producing side, sum on the consuming side); no repair",
+    Method("fold", "Fold (no repair)", "fold", "none", False,
+           "language models: cluster the MLP neurons of each layer and the query heads within each KV group (Ward by "
+           "default, the plan's clustering), merge each cluster (mean on the producing side, sum on the consuming "
+           "side); no repair",
            color="#2ca02c", applies_to=("lm",)),
     Method("refit", "Fold + refit", "fold", "refit", False,
            "language models: fold as above, then refit each layer's output projections by least squares so that the "

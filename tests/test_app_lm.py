@@ -81,7 +81,7 @@ def test_plan_page_offers_valid_head_counts_previews_params_and_says_whether_tra
     assert_clean(at)
     p = at.session_state["plan"]
     assert p["default_ratio"] == 0.5 and p["repair"] == "refit"          # the LM default: Fold + refit
-    assert at.selectbox(key="planw_repair").options == ["Fold (k-means) (data-free)", "Fold + refit (data-free)"]
+    assert at.selectbox(key="planw_repair").options == ["Fold (no repair) (data-free)", "Fold + refit (data-free)"]
     assert at.number_input(key="planw_samples").value == 64
     assert metric_value(at, "Parameter sparsity") == f"{100 * wb.preview(wb.plan_from(p))['param_sparsity']:.1f}%"
     df = next(d.value for d in at.dataframe if "heads kept per KV group" in d.value)   # the data editor
@@ -107,7 +107,7 @@ def test_results_page_folds_compares_perplexity_generations_variance_and_sweeps(
     sw = chart(at, "sweep_plot")
     assert sw["layout"]["meta"]["metric"] == "perplexity" and sw["layout"]["yaxis"]["type"] == "log"
     names = {t["name"] for t in sw["data"]}
-    assert names >= {"Fold + refit", "Fold (k-means)", "Magnitude pruning", "unfolded", "your plan"}
+    assert names >= {"Fold + refit", "Fold (no repair)", "Magnitude pruning", "unfolded", "your plan"}
     # the reference line is data on the log axis: every y value is a perplexity, none is 1e77
     from foldviz.figures import decode_array
 

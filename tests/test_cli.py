@@ -156,8 +156,8 @@ def test_main_cli_folds_a_language_model_into_the_one_report_schema(tmp_path, ca
                  "--eval-limit", "8", "--out", str(out), "--prompt", "ROMEO.", "--no-latency"]) == 0
     printed = capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep) == set(REPORT_KEYS) and rep["kind"] == "lm" and rep["method"] == "fold"
-    assert rep["label"] == "Fold (k-means)" and rep["eval_samples"] == 8
+    assert set(rep) == set(REPORT_KEYS) and rep["kind"] == "lm" and rep["method"] == "refit"
+    assert rep["label"] == "Fold + refit" and rep["eval_samples"] == 8        # the language models' default
     assert rep["perplexity_after"] > rep["perplexity_before"] > 1 and rep["accuracy_after"] is None
     assert rep["param_sparsity"] == pytest.approx(1 - rep["params_after"] / rep["params_before"])
     assert [g["id"] for g in rep["groups"]][:3] == ["model.hidden", "model.layers.0.mlp", "model.layers.0.self_attn"]
