@@ -89,9 +89,9 @@ def bench_fold_cost() -> list[dict]:
     import torch
     from PIL import Image
 
+    from foldviz.apply import apply_method
     from foldviz.models import load_model
     from foldviz.plans import FoldPlan
-    from foldviz.report import apply_method
 
     out = []
     for arch in ("resnet18", "resnet50"):

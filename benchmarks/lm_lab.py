@@ -1,9 +1,10 @@
 """Research helpers for Llama-layout LMs: clustering candidates on unit features and applying unit maps.
 
 ``apply_maps(model, maps, mode)`` folds (``mode="fold"``: cluster ids, mean on the producing side, sum on the
-consuming side, exactly as ``foldviz.lm.fold_lm``) or prunes (``mode="prune"``: new index or -1) every group of
+consuming side, the engine's merge rule for decoders) or prunes (``mode="prune"``: new index or -1) every group of
 ``maps`` on a deep copy. ``candidate_maps(model, cand, ratio, seed)`` gives the unit maps of a clustering candidate
-at folding's counts (``k_for_ratio`` per MLP, per KV group for heads). Used by ``research_lm.py`` only.
+at folding's counts (``k_for_ratio`` per MLP, per KV group for heads) with the engine's per-group seeds. Used by
+``research_lm.py`` only.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+# Hartigan transfers from given labels have no public entry point (the engine runs them only after its own
+# Lloyd restarts): the "ward+h" candidate calls the private helpers directly.
 from foldviz.kmeans import _canonical, _gram, _hartigan, k_for_ratio, kmeans
-from foldviz.lm.fold import group_seed, sync_config
-from foldviz.lm.groups import attn_shape, decoder_layers, find_lm_groups
+from foldviz.lm.groups import attn_shape, decoder_layers, find_lm_groups, sync_config
 from foldviz.plans import FoldPlan
 
 
@@ -162,23 +164,29 @@ def cluster(x: torch.Tensor, k: int, algo: str, seed: int) -> np.ndarray:
     raise ValueError(f"unknown algorithm {algo!r}")
 
 
+def group_seed(plan: FoldPlan, group) -> int:
+    """The clustering seed the engine uses for ``group`` (a decoder group's ``seed_offset``: per layer, heads apart
+    from the MLP); KV group j of a heads group adds j, as in :func:`foldviz.fold.cluster_group`."""
+    return int(plan.seed) + int(group.info.get("seed_offset", 0))
+
+
 def candidate_maps(model, cand: dict, ratio: float, seed: int = 0) -> dict[str, np.ndarray]:
     """Unit maps (cluster ids) of every foldable group for a candidate ``{"algo", "features", "normw"}`` at
-    ``ratio`` with fold_lm's seeds."""
+    ``ratio`` with the engine's seeds."""
     plan = FoldPlan(default_ratio=ratio, seed=seed, repair="none")
     maps = {}
-    for g in find_lm_groups(model):
-        if not g.foldable or g.kind not in ("mlp", "heads"):
+    for g in find_lm_groups(model).foldable:
+        if g.role not in ("mlp", "heads"):
             continue
         s = group_seed(plan, g)
-        if g.kind == "mlp":
+        if g.role == "mlp":
             x = transform(mlp_parts(model, g.layer, normw=cand.get("normw", False)), cand["features"], "mlp")
-            maps[g.id] = cluster(x, k_for_ratio(g.n, ratio), cand["algo"], s)
+            maps[g.id] = cluster(x, k_for_ratio(g.channels, ratio), cand["algo"], s)
             continue
         parts, per = head_parts(model, g.layer, normw=cand.get("normw", False))
         kk = k_for_ratio(per, ratio)
-        lab = np.zeros(g.n, dtype=np.int64)
-        for j in range(g.n // per):
+        lab = np.zeros(g.channels, dtype=np.int64)
+        for j in range(g.channels // per):
             x = transform([p[j * per:(j + 1) * per] for p in parts], cand["features"], "heads")
             lab[j * per:(j + 1) * per] = cluster(x, kk, cand["algo"], s + j) + j * kk
         maps[g.id] = lab

@@ -13,7 +13,7 @@ Parts (``--part``):
 ``report``   rewrites the markdown from the JSON.
 
 Results: ``benchmarks/results/lm_research/PART-MODEL.json`` (one file per part and model, so parts can run side by
-side; every part resumes where it stopped) and, merged, ``benchmarks/results/lm_research.{md,json}``.
+side; every part resumes where it stopped) and, merged, ``benchmarks/results/lm_research.{md,json}`` (``--out DIR``: under DIR instead).
 Run with ``OMP_NUM_THREADS=1 nice -n 5 python benchmarks/research_lm.py --part NAME``.
 """
 from __future__ import annotations
@@ -127,10 +127,11 @@ class Ctx:
     def __init__(self, spec: str):
         import torch
 
-        from foldviz.lm import load_lm, split_text
+        from foldviz.lm.corpus import split_text
+        from foldviz.models import load_model
 
         self.spec, self.name = spec, short(spec)
-        self.lm = load_lm(spec)
+        self.lm = load_model(spec)
         self.model = self.lm.model
         self.ctx = self.lm.context_length
         self.tokens = self.lm.encode_documents(split_text("shakespeare:test"))
@@ -139,7 +140,7 @@ class Ctx:
         torch.manual_seed(0)
 
     def ppl(self, model) -> float:
-        from foldviz.lm import perplexity
+        from foldviz.lm.evaluate import perplexity
 
         return perplexity(model, self.tokens, max_windows=self.max_windows)["perplexity"]
 
@@ -191,7 +192,8 @@ def build(c: Ctx, method: str, ratio: float, seed: int = 0):
     refit, tune, refit+tune; self-generated text), ``magnitude``, ``wanda_sp``, ``flap``."""
     from lm_lab import apply_maps, candidate_maps
 
-    from foldviz.lm import fold_lm, lm_plan
+    from foldviz.apply import apply_method
+    from foldviz.kinds import get_kind
     from foldviz.lm.calib import (
         adaptive_unit_maps,
         add_output_bias,
@@ -208,7 +210,8 @@ def build(c: Ctx, method: str, ratio: float, seed: int = 0):
     )
 
     if method == "magnitude":
-        return fold_lm(c.model, lm_plan(ratio, seed=seed), method="magnitude").model, "none"
+        plan = get_kind("lm").default_plan(c.lm, ratio, repair="none", seed=seed)
+        return apply_method(c.lm, plan, "magnitude").model, "none"
     if method in ("wanda_sp", "flap", "flap-adaptive"):
         scores = (wanda_sp_scores if method == "wanda_sp" else flap_scores)(c.model, c.stats)
         select = adaptive_unit_maps if method == "flap-adaptive" else unit_maps_from_scores
@@ -217,8 +220,11 @@ def build(c: Ctx, method: str, ratio: float, seed: int = 0):
         if method.startswith("flap"):
             add_output_bias(m, flap_bias(c.model, c.stats, maps))
         return m, f"calibration: shakespeare:train {CALIB_SAMPLES}x{c.ctx}"
-    clus, _, rep = method.partition("+")
-    rep = rep or "none"
+    # the longest candidate name the label starts with ("ward+hartigan" is a candidate, "ward+refit" is Ward + refit)
+    clus = max((k for k in CLUSTER_CANDIDATES if method == k or method.startswith(k + "+")), key=len, default=None)
+    if clus is None:
+        raise ValueError(f"unknown method {method!r}")
+    rep = method[len(clus) + 1:] or "none"
     maps = candidate_maps(c.model, CLUSTER_CANDIDATES[clus], ratio, seed)
     m = apply_maps(c.model, maps, "fold")
     data = "none" if rep in ("none", "wm") else f"self-generated {SELFGEN}x{c.ctx}"
@@ -267,7 +273,7 @@ def _run_grid(section: str, models, jobs, *, zero_shot: bool = False) -> None:
 
 
 def _row(c: Ctx, method, ratio, seed, model, used, seconds, names, task_dir) -> dict:
-    from foldviz.lm import count_params
+    from foldviz.metrics import count_params
 
     row = {"model": c.name, "method": method, "ratio": ratio, "seed": seed, "data": used,
            "perplexity": round(c.ppl(model), 4), "params": count_params(model), "seconds": round(seconds, 2)}
@@ -696,7 +702,11 @@ def main(argv=None) -> int:
     p.add_argument("--part", required=True,
                    choices=["train", "cluster", "default", "repair", "table", "sensitivity", "ablation", "report"])
     p.add_argument("--models", nargs="*", default=None, help="model specs (default: every bundled and unshipped LM)")
+    p.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results)")
     a = p.parse_args(argv)
+    if a.out is not None:
+        global RESULTS
+        RESULTS = a.out
     sys.path.insert(0, str(ROOT / "benchmarks"))
     if a.part == "train":
         part_train(a.models or list(UNSHIPPED))

@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from checkpoints import MAIN as CHECKPOINTS, load_checkpoint  # noqa: E402
-from foldviz.data import _tensor_transform, digits_arrays, sample_inputs  # noqa: E402
-from foldviz.fold import _cluster_selector  # noqa: E402
+from foldviz.data import digits_arrays, sample_inputs, tensor_transform  # noqa: E402
+from foldviz.fold import ClusterSelector, fold  # noqa: E402
 from foldviz.models import load_model  # noqa: E402
 from foldviz.plans import FoldPlan  # noqa: E402
 from foldviz.proxy import get_proxy, proxy_spec  # noqa: E402
@@ -96,7 +96,7 @@ def load(name: str):
 
 def test_data(lm):
     xt, yt = digits_arrays("test")
-    return _tensor_transform(xt, tuple(lm.input_shape), lm.normalization), yt
+    return tensor_transform(xt, tuple(lm.input_shape), lm.normalization), yt
 
 
 @torch.no_grad()
@@ -114,8 +114,12 @@ class Capture(DataFreeRepair):
 def merged(lm, ratio: float, seed: int):
     cap = Capture()
     plan = FoldPlan(default_ratio=ratio, seed=seed)
-    compress(lm.model, plan, _cluster_selector, method="dfr", repair=cap, example_input=lm.example_input(1),
-             num_classes=lm.num_classes)
+    select = ClusterSelector()
+    try:
+        compress(lm.model, plan, select, method="dfr", repair=cap, example_input=lm.example_input(1),
+                 num_classes=lm.num_classes)
+    finally:
+        select.close()
     return cap.ctx
 
 
@@ -165,8 +169,8 @@ def build(lm, settings: dict):
 
 def timed_fold(lm, key: str, ratio: float, seed: int, real=None):
     c = time.process_time()
-    res = compress(lm.model, FoldPlan(default_ratio=ratio, repair=key, seed=seed), _cluster_selector, method=key,
-                   repair=key, example_input=lm.example_input(1), repair_data=real, num_classes=lm.num_classes)
+    res = fold(lm.model, FoldPlan(default_ratio=ratio, repair=key, seed=seed), example_input=lm.example_input(1),
+               repair_data=real, num_classes=lm.num_classes, method=key)
     return res.model, time.process_time() - c
 
 

@@ -23,8 +23,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from foldviz.apply import apply_method  # noqa: E402
-from foldviz.data import tensor_transform, digits_arrays, sample_inputs  # noqa: E402
-from foldviz.fold import _cluster_selector  # noqa: E402
+from foldviz.data import digits_arrays, sample_inputs, tensor_transform  # noqa: E402
+from foldviz.fold import ClusterSelector  # noqa: E402
 from foldviz.groups import BN_TYPES  # noqa: E402
 from foldviz.repair import REPAIRS, DataFreeRepair, FoldAR, Repair, _bn_producers  # noqa: E402
 from foldviz.surgery import compress  # noqa: E402
@@ -181,9 +181,13 @@ def main(argv=None) -> int:
                     if repair is None:
                         res = apply_method(lm, FoldPlan(default_ratio=ratio, seed=seed), key, repair_data=real)
                     else:
-                        res = compress(lm.model, FoldPlan(default_ratio=ratio, repair=key, seed=seed),
-                                       _cluster_selector, method=key, repair=repair, example_input=lm.example_input(1),
-                                       repair_data=real, num_classes=lm.num_classes)
+                        select = ClusterSelector()   # the fold's selector, with a candidate Repair object
+                        try:
+                            res = compress(lm.model, FoldPlan(default_ratio=ratio, repair=key, seed=seed), select,
+                                           method=key, repair=repair, example_input=lm.example_input(1),
+                                           repair_data=real, num_classes=lm.num_classes)
+                        finally:
+                            select.close()
                     secs = time.perf_counter() - t
                     with torch.no_grad():
                         acc = float((res.model(x_test).argmax(1) == yt).float().mean())

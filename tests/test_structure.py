@@ -116,3 +116,50 @@ def test_library_never_imports_streamlit():
 def test_no_test_hooks_or_unshipped_documents_in_the_library(word):
     hits = [str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py") if word in p.read_text()]
     assert not hits, hits
+
+
+BENCHMARKS = PKG.parent / "benchmarks"
+
+
+def _benchmark_imports(path: Path) -> list[tuple[int, str, str]]:
+    """(line, foldviz module, imported name or "") of every foldviz import anywhere in a benchmark script."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name, "") for a in node.names if a.name.split(".")[0] == "foldviz"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "foldviz":
+            out += [(node.lineno, node.module, a.name) for a in node.names]
+    return out
+
+
+def _unresolved(module: str, name: str) -> str | None:
+    """Why ``from module import name`` (``import module`` when name is "") fails, or None when it resolves."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        return f"no module {module} ({e})"
+    if not name or name == "*" or hasattr(mod, name):
+        return None
+    try:
+        importlib.import_module(f"{module}.{name}")
+    except ModuleNotFoundError:
+        return f"{module} has no attribute or submodule {name}"
+    return None
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+def test_benchmark_scripts_parse_and_their_foldviz_imports_resolve(script):
+    """Benchmarks are not imported by the test suite, so a renamed engine API would otherwise break them unseen."""
+    path = BENCHMARKS / script
+    bad = [f"{script}:{line}: {why}" for line, module, name in _benchmark_imports(path)
+           if (why := _unresolved(module, name))]
+    assert not bad, bad
+
+
+def test_benchmark_import_check_reports_a_missing_name():
+    assert _unresolved("foldviz.kmeans", "kmeans") is None
+    assert _unresolved("foldviz.lm", "corpus") is None             # a submodule counts
+    assert "no attribute" in _unresolved("foldviz.kmeans", "no_such_function")
+    assert "no module" in _unresolved("foldviz.no_such_module", "x")
