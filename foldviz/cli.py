@@ -1,4 +1,4 @@
-"""Command line: ``python -m foldviz {inspect,plan,fold,eval,sweep,train} --help``.
+"""Command line: ``python -m foldviz {inspect,plan,fold,eval,sensitivity,sweep,train} --help``.
 
 One contract for every model kind: image classifiers and language models take the same subcommands and flags,
 errors are one ``error: ...`` line with exit code 2, and outputs are written atomically.
@@ -20,7 +20,7 @@ MODEL_HELP = ("a model spec: demo:NAME (bundled: demo:digits-resnet, demo:shakes
               "foldviz fold --out)")
 DATA_HELP = ("evaluation data: for image classifiers a dataset (digits, cifar10:ROOT, cifar100:ROOT, mnist:ROOT, "
              "fashionmnist:ROOT, svhn:ROOT, imagefolder:DIR), for language models a text (shakespeare:test, "
-             "shakespeare:train, text:FILE)")
+             "shakespeare:train, text:FILE, wikitext2:DIR, wikitext2-valid:DIR, wikitext2-train:DIR)")
 EPILOG = """model specs:
   demo:NAME          bundled demos: demo:digits-resnet, demo:digits-vgg, demo:digits-mlp (8x8 digits),
                      demo:shakespeare-llama, demo:shakespeare-llama-wide (language models)
@@ -33,15 +33,19 @@ EPILOG = """model specs:
 data specs (--data):
   image classifiers  digits | cifar10:ROOT | cifar100:ROOT | mnist:ROOT | fashionmnist:ROOT | svhn:ROOT |
                      imagefolder:DIR  (accuracy on the test split; Fold-R draws repair inputs from the training split)
-  language models    shakespeare:test | shakespeare:train | text:FILE  (perplexity: non-overlapping windows of the
-                     model's context length)
+  language models    shakespeare:test | shakespeare:train | text:FILE | wikitext2:DIR (test split; also
+                     wikitext2-valid:DIR, wikitext2-train:DIR: a local copy of the raw release, wiki.test.raw, or
+                     a Hugging Face parquet snapshot)  (perplexity: documents joined with a blank line,
+                     non-overlapping windows of the model's context length)
 
 examples:
   python -m foldviz inspect demo:shakespeare-llama
   python -m foldviz plan demo:digits-resnet --ratio 0.5 --out plan.json
   python -m foldviz fold demo:digits-resnet --plan plan.json --data digits --out folded/
   python -m foldviz fold hf:~/models/llama --ratio 0.2 --data text:notes.txt --out llama-folded/
-  python -m foldviz eval file:llama-folded --data text:notes.txt
+  python -m foldviz eval file:llama-folded --data wikitext2:~/data/wikitext-2-raw
+  python -m foldviz eval demo:shakespeare-llama --zero-shot shakespeare --limit 100
+  python -m foldviz sensitivity demo:shakespeare-llama --ratio 0.3 --data shakespeare:test --out sens.csv
   python -m foldviz sweep demo:shakespeare-llama --ratios 0.1 0.3 --methods fold magnitude --data shakespeare:test \\
       --out sweep.csv
 """
@@ -338,28 +342,120 @@ def _print_fold(result, report, kind, out, args) -> None:
 def cmd_eval(args) -> int:
     from .kinds import kind_of
     from .metrics import count_params
+    from .plans import PlanError
 
+    if not args.data and not args.zero_shot:
+        raise PlanError("eval needs --data SPEC (accuracy or perplexity) or --zero-shot TASKS (language models)")
+    if (args.tasks_dir or args.limit) and not args.zero_shot:
+        raise PlanError("--tasks-dir and --limit apply to --zero-shot TASKS")
     loaded = _load(args)
     kind = kind_of(loaded)
     if args.prompt is not None and kind.key != "lm":
-        from .plans import PlanError
-
         raise PlanError("--prompt applies to language models only")
-    kind.check_data(loaded, args.data)
-    ev = kind.evaluate(loaded, loaded.model, args.data, args.eval_limit)
-    out = {"model": loaded.spec, "kind": kind.key, "params": count_params(loaded.model), "data": args.data, **ev}
+    if args.zero_shot and kind.key != "lm":
+        raise PlanError("--zero-shot tasks apply to language models only")
+    out = {"model": loaded.spec, "kind": kind.key, "params": count_params(loaded.model)}
+    ev = None
+    if args.data:
+        kind.check_data(loaded, args.data)
+        ev = kind.evaluate(loaded, loaded.model, args.data, args.eval_limit)
+        out.update({"data": args.data, **ev})
+    if args.zero_shot:
+        out["zero_shot"] = _zero_shot(loaded, args)
     gen = _generate(loaded, loaded.model, args.prompt, args.max_new_tokens)
     if gen is not None:
         out["generation"] = gen
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
-    value = f"{ev[kind.metric]:.2%}" if kind.metric == "accuracy" else f"{ev[kind.metric]:.3f}"
-    print(f"{loaded.spec}: {out['params']:,} parameters; {kind.metric} on {args.data} = {value} "
-          f"({ev['samples']} {'samples' if kind.key == 'cnn' else 'windows of ' + str(ev.get('seq_len')) + ' tokens'})")
+    if ev is not None:
+        value = f"{ev[kind.metric]:.2%}" if kind.metric == "accuracy" else f"{ev[kind.metric]:.3f}"
+        print(f"{loaded.spec}: {out['params']:,} parameters; {kind.metric} on {args.data} = {value} "
+              f"({ev['samples']} {'samples' if kind.key == 'cnn' else 'windows of ' + str(ev.get('seq_len')) + ' tokens'})")
+    if args.zero_shot:
+        zs = out["zero_shot"]
+        print(f"{loaded.spec}: zero-shot accuracy" + (f" (at most {args.limit} items per task)" if args.limit else ""))
+        for name, r in zs["tasks"].items():
+            acc = "n/a" if r["acc"] is None else f"{r['acc']:.2%}"
+            print(f"  {name:<28} {acc:>8}  ({r['n']} items)")
+        print(f"  {'average':<28} {'n/a' if zs['average'] is None else format(zs['average'], '.2%'):>8}")
     if gen is not None:
         print(f"prompt {args.prompt!r} -> {gen!r}")
     return 0
+
+
+def _zero_shot(loaded, args) -> dict:
+    """The --zero-shot accuracies (foldviz.lm.harness.zero_shot); a missing harness is a one-line error."""
+    from .lm.harness import HarnessMissingError, zero_shot
+    from .plans import PlanError
+
+    if getattr(loaded, "tokenizer", None) is None:
+        raise PlanError(f"{loaded.spec} has no tokenizer.json: --zero-shot needs one")
+    try:
+        return zero_shot(loaded.model, loaded.tokenizer, args.zero_shot, tasks_dir=args.tasks_dir, limit=args.limit)
+    except HarnessMissingError:
+        raise PlanError("--zero-shot needs the EleutherAI harness: pip install lm-eval "
+                        "(or pip install -r requirements-extras.txt)") from None
+
+
+def cmd_sensitivity(args) -> int:
+    from .kinds import kind_of
+    from .lm.sensitivity import SensitivityError, plan_sensitivity
+    from .utils import check_output_file, resolve_device
+
+    out_path = None
+    if args.out:
+        if Path(args.out).suffix.lower() not in (".json", ".csv"):
+            raise SensitivityError(f"--out {args.out}: give a .json or .csv file name")
+        out_path = check_output_file(args.out, args.force, protected=_input_dirs(args))
+    if args.device:
+        resolve_device(args.device)
+    loaded = _load(args)
+    kind = kind_of(loaded)
+    if kind.key != "lm":
+        raise SensitivityError("sensitivity is for language models")
+    plan = _plan_for(args, loaded, kind)
+
+    def progress(stage, done, total):
+        if not args.quiet:
+            print(f"  {stage}: layer {done}/{total}", file=sys.stderr)
+
+    res = plan_sensitivity(loaded, plan, args.data, limit=args.eval_limit, progress=progress, device=args.device)
+    res = {"model": loaded.spec, **res}
+    if out_path is not None:
+        _write_sensitivity(out_path, res)
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+        return 0
+    print(f"{loaded.spec}: perplexity on {args.data} ({res['windows']} windows of {res['seq_len']} tokens) with one "
+          f"decoder layer folded by {METHODS[res['method']].label}; unfolded {res['base']:.3f}")
+    print(f"  {'layer':>5}  {'perplexity':>10}  {'delta':>9}  {'relative':>8}  groups (ratio)")
+    for r in res["rows"]:
+        groups = ", ".join(f"{g} ({r['ratios'][g]:g})" for g in r["groups"])
+        print(f"  {r['layer']:>5}  {r['perplexity']:>10.3f}  {r['delta']:>+9.3f}  {r['relative']:>8.4f}  {groups}")
+    if out_path is not None:
+        print(f"wrote {out_path}")
+    return 0
+
+
+def _write_sensitivity(path: Path, res: dict) -> None:
+    """JSON: everything; CSV: one row per layer (groups joined with spaces), written atomically."""
+    import csv
+    import io
+
+    from .lm.sensitivity import SENSITIVITY_COLUMNS
+    from .utils import atomic_write_text
+
+    if path.suffix.lower() == ".json":
+        atomic_write_text(path, json.dumps(res, indent=2, default=str) + "\n")
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SENSITIVITY_COLUMNS + ("base", "method", "data"))
+    for r in res["rows"]:
+        w.writerow([r["layer"], " ".join(r["groups"]), repr(r["perplexity"]), repr(r["delta"]), repr(r["relative"]),
+                    repr(res["base"]), res["method"], res["data"]])
+    atomic_write_text(path, buf.getvalue())
 
 
 def cmd_sweep(args) -> int:
@@ -490,13 +586,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy (image classifiers) or perplexity (language models) of a model",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(p)
-    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--data", help=DATA_HELP + "; needed unless --zero-shot is given")
     p.add_argument("--eval-limit", type=_positive, metavar="N",
                    help="at most N test samples (language models: N windows of the context length)")
+    p.add_argument("--zero-shot", metavar="TASKS",
+                   help="language models: zero-shot accuracy on comma-separated EleutherAI harness tasks (needs "
+                        "pip install lm-eval; offline: local data only); 'shakespeare' runs the four local "
+                        "multiple-choice tasks built from the held-out plays")
+    p.add_argument("--tasks-dir", metavar="DIR", help="with --zero-shot: a directory of local task YAML files "
+                                                      "(searched instead of the harness's built-in tasks)")
+    p.add_argument("--limit", type=_positive, metavar="N", help="with --zero-shot: at most N items per task")
     p.add_argument("--prompt", help="language models: also print the greedy continuation of this prompt")
     p.add_argument("--max-new-tokens", type=_positive, default=40, help="tokens generated for --prompt")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sensitivity", help="language models: perplexity with one decoder layer folded at a time",
+                       description="Fold one decoder layer at a time (its MLP neurons and query heads, at the plan's "
+                                   "ratios, with the plan's method) and measure perplexity on --data; one row per "
+                                   "layer.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ratio", type=_ratio, help="uniform fraction of units removed per group")
+    g.add_argument("--plan", help="fold plan JSON: its per-group ratios, skips, repair and seed")
+    p.add_argument("--repair", choices=fold_keys("lm"), help="the fold's repair (default: the plan's, refit)")
+    p.add_argument("--data", required=True, help="text for perplexity (shakespeare:test, text:FILE, wikitext2:DIR)")
+    p.add_argument("--eval-limit", type=_positive, metavar="N", help="at most N windows of the context length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--out", help="also write the table: FILE.json or FILE.csv (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file; apply a plan made for "
+                                                        "another model")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("sweep", help="metric vs. sparsity for several methods, as CSV (resumable; local or Ray)",
                        description="Run every (model, method, ratio, seed) cell and append each finished row to "

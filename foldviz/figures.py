@@ -860,6 +860,36 @@ def sweep_plot(rows: Sequence[Mapping], *, methods: Sequence[str] | None = None,
                    figure="sweep_plot", methods=[m for m in order if m in by], metric=metric)
 
 
+def sensitivity_plot(rows: Sequence[Mapping], base: float, *, title: str | None = None) -> go.Figure:
+    """Perplexity with one decoder layer folded at a time, one bar per layer, and the unfolded perplexity ``base``
+    as a dashed reference line (a data trace spanning the bars).
+
+    ``rows``: :func:`foldviz.lm.sensitivity.layer_sensitivity` rows (``layer``, ``perplexity``, ``delta``,
+    ``relative``). The most sensitive layers are the tallest bars: a plan can spare them.
+    """
+    xs = [f"layer {r['layer']}" for r in rows]
+    ys = [float(r["perplexity"]) for r in rows]
+    rel = [float(r.get("relative", y / base if base else float("nan"))) for r, y in zip(rows, ys)]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=xs, y=ys, name="only this layer folded", marker_color=CLUSTER_COLORS[0],
+                         customdata=np.array([[y - float(base), q] for y, q in zip(ys, rel)]).reshape(-1, 2),
+                         hovertemplate="%{x}<br>perplexity %{y:.2f}<br>%{customdata[0]:+.2f} vs. unfolded "
+                                       "(×%{customdata[1]:.3f})<extra></extra>"))
+    if xs:
+        fig.add_trace(go.Scatter(x=[xs[0], xs[-1]], y=[float(base)] * 2, mode="lines", name="unfolded",
+                                 line=dict(color="#444", dash="dash", width=1.5),
+                                 hovertemplate=f"unfolded: perplexity {float(base):.2f}<extra></extra>"))
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=xs)
+    lo = min(ys + [float(base)]) if ys else float(base)
+    hi = max(ys + [float(base)]) if ys else float(base)
+    pad = 0.1 * (hi - lo) or 0.05 * hi or 1.0
+    # the bars start near the unfolded value, not at 0: the differences between layers are what matters
+    fig.update_yaxes(range=[max(0.0, lo - pad), hi + pad])
+    return _layout(fig, title=title or "Per-layer sensitivity: perplexity with one layer folded",
+                   x="decoder layer (the only one folded)", y="perplexity (lower is better)", height=420,
+                   figure="sensitivity_plot", base=float(base), layers=len(xs))
+
+
 def lm_head_layout(n_layers: int, n_heads: int, n_kv: int, kept: Sequence[int] | None = None, *,
                    title: str | None = None) -> go.Figure:
     """Query heads of every decoder layer as a grid (rows: layers, columns: heads), coloured by the KV group

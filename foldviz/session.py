@@ -728,6 +728,26 @@ class Workbench:
                 progress("compare", i + 1, len(methods))
         return out
 
+    def sensitivity(self, plan: FoldPlan, data: DataSource, progress: Progress = None) -> dict:
+        """Per decoder layer, perplexity with only that layer folded by ``plan`` (its method, its ratios) on
+        ``data`` (memoised): :func:`foldviz.lm.sensitivity.plan_sensitivity`."""
+        from .lm.sensitivity import plan_sensitivity
+
+        if self.kind.key != "lm":
+            raise WorkbenchError("sensitivity is for language models")
+        if not data.spec:
+            raise WorkbenchError("sensitivity measures perplexity: pick evaluation text on the Model & data page")
+        key = ("sensitivity", json.dumps(plan.to_dict(), sort_keys=True), data.spec, data.limit)
+
+        def compute():
+            with self._model_lock:   # each fold puts hooks on the base model
+                return plan_sensitivity(self.loaded, plan, data.spec, limit=data.limit, progress=progress,
+                                        device=self.device)
+        try:
+            return self._get(key, compute)
+        except ValueError as exc:
+            raise WorkbenchError(str(exc)) from None
+
     @_exclusive
     def sweep(self, ratios: Sequence[float], methods: Sequence[str], data: DataSource, *,
               seeds: Sequence[int] = (0,), plan: FoldPlan | None = None, progress: Progress = None) -> list[dict]:

@@ -422,7 +422,7 @@ def progress_reporter(status, total_label: str = "") -> Callable[[str, int, int]
     bar = status.progress(0.0, text="starting…")
     names = {"cluster": "clustering groups", "merge": "merging channels", "repair": "resetting BatchNorm statistics",
              "dir": "Deep-Inversion: synthesising inputs", "evaluate": "evaluating", "compare": "repair methods done",
-             "sweep": "sweep points done"}
+             "sweep": "sweep points done", "sensitivity": "layers done"}
 
     def cb(stage: str, done: int, total: int) -> None:
         frac = min(1.0, max(0.0, done / total)) if total else 0.0

@@ -263,6 +263,39 @@ else:
     if not LM:
         _deploy_section(outcome)
 
+# ---------------------------------------------------------------------------- per-layer sensitivity (LMs)
+def _sensitivity_section() -> None:
+    """Perplexity with one decoder layer folded at a time by the plan (Workbench.sensitivity), as bars."""
+    with st.expander("Per-layer sensitivity", expanded=bool(ss.get("sensitivity"))):
+        st.caption("Folds one decoder layer at a time with this plan's method and ratios (every other layer "
+                   "untouched) and measures perplexity: the tallest bars are the layers to spare.")
+        if not data.spec:
+            st.warning("Sensitivity measures perplexity: pick evaluation text on the Model & data page.")
+            return
+        key = (pj, dkey)
+        if st.button("Compute per-layer sensitivity", key="fr_sens_run"):
+            with st.status("Folding one layer at a time…", expanded=True) as status:
+                try:
+                    res = wb.sensitivity(plan, data, progress=_ui.progress_reporter(status))
+                    ss["sensitivity"] = {"key": key, "result": res}
+                    status.update(label=f"Sensitivity of {len(res['rows'])} layers", state="complete",
+                                  expanded=False)
+                except Exception as exc:  # noqa: BLE001
+                    status.update(label="Sensitivity failed", state="error", expanded=False)
+                    _ui.report_failure(exc, "Sensitivity")
+        sens = ss.get("sensitivity")
+        if sens:
+            if sens["key"] != key:
+                st.caption("Computed for an earlier plan or data; press the button to update it.")
+            res = sens["result"]
+            _ui.chart(F.sensitivity_plot(res["rows"], res["base"]), key="fr_sensitivity")
+            st.caption(f"{method_label(res['method'])} on {res['data']} ({res['windows']} windows of "
+                       f"{res['seq_len']} tokens); unfolded perplexity {res['base']:.2f}.")
+
+
+if LM:
+    _sensitivity_section()
+
 # ---------------------------------------------------------------------------- sweep
 st.divider()
 st.subheader(f"Sweep: {METRIC} vs. parameter sparsity")

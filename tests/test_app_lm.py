@@ -137,3 +137,19 @@ def test_explorer_clusters_are_the_folds_for_every_group(wb):
     out = wb.fold(plan, DataSource("shakespeare:test", 4), latency=False)
     assert out.report["perplexity_after"] == out.report["perplexity_before"]   # ratio 0 changes nothing
     assert all(r["ratio"] == pytest.approx(1.0) for r in out.report["variance_ratio"])
+
+
+def test_results_page_draws_per_layer_sensitivity(wb):
+    at = lm_app()
+    at.session_state["plan"] = {**at.session_state["plan"], "default_ratio": 0.3, "repair": "none"}   # quick folds
+    goto(at, "fold_results")
+    at.button(key="fr_sens_run").click().run()
+    assert_clean(at)
+    fig = chart(at, "sensitivity_plot")
+    want = wb.sensitivity(wb.plan_from(at.session_state["plan"]), DataSource("shakespeare:test", 8))
+    bars = fig["data"][0]
+    assert bars["x"] == ["layer 0", "layer 1", "layer 2", "layer 3"]
+    from foldviz.figures import decode_array
+
+    assert [float(y) for y in decode_array(bars["y"])] == pytest.approx([r["perplexity"] for r in want["rows"]])
+    assert fig["layout"]["meta"]["base"] == pytest.approx(want["base"])

@@ -355,3 +355,21 @@ def test_selected_channels_reads_browser_and_python_selections():
            {"customdata": None}, {"customdata": {"0": "x"}}]
     assert F.selected_channels(pts) == [3, 7]
     assert F.selected_channels([]) == [] and F.selected_channels(None) == []
+
+
+def test_sensitivity_plot_bars_reference_line_and_titles():
+    rows = [{"layer": 0, "perplexity": 70.5, "delta": 6.5, "relative": 70.5 / 64.0},
+            {"layer": 1, "perplexity": 64.2, "delta": 0.2, "relative": 64.2 / 64.0},
+            {"layer": 2, "perplexity": 67.3, "delta": 3.3, "relative": 67.3 / 64.0}]
+    fig = F.sensitivity_plot(rows, 64.0)
+    bars, ref = fig.data
+    assert bars.type == "bar" and list(bars.x) == ["layer 0", "layer 1", "layer 2"]
+    assert list(bars.y) == [70.5, 64.2, 67.3]
+    assert np.allclose(np.asarray(bars.customdata)[:, 0], [6.5, 0.2, 3.3])
+    assert ref.name == "unfolded" and list(ref.y) == [64.0, 64.0] and list(ref.x) == ["layer 0", "layer 2"]
+    assert fig.layout.xaxis.title.text.startswith("decoder layer") and "perplexity" in fig.layout.yaxis.title.text
+    assert "sensitivity" in fig.layout.title.text.lower()
+    assert fig.layout.meta["figure"] == "sensitivity_plot" and fig.layout.meta["base"] == 64.0
+    lo, hi = fig.layout.yaxis.range
+    assert lo < 64.0 and hi > 70.5                         # the reference line and every bar are in view
+    assert len(F.sensitivity_plot([], 5.0).data) == 1      # no layers: no reference line to span

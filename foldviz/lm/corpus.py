@@ -139,9 +139,10 @@ def wikitext2_file(directory: str | os.PathLike, split: str = "test") -> Path:
     if split not in _PARQUET_SPLIT:
         raise TextError(f"unknown WikiText-2 split {split!r}; use test, valid or train")
     d = Path(directory).expanduser()
-    if not d.is_dir():
-        raise TextError(f"WikiText-2 directory not found: {d}")
     ps = _PARQUET_SPLIT[split]
+    if not d.is_dir():
+        raise TextError(f"WikiText-2 directory not found: {d} (looked for wiki.{split}.raw or "
+                        f"{ps}-00000-of-00001.parquet in it)")
     candidates = [d / f"wiki.{split}.raw", d / "wikitext-2-raw" / f"wiki.{split}.raw",
                   d / f"{ps}-00000-of-00001.parquet", d / "wikitext-2-raw-v1" / f"{ps}-00000-of-00001.parquet"]
     for c in candidates:

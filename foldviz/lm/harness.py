@@ -27,11 +27,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["HarnessMissingError", "require_harness", "FoldvizLM", "run_tasks", "write_shakespeare_tasks",
-           "LOCAL_TASKS"]
+           "LOCAL_TASKS", "SHAKESPEARE", "parse_tasks", "zero_shot"]
 
 #: the local stand-ins and the paper's task each mirrors in shape
 LOCAL_TASKS = {"sh_real_line": "BoolQ (2-way)", "sh_cloze": "WinoGrande (2-way)",
                "sh_next_line": "ARC-e (4-way)", "sh_next_line_hard": "ARC-c (4-way)"}
+
+
+#: the task name that stands for every task of :data:`LOCAL_TASKS`
+SHAKESPEARE = "shakespeare"
 
 
 class HarnessMissingError(ImportError):
@@ -191,11 +195,12 @@ def FoldvizLM(model, tokenizer, **kw):  # noqa: N802 - a class factory used like
 
 
 def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, num_fewshot: int = 0,
-              include_path: str | os.PathLike | None = None, include_defaults: bool | None = None,
+              include_path: str | os.PathLike | list | None = None, include_defaults: bool | None = None,
               batch_size: int = 8, seed: int = 0) -> dict[str, dict]:
     """Run harness ``tasks`` on ``model``; returns ``{task: {"acc", "acc_norm" (or None), "n"}}``.
 
-    ``include_path``: a directory of task YAML files (searched alone unless ``include_defaults``; default: the
+    ``include_path``: a directory (or a list of directories) of task YAML files (searched alone unless
+    ``include_defaults``; default: the
     harness's built-in tasks only when no ``include_path`` is given). ``limit``: at most this many documents per
     task. Offline: datasets must be local.
     """
@@ -213,7 +218,8 @@ def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, n
 
     if include_defaults is None:
         include_defaults = include_path is None
-    tm = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
+    paths = include_path if isinstance(include_path, (list, tuple)) else [include_path] if include_path else []
+    tm = TaskManager(include_path=[str(p) for p in paths] or None, include_defaults=include_defaults)
     lm = FoldvizLM(model, tokenizer, batch_size=batch_size)
     try:
         res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
@@ -221,7 +227,7 @@ def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, n
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                                       verbosity="ERROR")
     except LookupError as e:    # the harness's unknown-task error is a KeyError with a quoted message
-        where = f" in {include_path}" if include_path else ""
+        where = f" in {', '.join(str(p) for p in paths)}" if paths else ""
         raise ValueError(f"unknown harness task{where}: {str(e).strip(chr(34))[:200]}") from None
     out = {}
     for name, metrics in (res or {}).get("results", {}).items():
@@ -233,6 +239,64 @@ def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, n
     if missing:
         raise ValueError(f"the harness returned no result for {', '.join(missing)}")
     return out
+
+
+def parse_tasks(tasks: str | list[str]) -> list[str]:
+    """Task names from a comma-separated string (or a list); :data:`SHAKESPEARE` becomes the names of
+    :data:`LOCAL_TASKS`; duplicates dropped, order kept. One-line ``ValueError`` when none is left."""
+    raw = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names: list[str] = []
+    for t in (str(x).strip() for x in raw):
+        for name in (LOCAL_TASKS if t == SHAKESPEARE else [t] if t else []):
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError(f"no zero-shot task named in {tasks!r}; give comma-separated task names (e.g. {SHAKESPEARE})")
+    return names
+
+
+def zero_shot(model, tokenizer, tasks: str | list[str], *, tasks_dir: str | os.PathLike | None = None,
+              limit: int | None = None, work_dir: str | os.PathLike | None = None, batch_size: int = 8,
+              seed: int = 0) -> dict:
+    """Zero-shot accuracy of ``model`` on harness ``tasks`` and their average.
+
+    Parameters
+    ----------
+    tasks : str or list of str
+        Comma-separated names (see :func:`parse_tasks`); the local tasks of :data:`LOCAL_TASKS` (or
+        ``shakespeare`` for all four) are written by :func:`write_shakespeare_tasks` into ``work_dir`` (default:
+        a temporary directory).
+    tasks_dir : path, optional
+        A directory of local task YAML files. When it is given, or only local tasks are asked for, the harness
+        searches these directories alone; otherwise its built-in tasks too (their data must be cached locally:
+        nothing is downloaded).
+    limit : int, optional
+        At most this many documents per task.
+
+    Returns
+    -------
+    dict
+        ``{"tasks": {name: {"acc", "acc_norm", "n"}}, "average": mean acc over the named tasks (None when a task
+        has no acc), "limit"}``.
+    """
+    import tempfile
+
+    names = parse_tasks(tasks)
+    if tasks_dir is not None and not Path(tasks_dir).expanduser().is_dir():
+        raise ValueError(f"tasks directory not found: {tasks_dir}")
+    require_harness()
+    paths = [Path(tasks_dir).expanduser()] if tasks_dir is not None else []
+    with tempfile.TemporaryDirectory(prefix="foldviz-tasks-") as tmp:
+        if any(n in LOCAL_TASKS for n in names):
+            local = Path(work_dir) if work_dir is not None else Path(tmp)
+            write_shakespeare_tasks(local, n=max(int(limit or 0), 200), seed=seed)
+            paths.append(local)
+        only_local = tasks_dir is not None or all(n in LOCAL_TASKS for n in names)
+        res = run_tasks(model, tokenizer, names, limit=limit, include_path=paths or None,
+                        include_defaults=not only_local, batch_size=batch_size, seed=seed)
+    accs = [res[n]["acc"] for n in names]
+    avg = None if any(a is None for a in accs) else sum(accs) / len(accs)
+    return {"tasks": {n: res[n] for n in names}, "average": avg, "limit": limit}
 
 
 # ---------------------------------------------------------------------------------------------------------------
