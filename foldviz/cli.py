@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Only the torch-free registry is imported here: `--help` and argument errors answer in well under a second;
 # each command imports the engine (torch, torchvision) when it runs.
-from .methods import (DEFAULT_REPAIR_SAMPLES, KIND_NAMES, METHODS, MODEL_KINDS, VARIANCE_SAMPLES, fold_keys,
+from .methods import (DEFAULT_CALIB_SAMPLES, DEFAULT_REPAIR_SAMPLES, KIND_NAMES, METHODS, MODEL_KINDS, VARIANCE_SAMPLES, fold_keys,
                       plan_method)
 
 MODEL_HELP = ("a model spec: demo:NAME (bundled: demo:digits-resnet, demo:shakespeare-llama, ...), torchvision:ARCH, "
@@ -268,7 +268,8 @@ def cmd_fold(args) -> int:
         plan = plan.with_changes(repair_settings={**plan.repair_settings, **proxy_settings_from_args(args)})
     method = _method_for(args, plan, kind)
     _check_method(method, kind)
-    if METHODS[method].needs_data and not repair_spec:
+    calib = _calib_args(args, kind, method, test_spec)
+    if METHODS[method].needs_data and kind.key != "lm" and not repair_spec:
         raise PlanError(f"{METHODS[method].label} needs real data: pass --data SPEC (e.g. --data digits)")
     graph = kind.graph(loaded)
     plan.validate(graph)
@@ -283,7 +284,11 @@ def cmd_fold(args) -> int:
     sha = state_dict_hash(loaded.model)
     baseline = evaluate_on(loaded.model, loaded, test_spec, args.eval_limit) if test_spec else None
     before = _generate(loaded, loaded.model, args.prompt, args.max_new_tokens)
-    data = repair_inputs(loaded, repair_spec, args.repair_samples, seed=plan.seed)
+    if kind.key == "lm":   # calibration windows, only for the methods that read them
+        data = repair_inputs(loaded, calib, args.calib_samples, seed=plan.seed, seqlen=args.calib_seqlen) \
+            if METHODS[method].needs_data else None
+    else:
+        data = repair_inputs(loaded, repair_spec, args.repair_samples, seed=plan.seed)
     # without latency and variance the report needs nothing of the original after folding: fold it in place
     # (one copy of the weights instead of two: what makes a 1B model fit in 2x its weights)
     inplace = args.no_latency and args.variance_samples == 0
@@ -303,6 +308,30 @@ def cmd_fold(args) -> int:
     out = save_folded(result, loaded, args.out, report=report, force=args.force, fmt=args.format)
     _print_fold(result, report, kind, out, args)
     return 0
+
+
+def _calib_args(args, kind, methods, eval_spec: str | None) -> str | None:
+    """The calibration text spec of a fold or sweep (--calib), checked before any work: language models only;
+    required when a method needs data; never overlapping the evaluation text. ``methods``: one key or several."""
+    from .plans import PlanError
+
+    given = [f for f, v in (("--calib", args.calib), ("--calib-samples", args.calib_samples),
+                            ("--calib-seqlen", args.calib_seqlen)) if v is not None]
+    if kind.key != "lm":
+        if given:
+            raise PlanError(f"{given[0]} is for language models; image classifiers take repair data from --data")
+        return None
+    if not args.calib and given:
+        raise PlanError(f"{given[0]} needs --calib TEXT_SPEC (the calibration text)")
+    needy = [m for m in ([methods] if isinstance(methods, str) else methods) if METHODS[m].needs_data]
+    if needy and not args.calib:
+        raise PlanError(f"{METHODS[needy[0]].label} needs calibration text: pass --calib TEXT_SPEC, a text disjoint "
+                        "from --data (e.g. --calib shakespeare:train)")
+    if args.calib and eval_spec:
+        from .lm.calib import check_no_overlap
+
+        check_no_overlap(args.calib, eval_spec)
+    return args.calib
 
 
 def _generate(loaded, model, prompt, max_new_tokens):
@@ -474,6 +503,9 @@ def cmd_sweep(args) -> int:
     apply_cache_args(args)
     loaded = {}
     if args.spec:
+        if args.calib is not None or args.calib_samples is not None or args.calib_seqlen is not None:
+            raise ValueError("--calib, --calib-samples and --calib-seqlen are for the single-model form; with --spec "
+                             "set \"calib\", \"calib_samples\", \"calib_seqlen\" in the sweep spec")
         spec = load_spec(args.spec)
         spec = grant_trust(spec, args.trust_code)
         check_spec_overlap(spec, allow_overlap=args.allow_overlap)
@@ -485,9 +517,13 @@ def cmd_sweep(args) -> int:
                        cifar_stem=args.cifar_stem, pretrained=args.pretrained, trust_code=args.trust_code)
         loaded[args.model] = _load(args)
         methods = args.methods or DEFAULT_SWEEP_METHODS[loaded[args.model].kind]
+        from .kinds import kind_of
+
+        calib = _calib_args(args, kind_of(loaded[args.model]), methods, args.data)
         spec = spec_from_args(ref, args.ratios, methods, args.data, seeds=args.seeds,
                               eval_limit=args.eval_limit, repair_samples=args.repair_samples,
-                              repair_settings=proxy_settings_from_args(args))
+                              repair_settings=proxy_settings_from_args(args), calib=calib,
+                              calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
     executor = make_executor(args.executor, address=args.ray_address, gpus_per_task=args.gpus_per_task,
                              max_retries=args.max_retries, ship_code=args.ray_ship_code)
     try:
@@ -516,6 +552,13 @@ def _common_fold_args(p: argparse.ArgumentParser) -> None:
                    help="evaluate on at most N test samples (language models: N windows of the context length)")
     p.add_argument("--repair-samples", type=_positive, default=DEFAULT_REPAIR_SAMPLES, metavar="N",
                    help="image classifiers: training inputs drawn for Fold-R / REPAIR")
+    p.add_argument("--calib", metavar="TEXT_SPEC",
+                   help="language models: calibration text for the methods that need data (wanda_sp, flap), "
+                        "disjoint from --data (e.g. shakespeare:train, wikitext2-train:DIR, text:FILE)")
+    p.add_argument("--calib-samples", type=_positive, metavar="N",
+                   help=f"language models: calibration windows drawn from --calib (default {DEFAULT_CALIB_SAMPLES})")
+    p.add_argument("--calib-seqlen", type=_positive, metavar="L",
+                   help="language models: tokens per calibration window (default: the model's context length)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

@@ -66,6 +66,14 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("magnitude", "Magnitude pruning", "prune", "none", False,
            "language models: keep the units whose whole feature vector (the rows and columns they own) has the "
            "largest L2 norm", importance="feature-l2", color="#7f7f7f", dash="dot", applies_to=("lm",)),
+    Method("wanda_sp", "Wanda-sp", "prune", "none", True,
+           "language models: keep the units whose output-projection columns, weighted by the L2 norm of their input "
+           "on calibration text, have the largest total |weight x activation| (Wanda's metric per structured unit)",
+           importance="wanda-sp", color="#393b79", dash="dashdot", applies_to=("lm",)),
+    Method("flap", "FLAP", "prune", "flap", True,
+           "language models: keep the units whose input fluctuates most on calibration text (variance x squared "
+           "column norm), and add the removed inputs' calibration mean to the output projection as a bias",
+           importance="flap", color="#637939", dash="dashdot", applies_to=("lm",)),
     Method("random", "Random pruning", "prune", "none", False, "remove randomly chosen channels or units (seeded)",
            importance="random", color="#bbbbbb", dash="dash", applies_to=("cnn", "lm")),
 )}
@@ -75,6 +83,9 @@ DEFAULT_REPAIR = "dfr"
 
 # real training inputs drawn for Fold-R / REPAIR when a plan does not say (app, CLI and sweeps alike)
 DEFAULT_REPAIR_SAMPLES = 512
+
+# calibration windows drawn for a language model's calibration-based pruning (Wanda-sp, FLAP) when not said
+DEFAULT_CALIB_SAMPLES = 128
 
 # inputs of the report's per-layer variance measurement (one hooked forward pass of each model; 0 skips it)
 VARIANCE_SAMPLES = 128
@@ -125,4 +136,4 @@ def label(key: str) -> str:
     return m.label if m else ("Original" if key == "original" else str(key))
 
 
-__all__ = ["FAMILIES", "MODEL_KINDS", "keys_for", "Method", "METHODS", "DEFAULT_REPAIR", "DEFAULT_LM_REPAIR", "DEFAULT_REPAIR_SAMPLES", "plan_method", "KIND_NAMES", "VARIANCE_SAMPLES", "fold_keys", "get_method", "label"]
+__all__ = ["FAMILIES", "MODEL_KINDS", "keys_for", "Method", "METHODS", "DEFAULT_REPAIR", "DEFAULT_LM_REPAIR", "DEFAULT_REPAIR_SAMPLES", "DEFAULT_CALIB_SAMPLES", "plan_method", "KIND_NAMES", "VARIANCE_SAMPLES", "fold_keys", "get_method", "label"]

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from .kmeans import ALGORITHMS, DEFAULT_CLUSTERING, REFINES, k_for_ratio
-from .methods import DEFAULT_REPAIR, fold_keys, label
+from .methods import DEFAULT_REPAIR, METHODS, fold_keys, label
 from .metrics import count_flops, count_params
 
 PLAN_VERSION = 1
-REPAIRS = fold_keys()
+# every repair a registered method runs (a pruning baseline's result records its own, e.g. FLAP's bias)
+REPAIRS = tuple(dict.fromkeys([*fold_keys(), *(m.repair for m in METHODS.values())]))
 MAX_PLAN_BYTES = 5 * 1024 * 1024
 
 _RATIO = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}

@@ -28,6 +28,10 @@ class Importance:
     def __call__(self, model: nn.Module, group: ChannelGroup, seed: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def scores(self, ctx: RepairContext, group: ChannelGroup, seed: int) -> torch.Tensor:
+        """(units,) scores of ``group`` during a compression (default: from the unmerged working copy's weights)."""
+        return self(ctx.work, group, seed)
+
 
 class MagnitudeImportance(Importance):
     """Ln norm of each channel's fan-in rows, summed over the group's conv/linear producers."""
@@ -71,8 +75,37 @@ class RandomImportance(Importance):
         return torch.as_tensor(rng.random(group.channels))
 
 
+class CalibrationImportance(Importance):
+    """A language model's units scored from their output projection's input on calibration text (the compression's
+    ``repair_data``: token windows): ``"wanda-sp"`` or ``"flap"`` (:mod:`foldviz.lm.calib`). The statistics are
+    measured once per compression, on the unmerged model, and shared with FLAP's bias compensation."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self, model, group, seed):
+        raise ValueError(f"importance {self.key!r} needs calibration statistics: it scores units inside a "
+                         "compression (prune with repair_data = calibration token windows)")
+
+    def scores(self, ctx, group, seed):
+        from .lm.calib import CALIBRATION_SCORES, context_stats
+
+        if self.key not in ctx.scores:   # every group's scores at once, from one pass over the unmerged model
+            ctx.scores[self.key] = CALIBRATION_SCORES[self.key](ctx.work, context_stats(ctx))
+        scores = ctx.scores[self.key]
+        if group.id not in scores:
+            raise ValueError(f"{self.key} scores MLP neurons and query heads of a language model; {group.id} is "
+                             "neither")
+        return torch.as_tensor(scores[group.id])
+
+
 IMPORTANCES: dict[str, Importance] = {i.key: i for i in (MagnitudeImportance(1), MagnitudeImportance(2),
-                                                         FeatureNormImportance(), RandomImportance())}
+                                                         FeatureNormImportance(), RandomImportance(),
+                                                         CalibrationImportance("wanda-sp"),
+                                                         CalibrationImportance("flap"))}
+
+#: the repairs a pruning baseline may run: none, REPAIR ("r", image classifiers), FLAP's bias compensation ("flap")
+PRUNE_REPAIRS = ("none", "r", "flap")
 
 
 def top_k(scores: torch.Tensor, group: ChannelGroup, k: int) -> list[int]:
@@ -96,12 +129,12 @@ def prune(model: nn.Module, plan: FoldPlan | float = 0.5, *, importance: str | I
             raise ValueError(f"norm must be 1 or 2, got {norm}")
         importance = f"l{norm}"
     imp = IMPORTANCES[importance] if isinstance(importance, str) else importance
-    if repair not in ("none", "r"):
-        raise ValueError(f"repair: pruning baselines support 'none' or 'r', not {repair!r}")
+    if repair not in PRUNE_REPAIRS:
+        raise ValueError(f"repair: pruning baselines support {', '.join(map(repr, PRUNE_REPAIRS))}, not {repair!r}")
 
     def select(ctx: RepairContext, group: ChannelGroup, k: int) -> Decision:
         seed = ctx.plan.seed + int(group.info.get("seed_offset", 0))
-        return Decision(keep=top_k(imp(ctx.work, group, seed), group, k))
+        return Decision(keep=top_k(imp.scores(ctx, group, seed), group, k))
 
     key = method or imp.key + ("+r" if repair == "r" else "")
     return compress(model, as_plan(plan, repair), select, method=key, repair=repair, example_input=example_input,

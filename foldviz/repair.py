@@ -485,6 +485,11 @@ class RepairContext:
     samples: int = 0                                       # inputs used to re-estimate statistics
     seconds: dict[str, float] = field(default_factory=dict)
     folded: list = field(default_factory=list)             # the ChannelGroups this compression folds
+    unit_maps: dict[str, np.ndarray] = field(default_factory=dict)  # group -> new index of each unit (-1 removed),
+    #                                                        known once every group is decided (before the merge)
+    calibration: dict | None = None                        # language models: foldviz.lm.calib.unit_input_stats of
+    #                                                        the unmerged model on repair_data (computed once)
+    scores: dict = field(default_factory=dict)             # importance key -> {group id: (units,) scores}
     proxy: dict | None = None                              # Fold-DFR: foldviz.proxy.ProxyInfo.as_dict()
 
 
@@ -671,5 +676,32 @@ class SelfRefit(Repair):
         ctx.samples = n
 
 
+class FlapBias(Repair):
+    """FLAP's bias compensation, for language models pruned on calibration text (``repair_data``: token windows):
+    each pruned output projection (``mlp.down_proj``, ``self_attn.o_proj``) gets the bias
+    ``W[:, removed] @ mean(X[removed])`` (:func:`foldviz.lm.calib.flap_bias`), so the pruned sublayer equals the
+    original whenever the removed inputs sit at their calibration mean. Architectures whose saved config cannot
+    hold such a bias are refused before anything is pruned."""
+
+    key, needs_data = "flap", True
+    needs_original = True     # the bias reads the removed columns of the original projections
+
+    def prepare(self, ctx):
+        from .lm.calib import context_stats, require_output_bias
+
+        blocks = {"mlp" if g.role == "mlp" else "self_attn" for g in ctx.folded}
+        require_output_bias(ctx.work, blocks)
+        if ctx.folded:
+            context_stats(ctx)   # on the still unmerged working copy
+
+    def finish(self, ctx):
+        if not ctx.folded:
+            return
+        from .lm.calib import add_output_bias, context_stats, flap_bias
+
+        maps = {g.id: ctx.unit_maps[g.id] for g in ctx.folded}
+        add_output_bias(ctx.work, flap_bias(ctx.original, context_stats(ctx), maps))
+
+
 REPAIRS: dict[str, Repair] = {r.key: r for r in (Repair(), BNReset(), FoldAR(), DeepInversionRepair(),
-                                                  DataFreeRepair(), SelfRefit())}
+                                                  DataFreeRepair(), SelfRefit(), FlapBias())}

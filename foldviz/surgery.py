@@ -299,6 +299,7 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
             if progress:
                 progress("cluster", i + 1, len(todo))
     seconds["cluster"] = time.perf_counter() - t
+    ctx.unit_maps = {g.id: unit_map(decisions[g.id], g.channels) for g, _k in todo}
 
     # 2. merge and physically shrink, one group after another
     t = time.perf_counter()
@@ -329,7 +330,7 @@ def compress(model: nn.Module, plan: FoldPlan, select: Selector, *, method: str,
     for p in work.parameters():
         p.requires_grad_(False)
     labels = {gid: d.labels for gid, d in decisions.items() if d.labels is not None}
-    units = {g.id: unit_map(decisions[g.id], g.channels) for g, _k in todo}
+    units = ctx.unit_maps
     synthetic = ctx.synthetic.cpu() if ctx.synthetic is not None else None
     return FoldResult(work, plan, method, rows, labels, surgery.maps, seconds, ctx.fused, synthetic, ctx.samples,
                       units, graph.kind, list(notes), ctx.proxy)

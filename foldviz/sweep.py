@@ -58,12 +58,17 @@ class Cell:
     clustering: dict = field(default_factory=dict, hash=False, compare=False)
     repair_settings: dict = field(default_factory=dict, hash=False, compare=False)
     kind: str = "cnn"
+    calib: str | None = None              # language models: calibration text (methods that need data)
+    calib_samples: int | None = None
+    calib_seqlen: int | None = None
 
     def settings(self) -> dict:
         """The settings that change this cell's result (besides model, weights, method, ratio, seed)."""
         s = {"kind": self.kind, "data": self.data, "eval_limit": self.eval_limit}
         if self.method != ORIGINAL:
-            if METHODS[self.method].needs_data:
+            if METHODS[self.method].needs_data and self.kind == "lm":
+                s["calib"] = {"text": self.calib, "samples": self.calib_samples, "seqlen": self.calib_seqlen}
+            elif METHODS[self.method].needs_data:
                 s["repair_samples"] = self.repair_samples
             if not self.method.startswith("l"):
                 s["clustering"] = self.clustering
@@ -86,6 +91,12 @@ class Cell:
         if self.method != ORIGINAL and kind not in METHODS[self.method].applies_to:
             raise SweepError(f"{METHODS[self.method].label} does not apply to {self.model.spec} ({'an' if kind == 'cnn' else 'a'} "
                              f"{KIND_LABELS[kind]})")
+        if kind == "cnn" and self.calib:
+            raise SweepError(f"\"calib\" is for language models; {self.model.spec} (an image classifier) takes "
+                             "repair data from \"data\"")
+        if kind == "lm" and self.method != ORIGINAL and METHODS[self.method].needs_data and not self.calib:
+            raise SweepError(f"{METHODS[self.method].label} needs calibration text for {self.model.spec}: set "
+                             "\"calib\" in the sweep spec (--calib TEXT_SPEC), a text disjoint from \"data\"")
         return replace(self, kind=kind, clustering=dict(self.clustering or clustering))
 
     def key(self, weights_sha256: str) -> tuple:
@@ -111,7 +122,8 @@ def plan_cells(spec: SweepSpec) -> list[Cell]:
     cells = []
     for m in spec.models:
         data = spec.data_for(m)
-        common = dict(data=data, eval_limit=spec.eval_limit, repair_samples=spec.repair_samples,
+        common = dict(data=data, eval_limit=spec.eval_limit, repair_samples=spec.repair_samples, calib=spec.calib,
+                      calib_samples=spec.calib_samples, calib_seqlen=spec.calib_seqlen,
                       clustering=dict(spec.clustering or {}), repair_settings=dict(spec.repair_settings))
         if spec.include_original:
             cells.append(Cell(m, ORIGINAL, 0.0, 0, **common))
@@ -158,7 +170,11 @@ def run_cell(loaded: LoadedModel, cell: Cell, *, weights_sha256: str | None = No
         model, label = loaded.model, "Original"
     else:
         data = None
-        if METHODS[cell.method].needs_data:
+        if METHODS[cell.method].needs_data and kind.key == "lm":   # calibration windows, once per model and seed
+            data = _cached(_REPAIR, (card_key, cell.calib, cell.calib_samples, cell.calib_seqlen, cell.seed),
+                           lambda: repair_inputs(loaded, cell.calib, cell.calib_samples, seed=cell.seed,
+                                                 seqlen=cell.calib_seqlen))
+        elif METHODS[cell.method].needs_data:
             data = _cached(_REPAIR, (card_key, cell.data, cell.repair_samples, cell.seed),
                            lambda: repair_inputs(loaded, cell.data, cell.repair_samples, seed=cell.seed))
         res = apply_method(loaded, cell.plan(), cell.method, repair_data=data, device=device)
@@ -464,7 +480,8 @@ def run_sweep(spec: SweepSpec, out, *, executor=None, progress: ProgressLine | b
 def sweep(loaded: LoadedModel, ratios, methods, data_spec: str, *, seeds=(0,), eval_limit: int | None = None,
           repair_samples: int = DEFAULT_REPAIR_SAMPLES, clustering: dict | None = None,
           repair_settings: dict | None = None, progress: Callable[[int, int, dict | None], None] | None = None,
-          executor=None) -> list[dict]:
+          executor=None, calib: str | None = None, calib_samples: int | None = None,
+          calib_seqlen: int | None = None) -> list[dict]:
     """Fold/prune ``loaded`` at every ratio with every method and seed; evaluate each on ``data_spec``'s test split.
 
     Returns one row per (method, ratio, seed) plus one "original" row first (in plan order whatever the
@@ -478,7 +495,8 @@ def sweep(loaded: LoadedModel, ratios, methods, data_spec: str, *, seeds=(0,), e
         raise ValueError(f"method(s) {bad} do not apply to {kind.a_label}; choose from {', '.join(keys_for(kind.key))}")
     spec = spec_from_args(ModelRef(spec=loaded.spec or "model"), ratios, methods, data_spec, seeds=seeds,
                           eval_limit=eval_limit, repair_samples=repair_samples, clustering=clustering,
-                          repair_settings=repair_settings)
+                          repair_settings=repair_settings, calib=calib, calib_samples=calib_samples,
+                          calib_seqlen=calib_seqlen)
     default = kind.default_plan(loaded).clustering
     cells = [c.for_kind(kind.key, default) for c in plan_cells(spec)]
     job = SweepJob(loaded, state_dict_hash(loaded.model), list(enumerate(cells)))

@@ -15,6 +15,9 @@ Example (``sweep.json``)::
       "repair_samples": 512
     }
 
+Language models take the calibration text of Wanda-sp / FLAP from ``"calib"`` (a text spec disjoint from
+``"data"``), with ``"calib_samples"`` windows (default 128) of ``"calib_seqlen"`` tokens (default: the context).
+
 ``python -m foldviz sweep --spec sweep.json --out sweep.csv`` runs every cell; the single-model command line
 (``foldviz sweep MODEL --ratios ... --methods ...``) builds the same spec with :func:`spec_from_args`.
 
@@ -78,6 +81,9 @@ def _schema() -> dict:
             "data": {"type": ["string", "null"]},
             "eval_limit": {"type": ["integer", "null"], "minimum": 1},
             "repair_samples": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            "calib": {"type": ["string", "null"]},
+            "calib_samples": {"type": ["integer", "null"], "minimum": 1, "maximum": 1_000_000},
+            "calib_seqlen": {"type": ["integer", "null"], "minimum": 2},
             "include_original": {"type": "boolean"},
             "clustering": PLAN_SCHEMA["properties"]["clustering"],
             "repair_settings": {"type": "object"},  # checked by FoldPlan when the cells are planned
@@ -125,6 +131,10 @@ class SweepSpec:
     data: str | None = None
     eval_limit: int | None = None
     repair_samples: int = DEFAULT_REPAIR_SAMPLES
+    # language models: calibration text of the methods that need data (wanda_sp, flap), windows and their length
+    calib: str | None = None
+    calib_samples: int | None = None        # None: foldviz.methods.DEFAULT_CALIB_SAMPLES
+    calib_seqlen: int | None = None         # None: the model's context length
     include_original: bool = True
     clustering: dict | None = None          # None: each model kind's default (foldviz.kinds)
     repair_settings: dict = field(default_factory=dict)
@@ -137,8 +147,9 @@ class SweepSpec:
         d = asdict(self)
         d["models"] = [{k: v for k, v in asdict(m).items() if v not in (None, False) and k != "trust_code"}
                        for m in self.models]
-        if d["clustering"] is None:
-            d.pop("clustering")
+        for k in ("clustering", "calib", "calib_samples", "calib_seqlen"):
+            if d[k] is None:
+                d.pop(k)
         return {"foldviz_sweep": SPEC_VERSION, **d}
 
 
@@ -207,14 +218,16 @@ def load_spec(path) -> SweepSpec:
 
 def spec_from_args(model: ModelRef, ratios, methods, data: str | None, *, seeds=(0,), eval_limit=None,
                    repair_samples: int = DEFAULT_REPAIR_SAMPLES, clustering: dict | None = None, repair_settings: dict | None = None,
-                   include_original: bool = True) -> SweepSpec:
+                   include_original: bool = True, calib: str | None = None, calib_samples: int | None = None,
+                   calib_seqlen: int | None = None) -> SweepSpec:
     """The spec the single-model command line (and :func:`foldviz.sweep.sweep`) stands for, validated."""
     d = {"foldviz_sweep": SPEC_VERSION,
          "models": [{k: v for k, v in asdict(model).items() if v is not None and k != "trust_code"}],
          "methods": list(dict.fromkeys(methods)), "ratios": list(dict.fromkeys(float(r) for r in ratios)),
          "seeds": list(dict.fromkeys(int(s) for s in seeds)), "data": data, "eval_limit": eval_limit,
          "repair_samples": int(repair_samples), "include_original": include_original,
-         "repair_settings": repair_settings or {}}
+         "repair_settings": repair_settings or {}, "calib": calib, "calib_samples": calib_samples,
+         "calib_seqlen": calib_seqlen}
     if clustering:
         d["clustering"] = clustering
     return grant_trust(spec_from_dict(d), model.trust_code)
@@ -230,10 +243,15 @@ def grant_trust(spec: SweepSpec, trust_code: bool) -> SweepSpec:
 
 
 def check_spec_overlap(spec: SweepSpec, *, allow_overlap: bool = False) -> None:
-    """Refuse a model whose data would repair and test on the same image folder (see foldviz.data.check_overlap)."""
+    """Refuse a model whose data would repair and test on the same image folder (see foldviz.data.check_overlap),
+    and calibration text that overlaps a model's evaluation text (:func:`foldviz.lm.calib.check_no_overlap`)."""
     from .data import check_overlap
 
     for m in spec.models:
         data = spec.data_for(m)
-        if data:
+        if data and spec.calib:
+            from .lm.calib import check_no_overlap
+
+            check_no_overlap(spec.calib, data)
+        elif data:
             check_overlap(data, data, allow_overlap=allow_overlap)

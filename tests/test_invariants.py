@@ -50,7 +50,9 @@ def _run(loaded, method, ratio):
     plan = kind.default_plan(loaded, ratio, seed=0,
                              **({"repair_settings": FAST_SETTINGS[METHODS[method].repair]}
                                 if METHODS[method].repair in FAST_SETTINGS else {}))
-    data = repair_inputs(loaded, "digits", 64) if METHODS[method].needs_data else None
+    data = None
+    if METHODS[method].needs_data:   # a language model's data: calibration token windows
+        data = tokens(4, 16, seed=7) if loaded.kind == "lm" else repair_inputs(loaded, "digits", 64)
     return apply_method(loaded, plan, method, repair_data=data), plan
 
 
@@ -84,7 +86,10 @@ def test_parameter_count_is_predicted_and_the_fold_round_trips_through_disk(mode
     res, plan = _run(loaded, method, 0.3)
     k = get_kind(kind)
     predicted = CostModel(loaded.model, k.graph(loaded), k.cost_input(loaded)).estimate(plan)
-    assert count_params(res.model) == predicted["params_after"] < count_params(loaded.model)
+    # FLAP adds biases (the tiny Llama had none) to carry its compensation: the only parameters a plan does not size
+    added = sum(m.bias.numel() for m in res.model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None) \
+        if METHODS[method].repair == "flap" else 0
+    assert count_params(res.model) - added == predicted["params_after"] < count_params(loaded.model)
     assert [g["channels_after"] for g in res.groups] == [g["channels_after"] for g in predicted["groups"]]
     out = save_folded(res, loaded, tmp_path / "out")
     back = load_model(f"file:{out}")

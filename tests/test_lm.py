@@ -214,7 +214,7 @@ def test_magnitude_keeps_the_largest_feature_norms_and_every_method_keeps_the_sa
 def test_an_image_method_on_a_language_model_is_a_one_line_error(tmp_path):
     lm = loaded_from(tiny_llama(), tmp_path)
     with pytest.raises(ValueError, match="Fold-DFR does not apply to a language model; methods for it: fold, "
-                                         "refit, magnitude, random"):
+                                         "refit, magnitude, wanda_sp, flap, random"):
         apply_method(lm, LM.default_plan(lm, 0.3), "dfr")
 
 

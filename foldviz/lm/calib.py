@@ -37,7 +37,8 @@ from .groups import attn_shape, decoder_layers, find_lm_groups
 
 __all__ = ["OVERLAP_NGRAM", "CalibrationOverlapError", "text_identity", "check_no_overlap", "shared_ngrams",
            "calibration_windows", "UnitStats", "unit_input_stats", "wanda_sp_scores", "flap_scores",
-           "unit_maps_from_scores", "adaptive_unit_maps", "flap_bias", "add_output_bias", "flap_compensate"]
+           "unit_maps_from_scores", "adaptive_unit_maps", "flap_bias", "add_output_bias", "flap_compensate",
+           "check_windows", "context_stats", "require_output_bias", "CALIBRATION_SCORES"]
 
 #: calibration and evaluation text overlap when they share a run of this many consecutive words (whitespace
 #: tokens). Shorter shared runs (headings, stage directions, stock phrases) are normal between distinct texts: the
@@ -261,6 +262,33 @@ def unit_input_stats(model: nn.Module, token_windows, *, max_tokens: int, batch_
     return stats
 
 
+def check_windows(token_windows, vocab_size: int | None = None) -> torch.Tensor:
+    """``token_windows`` as a (windows, seqlen) LongTensor, or a one-line ValueError: the calibration data of a
+    language model are token ids (:func:`calibration_windows`), never images or floats."""
+    t = token_windows
+    if not torch.is_tensor(t) or t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 2 or t.numel() == 0:
+        what = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
+        raise ValueError(f"calibration data of a language model must be (windows, seqlen) token ids "
+                         f"(foldviz.lm.calib.calibration_windows), got {what}")
+    t = t.long()
+    if vocab_size is not None and (int(t.min()) < 0 or int(t.max()) >= int(vocab_size)):
+        raise ValueError(f"calibration token ids must lie in [0, {vocab_size}), got {int(t.min())}..{int(t.max())}")
+    return t
+
+
+def context_stats(ctx) -> dict:
+    """:func:`unit_input_stats` of one compression (a :class:`foldviz.repair.RepairContext`): measured once, on
+    every token of ``ctx.repair_data``, and kept in ``ctx.calibration``. The first call must come before any
+    group is merged (a repair's ``prepare`` or the selection): it reads the working copy, still the original."""
+    if ctx.calibration is None:
+        if ctx.repair_data is None:
+            raise ValueError("calibration-based pruning needs calibration text: pass token windows as repair data "
+                             "(--calib TEXT_SPEC)")
+        windows = check_windows(ctx.repair_data, getattr(ctx.work.config, "vocab_size", None))
+        ctx.calibration = unit_input_stats(ctx.work, windows, max_tokens=windows.numel())
+    return ctx.calibration
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # scores
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,6 +464,19 @@ def _check_bias_supported(model: nn.Module, kind: str, proj: str, flag: str) -> 
                          f"{flag}); the compensation would be lost when the model is saved")
 
 
+_BIAS_BLOCKS = {"mlp": ("down_proj", "mlp_bias"), "self_attn": ("o_proj", "attention_bias")}
+
+
+def require_output_bias(model: nn.Module, blocks) -> None:
+    """Refuse (ValueError, one line, nothing changed) a model whose saved config cannot hold a bias on the output
+    projection of every block in ``blocks`` ("mlp", "self_attn"), as :func:`add_output_bias` would add."""
+    for kind in sorted(set(blocks)):
+        if kind not in _BIAS_BLOCKS:
+            raise ValueError(f"unknown block {kind!r}; expected mlp or self_attn")
+        proj, flag = _BIAS_BLOCKS[kind]
+        _check_bias_supported(model, kind, proj, flag)
+
+
 @torch.no_grad()
 def add_output_bias(model: nn.Module, biases: dict[str, np.ndarray]) -> nn.Module:
     """Add ``biases`` (``{group id: (hidden,)}``, e.g. :func:`flap_bias`) to the groups' output projections, in place.
@@ -483,3 +524,7 @@ def flap_compensate(original: nn.Module, pruned: nn.Module, stats: dict, unit_ma
     """FLAP's bias compensation of a pruned model in place: :func:`add_output_bias` of ``pruned`` with
     :func:`flap_bias` computed on ``original`` (whose statistics ``stats`` are). Returns ``pruned``."""
     return add_output_bias(pruned, flap_bias(original, stats, unit_maps))
+
+
+#: the calibration scores of the registry's pruning methods (foldviz.prune.IMPORTANCES keys -> score function)
+CALIBRATION_SCORES = {"wanda-sp": wanda_sp_scores, "flap": flap_scores}
