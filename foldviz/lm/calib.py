@@ -353,7 +353,7 @@ def unit_maps_from_scores(model: nn.Module, scores: dict[str, np.ndarray], ratio
     heads ``k_for_ratio(heads per KV group, r)`` in every KV group (MHA: over all heads). Ties keep the lower index.
 
     Returns ``{group id: (units,) int64}``: each unit's new index (kept units in original order), -1 = removed —
-    the convention of ``LMFoldResult.labels``. ``ratio``: one ratio, or per group id (missing ids: not pruned).
+    the convention of ``FoldResult.unit_maps``. ``ratio``: one ratio, or per group id (missing ids: not pruned).
     """
     out = {}
     for g, _lin in _projections(model):

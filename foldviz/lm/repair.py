@@ -2,7 +2,7 @@
 
 Every repair takes ``(original, folded, unit_maps)`` — the model before folding, the folded model (changed in
 place) and ``{group id: (units,) int}`` giving each original unit's new index (-1 = removed), the convention of
-``LMFoldResult.labels`` — plus its own options, and returns a small dict describing what it changed.
+``FoldResult.unit_maps`` — plus its own options, and returns a small dict describing what it changed.
 
 Inputs the repairs can use, none of them outside data:
 
