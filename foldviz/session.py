@@ -93,6 +93,7 @@ class DataSource:
     spec: str | None = "digits"
     limit: int | None = 500                          # evaluation samples (language models: windows; None = all)
     repair_samples: int = DEFAULT_REPAIR_SAMPLES     # real training inputs for Fold-R / REPAIR
+    calib: str | None = None                         # language models: calibration text for Wanda-sp / FLAP
 
     @property
     def label(self) -> str:
@@ -635,7 +636,13 @@ class Workbench:
                 "param_sparsity": 1.0 - pa / pb, "seconds": time.perf_counter() - t0}
 
     def repair_inputs(self, data: DataSource | None, seed: int = 0) -> torch.Tensor | None:
-        if data is None or not data.spec or self.kind.key != "cnn":
+        """The ``repair_data`` of methods that need data: training inputs of ``data.spec`` (image classifiers), or
+        calibration windows of ``data.calib``, checked disjoint from the evaluation text (language models)."""
+        if data is None:
+            return None
+        if self.kind.key == "lm":
+            return self._calibration(data, seed)
+        if not data.spec:
             return None
         try:
             return self._get(("repair_inputs", data.spec, data.repair_samples, seed),
@@ -685,15 +692,33 @@ class Workbench:
             return generate(model if model is not None else self.model, self.loaded.tokenizer, prompt,
                             max_new_tokens=int(max_new_tokens))
 
+    def _calibration(self, data: DataSource, seed: int) -> torch.Tensor | None:
+        if not data.calib:
+            return None
+        from .lm.calib import check_no_overlap
+
+        try:
+            if data.spec:
+                self._get(("calib_overlap", data.calib, data.spec), lambda: check_no_overlap(data.calib, data.spec))
+            return self._get(("calib_inputs", data.calib, seed),
+                             lambda: repair_inputs(self.loaded, data.calib, None, seed=seed))
+        except (ValueError, OSError) as exc:
+            msg = str(exc)
+            raise WorkbenchError(msg if "calibration" in msg else f"calibration text {data.calib}: {msg}") from None
+
     # ---- folding --------------------------------------------------------------------------------------
     @_exclusive
     def run(self, plan: FoldPlan, method: str, data: DataSource | None, progress: Progress = None) -> FoldResult:
         """Run registered ``method`` with ``plan``'s ratios (real repair data drawn from ``data`` if needed)."""
+        if METHODS[method].needs_data and self.kind.key == "lm" and (data is None or not data.calib):
+            raise WorkbenchError(f"{METHODS[method].label} needs calibration text: enter a text spec under "
+                                 "\"Calibration text\" on the Fold & results page (e.g. shakespeare:train)")
         if METHODS[method].needs_data and (data is None or not data.spec):
             raise WorkbenchError(f"{METHODS[method].label} needs real data: pick a dataset on the Model & data page")
         try:   # not memoised: a fold holds a whole model, and every plan a user tries would stay in memory
-            return apply_method(self.loaded, plan, method, repair_data=self.repair_inputs(data, plan.seed),
-                                progress=progress, device=self.device)
+            repair_data = self.repair_inputs(data, plan.seed) if METHODS[method].needs_data else None
+            return apply_method(self.loaded, plan, method, repair_data=repair_data, progress=progress,
+                                device=self.device)
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None
 
@@ -756,11 +781,12 @@ class Workbench:
             raise WorkbenchError("a sweep measures the model on data: pick evaluation data on the Model & data page")
         clustering = plan.clustering if plan else None
         key = ("sweep", tuple(float(r) for r in ratios), tuple(methods), tuple(int(s) for s in seeds), data.spec,
-               data.limit, data.repair_samples, json.dumps(clustering, sort_keys=True))
+               data.limit, data.repair_samples, data.calib, json.dumps(clustering, sort_keys=True))
+        calib = data.calib if self.kind.key == "lm" and any(METHODS[m].needs_data for m in methods) else None
         try:
             return self._get(key, lambda: sweep(
                 self.loaded, list(ratios), list(methods), data.spec, seeds=tuple(seeds), eval_limit=data.limit,
-                repair_samples=data.repair_samples, clustering=clustering, executor=executor_from_env(),
+                repair_samples=data.repair_samples, clustering=clustering, executor=executor_from_env(), calib=calib,
                 progress=(lambda done, total, *_: progress("sweep", done, total)) if progress else None))
         except ValueError as exc:
             raise WorkbenchError(str(exc)) from None

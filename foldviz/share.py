@@ -23,7 +23,8 @@ MAX_STATE_CHARS = 16_384
 MAX_STATE_JSON_BYTES = 256 * 1024
 
 _MODEL_KEYS = {"spec": str, "num_classes": (int, type(None)), "cifar_stem": bool, "upload": (str, type(None))}
-_DATA_KEYS = {"spec": (str, type(None)), "limit": (int, type(None)), "repair_samples": int}
+_DATA_KEYS = {"spec": (str, type(None)), "limit": (int, type(None)), "repair_samples": int,
+              "calib": (str, type(None))}
 
 
 class StateError(ValueError):

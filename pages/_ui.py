@@ -158,7 +158,7 @@ def source_key(src: ModelSource | None = None) -> tuple:
 
 def data_key(data: DataSource | None = None) -> tuple:
     data = data or data_source()
-    return (data.spec, data.limit, data.repair_samples)
+    return (data.spec, data.limit, data.repair_samples, data.calib)
 
 
 def unknown_path_to_home(url_paths: list[str]) -> None:

@@ -30,10 +30,23 @@ main_method = wb.default_method(plan)
 st.info(f"**Plan:** {method_label(main_method)} · global ratio {100 * plan.default_ratio:.0f}% · "
         f"{len(plan.ratios)} override(s) · {len(plan.skip)} skipped · seed {plan.seed} · data: {wb.data_label(data)}")
 
-# methods whose variance is compared with the plan's clusters: the repairs for networks, the baselines for LMs (those
-# that need calibration text, Wanda-sp and FLAP, run from the CLI and sweeps: the app has no calibration input)
+if LM:   # Wanda-sp and FLAP need calibration text, never the evaluation text (checked when they run)
+    def _set_calib():
+        text = (ss["fr_calib"] or "").strip() or None
+        ss["data_source"] = {**ss["data_source"], "calib": text}
+
+    ss = st.session_state
+    suggested = "shakespeare:train" if data.spec == "shakespeare:test" else ""
+    st.text_input("Calibration text for Wanda-sp and FLAP (a text spec that does not overlap the evaluation text)",
+                  value=data.calib or suggested, key="fr_calib", on_change=_set_calib,
+                  placeholder="shakespeare:train, text:FILE, wikitext2-train:DIR")
+    if (ss.get("fr_calib") or "").strip() != (data.calib or ""):
+        _set_calib()
+        data = _ui.data_source()
+
+# methods whose variance is compared with the plan's clusters: the repairs for networks, the baselines for LMs
 available = [m for m in (wb.fold_methods if not LM else wb.methods)
-             if not METHODS[m].needs_data or (data.spec and not LM)]
+             if not METHODS[m].needs_data or (data.calib if LM else data.spec)]
 default_methods = [m for m in (("none", "r", "ar") if not LM else ("fold", "magnitude")) if m in available]
 if main_method not in default_methods and main_method in available:
     default_methods.append(main_method)
@@ -307,7 +320,7 @@ st.caption("The paper's main figure: fold (or prune) the whole model at several 
 if not data.spec:
     st.warning(f"A sweep measures {METRIC}: pick evaluation data on the Model & data page.")
 else:
-    sweep_methods = [m for m in wb.methods if not (LM and METHODS[m].needs_data)]   # no calibration input here
+    sweep_methods = [m for m in wb.methods if not (LM and METHODS[m].needs_data and not data.calib)]
     c1, c2, c3 = st.columns([3, 3, 1])
     sm = c1.multiselect("Methods", sweep_methods, default=["refit", "fold", "magnitude"] if LM else ["none", "ar", "l1"],
                         key="fr_sweep_methods", format_func=F.method_label)

@@ -153,3 +153,22 @@ def test_results_page_draws_per_layer_sensitivity(wb):
 
     assert [float(y) for y in decode_array(bars["y"])] == pytest.approx([r["perplexity"] for r in want["rows"]])
     assert fig["layout"]["meta"]["base"] == pytest.approx(want["base"])
+
+
+def test_calibration_baselines_run_in_the_app_on_calibration_text_disjoint_from_the_evaluation_text(wb):
+    at = lm_app()
+    goto(at, "fold_results")
+    assert at.text_input(key="fr_calib").value == "shakespeare:train"      # suggested for the held-out plays
+    assert at.session_state["data_source"]["calib"] == "shakespeare:train"
+    assert {"Wanda-sp", "FLAP"} <= set(at.multiselect(key="fr_methods").options)
+    at.multiselect(key="fr_methods").set_value(["wanda_sp"]).run()
+    at.button(key="fr_run").click().run()
+    assert_clean(at)
+    comp = at.session_state["compare"]["data"]
+    assert comp["wanda_sp"]["error"] is None and comp["wanda_sp"]["metric"] > 1
+    # calibrating on the evaluation text itself is refused, in one line, and nothing else is lost
+    at.text_input(key="fr_calib").set_value("shakespeare:test").run()
+    at.button(key="fr_run").click().run()
+    err = at.session_state["compare"]["data"]["wanda_sp"]["error"]
+    assert err and "is the evaluation text" in err and "\n" not in err
+    assert at.session_state["outcome"] is not None
