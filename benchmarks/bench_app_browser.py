@@ -70,24 +70,46 @@ class Recorder:
 
     def add(self, name: str, seconds: float) -> float:
         self.rows.setdefault(name, []).append({"s": round(seconds, 3), "load": round(os.getloadavg()[0], 2)})
+        print(f"{name}: {seconds:.2f} s", flush=True)
         return seconds
 
 
-def settled(page, action, timeout_s: float = 600.0) -> float:
+_WHY = """() => {
+  const app = document.querySelector("[data-testid='stApp']");
+  const vh = window.innerHeight;
+  return {script: app && app.getAttribute('data-test-script-state'),
+          stale: document.querySelectorAll('[data-stale="true"]').length,
+          spinners: document.querySelectorAll("[data-testid='stSpinner']").length,
+          placeholders: [...document.querySelectorAll("[data-testid='stMetricValue']")]
+                           .filter(m => m.innerText.trim() === '…').length,
+          undrawn: [...document.querySelectorAll("[data-testid='stPlotlyChart']")].filter(c => {
+              const r = c.getBoundingClientRect(); return r.bottom > 0 && r.top < vh && !c.querySelector('.main-svg');
+          }).length};
+}"""
+
+
+def _wait_settled(page, timeout_s: float) -> None:
+    try:
+        page.wait_for_function("() => window.__fv && window.__fv.done !== null", timeout=timeout_s * 1000)
+    except Exception as exc:  # noqa: BLE001 - say what kept the page from settling
+        raise RuntimeError(f"the page did not settle in {timeout_s:.0f} s: {page.evaluate(_WHY)}") from exc
+
+
+def settled(page, action, timeout_s: float = 300.0) -> float:
     """Seconds from ``action`` to a settled page (the page's own clock)."""
     page.evaluate(_ARM)
     action()
-    page.wait_for_function("() => window.__fv && window.__fv.done !== null", timeout=timeout_s * 1000)
+    _wait_settled(page, timeout_s)
     return page.evaluate("() => (window.__fv.done - window.__fv.t0) / 1000")
 
 
-def settled_goto(page, url: str, timeout_s: float = 600.0) -> float:
+def settled_goto(page, url: str, timeout_s: float = 300.0) -> float:
     """Seconds from a navigation to a settled page (timed from Python: the document is replaced)."""
     t0 = time.perf_counter()
     page.goto(url)
     page.wait_for_selector("[data-testid='stApp']", timeout=timeout_s * 1000)
     page.evaluate(_ARM)
-    page.wait_for_function("() => window.__fv && window.__fv.done !== null", timeout=timeout_s * 1000)
+    _wait_settled(page, timeout_s)
     return time.perf_counter() - t0
 
 
@@ -151,6 +173,7 @@ def run(reps: int) -> dict:
         for g in ["layer2.0.conv2", "layer3.0.conv1", "layer1.0.conv1"][:reps]:
             def pick(g=g):
                 box.click()
+                page.keyboard.type(g)   # the option list is virtualised: filter, then pick
                 page.get_by_role("option", name=g, exact=False).first.click()
             rec.add("explorer: switch group", settled(page, pick))
         rec.add("explorer: first UMAP of a layer", settled(page, lambda: page.get_by_text("UMAP", exact=True).click()))

@@ -79,6 +79,16 @@ def _from_table(gid: str, rows: list[int]) -> None:
         _select_channel(gid, rows[sel[0]])
 
 
+@st.fragment(run_every=1.0)
+def _stops_progress(gid: str) -> None:
+    """The background computation of the slider stops, as it goes (polls the memo once a second: no work here);
+    when it is done, one rerun shows the finished state and the polling stops."""
+    status = wb.path_status(gid, plan)
+    if len(status["ready"]) >= status["total"]:
+        st.rerun()
+    st.caption(f"Slider stops ready: {len(status['ready'])}/{status['total']} (computing the rest in the background).")
+
+
 @st.fragment
 def _detail() -> None:
     """One group in detail. A fragment: moving the ratio, switching the group or selecting channels reruns only
@@ -122,10 +132,10 @@ def _detail() -> None:
         return
     status = _ui.precompute_stops(wb, gid, plan)
 
-    m = st.columns(5)
+    m = st.columns([2, 1.2, 1.2, 1.2, 1.4])   # "2048 → 1434" needs the room at 1280 px
     m[0].metric(f"{unit.capitalize()}s → clusters", f"{g.channels} → {d['k']}")
-    m[1].metric("Mean cosine", f"{d['mean_cos']:.3f}")
-    m[2].metric("Max cosine", f"{d['max_cos']:.3f}")
+    m[1].metric("Mean cosine", f"{round(d['mean_cos'], 3) + 0.0:.3f}")   # + 0.0: no "-0.000"
+    m[2].metric("Max cosine", f"{round(d['max_cos'], 3) + 0.0:.3f}")
     m[3].metric("Redundancy score", f"{d['score']:.2f}")
     m[4].metric("k-means inertia", f"{d['inertia']:.3g}", help="sum of squared distances to the cluster centres")
     what = {"mlp": "its gate row, up row and down column", "heads": "its q_proj rows and o_proj columns"
@@ -134,9 +144,11 @@ def _detail() -> None:
         + (", BatchNorm-fused and robust-scaled" if d["features_fused"] else ""))
     st.caption(f"Producers: {', '.join(d['producers'])} · consumers: {', '.join(d['consumers']) or '—'} · "
                f"feature vector per {unit}: {d['features_dim']} numbers ({what}). These are the clusters "
-               f"{method_label(wb.default_method(plan))} merges when you run the fold. "
-               + (f"Slider stops ready: {len(status['ready'])}/{status['total']} (computing the rest in the background)."
-                  if len(status["ready"]) < status["total"] else "Every slider stop is precomputed."))
+               f"{method_label(wb.default_method(plan))} merges when you run the fold.")
+    if len(status["ready"]) < status["total"]:
+        _stops_progress(gid)
+    else:
+        st.caption("Every slider stop is precomputed.")
     if abs(ratio - plan_ratio) > 1e-9:
         if st.button(f"Use {100 * ratio:.0f}% for {gid} in the plan", key="le_apply"):
             p = dict(ss["plan"])
