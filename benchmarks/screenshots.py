@@ -47,7 +47,7 @@ def _load_lm(page) -> None:
 
 
 def shoot(browser, url: str, out: Path, kind: str, width: int) -> list[str]:
-    ctx = browser.new_context(viewport={"width": width, "height": 1000})
+    ctx = browser.new_context(viewport={"width": width, "height": 3000})   # the app scrolls inside: a tall window
     blocked = _offline(ctx)
     page = ctx.new_page()
     page.set_default_timeout(600_000)
@@ -64,7 +64,7 @@ def shoot(browser, url: str, out: Path, kind: str, width: int) -> list[str]:
         settle(page)
         page.wait_for_timeout(1500)  # charts finish drawing
         name = title.lower().replace(" & ", "-").replace(" ", "-")
-        page.screenshot(path=str(out / f"{kind}-{name}-{width}.png"), full_page=True)
+        page.screenshot(path=str(out / f"{kind}-{name}-{width}.png"))
     ctx.close()
     return blocked
 

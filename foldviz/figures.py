@@ -89,7 +89,9 @@ def _layout(fig: go.Figure, *, title: str, x: str | None = None, y: str | None =
         # the title sits just above the plot area (yref "paper"), so the top of the margin stays free for the
         # modebar: the toolbar never covers a title, whatever the chart's width
         title=dict(text=title, x=0.0, xanchor="left", font=dict(size=16),
-                   **(dict(y=1.0, yref="paper", yanchor="bottom", pad=dict(b=8)) if not subplots else
+                   # a subtitle is drawn below the title's anchor: lift both above the plot area
+                   **(dict(y=1.0, yref="paper", yanchor="bottom", pad=dict(b=8 + (22 if subtitle else 0)))
+                      if not subplots else
                       dict(y=1.0, yref="container", yanchor="top", pad=dict(t=36))),  # above the subplot titles
                    subtitle=dict(text=subtitle, font=dict(size=12, color="#555")) if subtitle else None),
         height=height,
@@ -711,17 +713,19 @@ _METRIC_UNITS = {  # key: (panel title, y-axis unit, scale)
 
 
 def before_after_bars(before: Mapping[str, float], after: Mapping[str, float], *,
-                      metrics: Sequence[str] | None = None, title: str | None = None) -> go.Figure:
+                      metrics: Sequence[str] | None = None, title: str | None = None,
+                      labels: Mapping[str, str] | None = None) -> go.Figure:
     """One small panel per metric with a "before" and an "after" bar, each in its own units.
 
     Known metric keys: params, flops, size_bytes, latency_ms, accuracy (fraction 0-1, shown in %).
-    Unknown keys are plotted as-is.
+    Unknown keys are plotted as-is. ``labels`` renames panels (a language model's FLOPs are per token).
     """
     keys = [m for m in (metrics or list(before)) if m in before and m in after]
     if not keys:
         return empty_figure("No metrics to compare", title=title or "Before vs. after")
+    names = {k: (labels or {}).get(k, _METRIC_UNITS.get(k, (k, k, 1.0))[0]) for k in keys}
     fig = make_subplots(rows=1, cols=len(keys),
-                        subplot_titles=[_METRIC_UNITS.get(k, (k, k, 1.0))[0] for k in keys],
+                        subplot_titles=[names[k] for k in keys],
                         horizontal_spacing=0.09)
     for i, k in enumerate(keys, start=1):
         name, unit, scale = _METRIC_UNITS.get(k, (k, k, 1.0))

@@ -23,6 +23,7 @@ import streamlit as st
 
 from foldviz.figures import fmt_count
 from foldviz.methods import label as method_label
+from foldviz.methods import plan_method
 from foldviz.share import StateError, decode_state, encode_state
 from foldviz.session import DEFAULT_MODEL, DataSource, ModelSource, Workbench, WorkbenchError
 
@@ -456,7 +457,11 @@ def sidebar(wb: Workbench | None) -> None:
         p = ss.get("plan")
         if p and wb is not None:
             st.markdown("**Plan**")
-            st.caption(f"{method_label(p['repair'] if wb.kind.key == 'cnn' else 'fold')} · ratio "
+            try:
+                main = method_label(plan_method(wb.kind.key, p["repair"]))
+            except ValueError:
+                main = str(p.get("repair"))
+            st.caption(f"{main} · ratio "
                        f"{100 * p['default_ratio']:.0f}% · "
                        f"{len(p.get('ratios', {}))} override(s) · {len(p.get('skip', []))} skipped · seed {p['seed']}")
         out = ss.get("outcome")

@@ -191,12 +191,12 @@ else:
     lat = r["latency"]
     if lat:
         spread = max(lat["a"]["iqr_ms"] / lat["a"]["median_ms"], lat["b"]["iqr_ms"] / lat["b"]["median_ms"])
-        m[4].metric(f"Latency (batch {lat['batch']}, this machine)", f"{lat['b']['median_ms']:.2f} ms",
+        m[4].metric(f"Latency (batch {lat['batch']})", f"{lat['b']['median_ms']:.2f} ms",
                     delta=f"{100 * (lat['ratio'] - 1):+.0f}%" if abs(lat["ratio"] - 1) > spread else "within noise",
                     delta_color="inverse" if abs(lat["ratio"] - 1) > spread else "off",
                     help=f"before {lat['a']['median_ms']:.2f} ± {lat['a']['iqr_ms']:.2f} ms, after "
                          f"{lat['b']['median_ms']:.2f} ± {lat['b']['iqr_ms']:.2f} ms (median ± IQR of alternating "
-                         "runs); a change smaller than the spread is noise.")
+                         "runs on this machine); a change smaller than the spread is noise.")
     st.caption(f"{wb.kind.metric_label}{_ui.metric_change(r) or ': no evaluation data'} · parameter sparsity "
                f"{_ui.fmt_pct(r['param_sparsity'])} · " + " · ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items()))
     if r.get("proxy"):
@@ -204,7 +204,8 @@ else:
                    "every fold of this model reuses it).")
     for note in r.get("notes") or []:
         st.caption(f"Note: {note}")
-    _ui.chart(F.before_after_bars(b, a, metrics=[k for k in (METRIC, "params", "flops", "size_bytes")
+    _ui.chart(F.before_after_bars(b, a, labels={"flops": "FLOPs / token"} if LM else None,
+                                  metrics=[k for k in (METRIC, "params", "flops", "size_bytes")
                                                  if b.get(k) is not None and a.get(k) is not None]),
               key="fr_before_after")
     _ui.chart(F.channels_per_group([g for g in r["groups"] if g.get("foldable", True)]), key="fr_channels")
@@ -255,7 +256,7 @@ else:
             z.writestr("report.json", report_json(r))
             z.writestr("groups.csv", report_csv(r))
             z.writestr("plan.json", outcome.result.plan.to_json())
-            figs = {"before_after": F.before_after_bars(b, a),
+            figs = {"before_after": F.before_after_bars(b, a, labels={"flops": "FLOPs / token"} if LM else None),
                     "channels_per_group": F.channels_per_group([g for g in r["groups"] if g.get("foldable", True)])}
             if zip_compare:
                 figs["variance_ratio"] = F.variance_ratio_plot({m_: v["rows"] for m_, v in zip_compare["data"].items()
