@@ -142,7 +142,7 @@ def order_by_cluster(labels: Sequence[int] | np.ndarray) -> np.ndarray:
 def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | None = None, *,
                        order: Sequence[int] | np.ndarray | None = None, group: str = "",
                        max_channels: int = 256, zrange: str = "auto", title: str | None = None,
-                       highlight: int | None = None, axis_label: str | None = None) -> go.Figure:
+                       highlight: int | None = None, axis_label: str | None = None, unit: str = "channel") -> go.Figure:
     """Cosine similarity between the channels of one group, ordered by cluster.
 
     ``sim`` is (n, n); ``labels`` (n,) cluster ids; ``order`` overrides the permutation
@@ -208,12 +208,13 @@ def similarity_heatmap(sim: np.ndarray, labels: Sequence[int] | np.ndarray | Non
         notes.append(dict(x=hl_pos, y=-0.5, yanchor="bottom", text=f"channel {int(highlight)}", showarrow=False,
                           font=dict(size=11, color="#111"), bgcolor="rgba(255,255,255,0.8)", name="highlight"))
     fig.update_layout(shapes=shapes, annotations=notes)
-    thin = f" (every {step}th channel shown)" if step > 1 else ""
+    thin = f" (one {unit} in {step} shown)" if step > 1 else ""
     name = f" — {group}" if group else ""
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
     fig.update_xaxes(constrain="domain")
-    return _layout(fig, title=title or f"Filter cosine similarity, ordered by cluster{name}{thin}",
-                   x=axis_label or "channel (ordered by cluster)", y=axis_label or "channel (ordered by cluster)",
+    what = "Filter" if unit == "channel" else unit.capitalize()
+    return _layout(fig, title=title or f"{what} cosine similarity, ordered by cluster{name}{thin}",
+                   x=axis_label or f"{unit} (ordered by cluster)", y=axis_label or f"{unit} (ordered by cluster)",
                    height=520, figure="similarity_heatmap", channels=n, clusters=k, step=step,
                    blocks=len(blocks), zlim=lim, highlight=None if highlight is None else int(highlight),
                    highlight_pos=hl_pos)

@@ -137,7 +137,9 @@ def _detail() -> None:
     m[1].metric("Mean cosine", f"{round(d['mean_cos'], 3) + 0.0:.3f}")   # + 0.0: no "-0.000"
     m[2].metric("Max cosine", f"{round(d['max_cos'], 3) + 0.0:.3f}")
     m[3].metric("Redundancy score", f"{d['score']:.2f}")
-    m[4].metric("k-means inertia", f"{d['inertia']:.3g}", help="sum of squared distances to the cluster centres")
+    m[4].metric("Cluster inertia", f"{d['inertia']:.3g}",
+                help="sum of squared distances to the cluster centres (what k-means minimises; Ward merges the "
+                     "pair of clusters that increases it least)")
     what = {"mlp": "its gate row, up row and down column", "heads": "its q_proj rows and o_proj columns"
             + ("; MHA: also k and v" if g.info.get("mha") else "")}.get(
         g.role, "fan-in rows, biases, BatchNorm γ/β, fan-out columns"
@@ -187,7 +189,7 @@ def _detail() -> None:
                       key="le_heatmap")
         else:
             _ui.chart(F.similarity_heatmap(d["similarity"], d["labels"], order=d["order"], group=gid, highlight=ch,
-                                           axis_label=f"{unit} (ordered by cluster)" if LM else None),
+                                           unit=unit),
                       key="le_heatmap")
     with right:
         mode = st.segmented_control("Select in the embedding", ["click a point", "box", "lasso"],

@@ -148,21 +148,28 @@ if LM:
     with st.container(border=True):
         st.subheader("2 · Evaluation text")
         data = _ui.data_source()
-        opts = ["held-out plays (shakespeare:test)", "a local UTF-8 text file", "none"]
-        cur_kind = 2 if not data.spec else 0 if data.spec == "shakespeare:test" else 1
-        tk = st.radio("Text", opts, index=cur_kind, horizontal=True, key="md_text_kind")
-        new_spec = {0: "shakespeare:test", 2: None}.get(opts.index(tk))
-        if opts.index(tk) == 1:
+        opts = ["held-out plays (shakespeare:test)", "a local UTF-8 text file", "a local WikiText-2 copy", "none"]
+        spec = data.spec or ""
+        cur_kind = (3 if not spec else 0 if spec == "shakespeare:test" else 2 if spec.startswith("wikitext2")
+                    else 1)
+        tk = opts.index(st.radio("Text", opts, index=cur_kind, horizontal=True, key="md_text_kind"))
+        new_spec = {0: "shakespeare:test", 3: None}.get(tk)
+        if tk == 1:
             path = st.text_input("Path of a text file (at most 20 MiB)", key="md_text_path",
-                                 value=data.spec[5:] if data.spec and data.spec.startswith("text:") else "")
+                                 value=spec[5:] if spec.startswith("text:") else "")
             new_spec = f"text:{path.strip()}" if path.strip() else None
+        elif tk == 2:
+            path = st.text_input("Directory holding WikiText-2 raw (wiki.test.raw, or a Hugging Face parquet "
+                                 "snapshot); the test split is scored, as in the paper", key="md_wikitext_dir",
+                                 value=spec.split(":", 1)[1] if spec.startswith("wikitext2") else "")
+            new_spec = f"wikitext2:{path.strip()}" if path.strip() else None
         windows = max(1, LM_EVAL_TOKENS // wb.loaded.context_length)
         limit = st.number_input(f"Windows of {wb.loaded.context_length} tokens to score (0 = all)", min_value=0,
                                 max_value=1_000_000, value=int(data.limit or 0) if data.spec else windows, step=8,
                                 key="md_windows", help="Fewer windows = faster perplexities and sweeps.")
-        new = DataSource(new_spec, int(limit) or None, data.repair_samples)
-        if opts.index(tk) == 1 and new_spec is None:
-            st.warning("Enter the path of a text file.")
+        new = DataSource(new_spec, int(limit) or None, data.repair_samples, data.calib)
+        if tk in (1, 2) and new_spec is None:
+            st.warning("Enter the path of a text file." if tk == 1 else "Enter the WikiText-2 directory.")
         elif new != data and st.button("Use this text", key="md_use_text"):
             _use_data(new, data)
         st.caption("Perplexity: the text is tokenised once and cut into non-overlapping windows of the model's "

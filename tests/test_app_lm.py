@@ -1,6 +1,8 @@
 """The app with a language model loaded: every page shows the LM views (AppTest, no browser)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 import numpy as np
 import pytest
@@ -56,6 +58,25 @@ def test_model_page_shows_layers_heads_kv_groups_and_the_baseline_perplexity(wb)
     at.button(key="md_use_text").click().run()
     assert any("not found" in e.value for e in at.error)
     assert at.session_state["data_source"]["spec"] == "shakespeare:test"
+
+
+def test_model_page_evaluates_on_a_local_wikitext2_copy(wb, tmp_path):
+    plays = (Path(__file__).resolve().parent.parent / "assets" / "text" / "shakespeare")
+    text = next(iter(sorted(plays.glob("[a-z]*.txt"))), None)   # a play, not the licence
+    body = text.read_text(encoding="utf-8", errors="replace")[:60_000] if text else "To be, or not to be. " * 4000
+    (tmp_path / "wiki.test.raw").write_text(body, encoding="utf-8")
+    at = lm_app()
+    at.radio(key="md_text_kind").set_value("a local WikiText-2 copy").run()
+    at.text_input(key="md_wikitext_dir").set_value(str(tmp_path / "missing")).run()
+    at.button(key="md_use_text").click().run()
+    assert any("wiki.test.raw" in e.value for e in at.error)               # one line naming what it looked for
+    assert at.session_state["data_source"]["spec"] == "shakespeare:test"
+    at.text_input(key="md_wikitext_dir").set_value(str(tmp_path)).run()
+    at.button(key="md_use_text").click().run()
+    assert_clean(at)
+    assert at.session_state["data_source"]["spec"] == f"wikitext2:{tmp_path}"
+    want = wb.evaluate(None, DataSource(f"wikitext2:{tmp_path}", at.session_state["data_source"]["limit"]))
+    assert float(metric_value(at, "Baseline perplexity")) == pytest.approx(want["perplexity"], abs=0.01)
 
 
 def test_explorer_shows_the_folds_clusters_for_neurons_and_heads(wb):
