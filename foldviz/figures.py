@@ -580,7 +580,7 @@ def filter_gallery(weight: np.ndarray, *, module: str = "", columns: int = 8, ma
 
 
 def cluster_size_histogram(labels_or_sizes: Sequence[int] | np.ndarray, *, from_labels: bool = True,
-                           group: str = "", title: str | None = None) -> go.Figure:
+                           group: str = "", title: str | None = None, unit: str = "channel") -> go.Figure:
     """How many clusters have 1, 2, 3, ... members (singletons are channels kept as they are)."""
     arr = np.asarray(labels_or_sizes, dtype=int)
     sizes = np.unique(arr, return_counts=True)[1] if from_labels else arr
@@ -592,7 +592,7 @@ def cluster_size_histogram(labels_or_sizes: Sequence[int] | np.ndarray, *, from_
     ))
     fig.update_xaxes(dtick=1 if len(vals) and vals.max() <= 20 else None)
     name = f" — {group}" if group else ""
-    return _layout(fig, title=title or f"Cluster sizes{name}", x="cluster size (channels merged)",
+    return _layout(fig, title=title or f"Cluster sizes{name}", x=f"cluster size ({unit}s merged)",
                    y="number of clusters", height=320, figure="cluster_size_histogram",
                    clusters=int(sizes.size))
 
@@ -650,8 +650,8 @@ def group_overview(rows: Sequence[Mapping], *, title: str | None = None) -> go.F
 
 def inertia_curve(points: Sequence[Sequence[float]] | Mapping[str, Sequence[Sequence[float]]], *,
                   current_ratio: float | None = None, normalize: bool = True,
-                  title: str | None = None) -> go.Figure:
-    """k-means inertia vs. fold ratio for one group (list of (ratio, k, inertia)) or several (dict).
+                  title: str | None = None, unit: str = "channel") -> go.Figure:
+    """Cluster inertia (k-means' objective) vs. fold ratio for one group (list of (ratio, k, inertia)) or several (dict).
 
     With ``normalize`` the inertia is divided by the group's total sum of squares at k=1 (the
     largest value), so curves of different groups are comparable: 0 = nothing lost, 1 = everything.
@@ -671,10 +671,11 @@ def inertia_curve(points: Sequence[Sequence[float]] | Mapping[str, Sequence[Sequ
             customdata=arr[:, 1:2].astype(int),
             hovertemplate="ratio %{x:.0f}% · k = %{customdata[0]}<br>inertia %{y:.3g}<extra></extra>"))
     if current_ratio is not None:
+        # labelled inside the plot, low: a label at the top would run into the title
         fig.add_vline(x=100.0 * float(current_ratio), line=dict(color="#d62728", dash="dash"),
-                      annotation_text="current", annotation_position="top")
-    return _layout(fig, title=title or "k-means inertia vs. fold ratio",
-                   x="fold ratio (% of channels removed)",
+                      annotation_text="current", annotation_position="bottom right")
+    return _layout(fig, title=title or "Cluster inertia vs. fold ratio",
+                   x=f"fold ratio (% of {unit}s removed)",
                    y="inertia (fraction of max)" if normalize else "inertia (sum of squares)",
                    height=340, figure="inertia_curve")
 
@@ -684,22 +685,31 @@ def inertia_curve(points: Sequence[Sequence[float]] | Mapping[str, Sequence[Sequ
 # --------------------------------------------------------------------------------------
 
 def channels_per_group(groups: Sequence[Mapping], *, title: str | None = None) -> go.Figure:
-    """Channels before and after folding per group (``id``, ``channels_before``, ``channels_after``)."""
+    """Units before and after folding per group (``id``, ``channels_before``, ``channels_after``, optional ``unit``).
+
+    Groups of one unit ("channel") read "channels"; mixed units (a decoder's MLP neurons and query heads) are named
+    on the axis, and a log axis keeps 8 heads visible beside 512 neurons.
+    """
     if not groups:
-        return empty_figure("No groups", title=title or "Channels per group")
+        return empty_figure("No groups", title=title or "Units per group")
     ids = [str(g["id"]) for g in groups]
     before = [int(g["channels_before"]) for g in groups]
     after = [int(g["channels_after"]) for g in groups]
+    units = sorted({str(g.get("unit") or "channel") for g in groups})
+    word = "channels" if units == ["channel"] else " / ".join(f"{u}s" for u in units)
     fig = go.Figure([
         go.Bar(x=ids, y=before, name="before", marker_color="#c7c7c7",
-               hovertemplate="%{x}<br>%{y} channels before<extra></extra>"),
+               hovertemplate="%{x}<br>%{y} before<extra></extra>"),
         go.Bar(x=ids, y=after, name="after", marker_color="#4c78a8",
-               hovertemplate="%{x}<br>%{y} channels after<extra></extra>"),
+               hovertemplate="%{x}<br>%{y} after<extra></extra>"),
     ])
     fig.update_layout(barmode="group")
     fig.update_xaxes(tickangle=-45)
-    return _layout(fig, title=title or "Channels per group: before vs. after",
-                   x="channel group (model order)", y="channels", height=380, figure="channels_per_group")
+    if max(before) > 20 * max(1, min(before)):
+        fig.update_yaxes(type="log")
+    return _layout(fig, title=title or f"{word.capitalize()} per group: before vs. after",
+                   x="group (model order)", y=word + (" (log scale)" if max(before) > 20 * max(1, min(before)) else ""),
+                   height=380, figure="channels_per_group")
 
 
 _METRIC_UNITS = {  # key: (panel title, y-axis unit, scale)

@@ -218,8 +218,8 @@ else:
         log_y = st.toggle("Log scale", value=True, key="fr_logy")
         if LM:
             st.subheader("MLP output variance per layer")
-            _ui.chart(F.variance_ratio_plot(series, log_y=log_y, title="Var(folded MLP output) / Var(original MLP "
-                                            "output)", x_label="decoder layer"), key="fr_variance")
+            _ui.chart(F.variance_ratio_plot(series, log_y=log_y, title="MLP output variance, folded / original",
+                                            x_label="decoder layer"), key="fr_variance")
             st.caption("Each layer's MLP output on the same held-out tokens, after vs. before. Merging neurons "
                        "averages the gate/up rows and sums the down columns; below 1 the layer's contribution to the "
                        "residual stream shrank.")
@@ -242,9 +242,11 @@ else:
 
     st.subheader("Downloads")
     c1, c2, c3 = st.columns(3)
-    c1.download_button("Folded model (.zip: a transformers directory + plan + report)" if LM else
-                       "Folded model (.zip: safetensors + card + plan)", lambda: _export(outcome),
-                       file_name="folded-model.zip", mime="application/zip", key="fr_dl_model")
+    c1.download_button("Folded model (.zip)", lambda: _export(outcome), file_name="folded-model.zip",
+                       mime="application/zip", key="fr_dl_model",
+                       help="A transformers directory (config.json, model.safetensors, tokenizer.json) with the plan "
+                            "and the report" if LM else "model.safetensors, its card (the architecture, rebuilt "
+                            "without pickle) and the plan")
 
     # read session state now: Streamlit calls the download callable outside this script run
     zip_compare = comp if comp and comp["plan"] == ss.get("outcome_plan") else None

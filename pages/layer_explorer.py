@@ -226,8 +226,8 @@ def _detail() -> None:
                    "that replaces the whole row after folding — followed by the member filters."
                    + (f" {n_cl} clusters: page through them with the number above." if n_cl > 12 else ""))
 
-    st.markdown("**Nearest neighbours**" + (f" of channel {ch}" if ch is not None else
-                                             " (select a channel above, or click a point in the embedding)"))
+    st.markdown("**Nearest neighbours**" + (f" of {unit} {ch}" if ch is not None else
+                                             f" (select a {unit} above, or click a point in the embedding)"))
     if ch is not None:
         nb = wb.neighbours(gid, ch, plan, k=min(8, g.channels - 1))
         rows_ = [n["channel"] for n in nb]
@@ -240,11 +240,12 @@ def _detail() -> None:
 
     left, right = st.columns(2)
     with left:
-        _ui.chart(F.cluster_size_histogram(d["labels"], group=gid), key="le_sizes")
+        _ui.chart(F.cluster_size_histogram(d["labels"], group=gid, unit=unit), key="le_sizes")
     with right:
         try:  # the fold's own clusters at every slider stop computed so far (the background fills in the rest)
             pts = wb.inertia_curve(gid, plan, ready_only=True)
-            _ui.chart(F.inertia_curve(pts, current_ratio=ratio, title=f"k-means inertia vs. fold ratio — {gid}"),
+            _ui.chart(F.inertia_curve(pts, current_ratio=ratio, title=f"Cluster inertia vs. fold ratio — {gid}",
+                                      unit=unit),
                       key="le_inertia")
             if len(pts) < status["total"]:
                 st.caption(f"{len(pts)} of {status['total']} ratios so far; the rest appear as the background "

@@ -324,7 +324,7 @@ def test_browser_walkthrough(server, browser):
     shot(page, "4a-fold-results")
     # take the folded model home: the zip holds a safetensors model that foldviz loads again
     with page.expect_download() as dl:
-        page.get_by_role("button", name="Folded model (.zip: safetensors + card + plan)").click()
+        page.get_by_role("button", name="Folded model (.zip)").click()
     with zipfile.ZipFile(dl.value.path()) as z, tempfile.TemporaryDirectory() as tmp:
         names = z.namelist()
         assert any(n.endswith("model.safetensors") for n in names), names

@@ -301,6 +301,12 @@ def test_channels_per_group_and_plan_preview():
     spec = _spec(F.channels_per_group(groups))
     assert [t["name"] for t in spec["data"]] == ["before", "after"]
     assert spec["data"][1]["y"] == [8, 32]
+    assert spec["layout"]["yaxis"]["title"]["text"] == "channels" and spec["layout"]["yaxis"].get("type") != "log"
+    # a decoder: 512 MLP neurons beside 8 query heads, named, on a log axis where 8 stays visible
+    lm = _spec(F.channels_per_group([dict(id="l0.mlp", unit="neuron", channels_before=512, channels_after=358),
+                                     dict(id="l0.attn", unit="head", channels_before=8, channels_after=6)]))
+    assert lm["layout"]["yaxis"]["type"] == "log" and lm["layout"]["yaxis"]["title"]["text"].startswith("heads / neurons")
+    assert "Heads / neurons per group" in lm["layout"]["title"]["text"]
     p = _spec(F.plan_preview_bars(groups))
     assert p["data"][0]["y"] == [50.0, 0.0]
     assert p["data"][0]["text"] == ["16→8", "32→32"]
