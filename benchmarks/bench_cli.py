@@ -1,4 +1,4 @@
-"""Command-line responsiveness and the report's cost (issue #9, "The command line too").
+"""Command-line responsiveness and the report's cost ("The command line too").
 
     python benchmarks/bench_cli.py [--repeats 5] [--out benchmarks/results/cli.md]
 
@@ -68,7 +68,7 @@ def main() -> int:
                       os.getloadavg()[0]))
         print(folds[-1], flush=True)
 
-    lines = ["# Command line: responsiveness and the report's cost (issue #9)", "",
+    lines = ["# Command line: responsiveness and the report's cost", "",
              f"`python benchmarks/bench_cli.py --repeats {args.repeats}`; fresh process per run, "
              f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, 2 shared CPU cores.", "",
              "| command | median s | min s | max s | target < 1 s | load avg (1 min) |", "|---|---:|---:|---:|---|---:|"]

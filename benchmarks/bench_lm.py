@@ -1,4 +1,4 @@
-"""Language-model folding benchmarks (issue #10).
+"""Language-model folding benchmarks.
 
 Part A (``--part ppl``): held-out perplexity of the bundled demo LM (``demo:shakespeare-llama``) vs the fraction of
 parameters removed, for data-free folding (k-means and Ward), magnitude (L2) pruning and random pruning (3 seeds)
@@ -230,7 +230,7 @@ def cost_markdown(out: dict) -> str:
           f"removed) | {out['weight_bytes'] / 2**30:.2f} GiB | {out['fold_seconds']:.0f} s | "
           f"{out['fold_cpu_seconds']:.0f} s | {out['peak_rss_mb'] / 1024:.2f} GiB | {out['peak_over_weights']:.2f}× | "
           f"{out['n_init']} | {out['threads']} | {load} |", "",
-          f"Targets (issue #10): < 120 s and < 2× the weights' memory: **{'met' if met else 'missed'}** in this run. "
+          f"Targets: < 120 s and < 2× the weights' memory: **{'met' if met else 'missed'}** in this run. "
           f"Layers 2–{c['layers']}: {min(per_layer):.1f}–{max(per_layer):.1f} s each (median "
           f"{sorted(per_layer)[len(per_layer) // 2]:.1f} s) to cluster; the first waits for its own Gram matrix" +
           ("." if merge is None else f"; merging every group afterwards: {merge:.1f} s."), "",

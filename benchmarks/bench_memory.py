@@ -1,4 +1,4 @@
-"""Peak memory (RSS) of folding torchvision classification models (issue #13).
+"""Peak memory (RSS) of folding torchvision classification models.
 
 Each case runs ``python -m foldviz fold torchvision:ARCH --ratio 0.5 --repair REPAIR --no-latency --out TMP`` (REPAIR: ar, the issue's case, and dfr, the default) in its own
 subprocess (random init, 224x224) and reads the child's peak RSS from ``resource.getrusage(RUSAGE_CHILDREN)``
@@ -77,7 +77,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     lines = [
-        "# Peak memory of folding (issue #13)",
+        "# Peak memory of folding",
         "",
         f"`python -m foldviz fold torchvision:ARCH --ratio {args.ratio} --repair REPAIR --no-latency --device cpu` "
         "(random init, 224x224 inputs, report with 128 variance samples), one subprocess per case, peak RSS from "

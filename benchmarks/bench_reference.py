@@ -1,4 +1,4 @@
-"""foldviz beside the authors' own code (marza96/ModelFolding) on the same weights (issue #12 item 1).
+"""foldviz beside the authors' own code (marza96/ModelFolding) on the same weights.
 
     python benchmarks/bench_reference.py --authors-src /path/to/ModelFolding [--extra-path DIR] [--out FILE.md]
 
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     lines = [
         "# foldviz beside the authors' code (marza96/ModelFolding)",
         "",
-        f"Written by `benchmarks/bench_reference.py` (issue #12 item 1). Authors' code: marza96/ModelFolding commit "
+        f"Written by `benchmarks/bench_reference.py`. Authors' code: marza96/ModelFolding commit "
         f"`{commit}`, imported from a local checkout with the CPU patches listed in the script's docstring "
         "(nothing of it is in this repository). Model: `demo:digits-resnet18` weights in the authors' ResNet class "
         f"(1/4 width), original accuracy {100 * base_acc:.1f} % on the 450-image digits test split. Same k per group "

@@ -145,7 +145,7 @@ def main() -> int:
         w.writeheader()
         w.writerows(records)
     lines = [
-        "# Sweep throughput: local vs Ray (issue #11)", "",
+        "# Sweep throughput: local vs Ray", "",
         f"`benchmarks/bench_sweep.py`, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores shared with "
         "other users (load average 1/5/15 min in every row), `OMP_NUM_THREADS=1`.", "",
         f"Sweep: `{MODEL}`, methods {', '.join(METHODS)}, ratios {RATIOS}, seeds {list(SEEDS)}, full 450-image digits test split "

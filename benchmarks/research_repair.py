@@ -1,4 +1,4 @@
-"""Research panel for issue #12 (data-free repair): accuracy and BN variance ratios of every repair candidate.
+"""Research panel for data-free repair: accuracy and BN variance ratios of every repair candidate.
 
 For every bundled digits demo x channel ratio x seed it folds the model with each candidate, evaluates it on the
 digits test split and measures mean |log2 variance ratio| over the BatchNorm layers (foldviz.metrics.variance_ratios
@@ -60,7 +60,7 @@ CANDIDATES = {
     "IFM": ("ifm", None),
     "L1 + REPAIR (real data)": ("l1+r", None),
 }
-# the panel of issue #12 (README 3b): the columns the issue names, Fold-DIR aside (minutes per fold on CPU)
+# the data-free repair panel (docs/BENCHMARKS.md 3b): the columns the issue names, Fold-DIR aside (minutes per fold on CPU)
 MAIN_PANEL = ["Fold-Naive", "Fold-R (real data)", "Fold-AR (authors, whole group)",
               "Fold-DFR (default: DI-30 x32 proxy + BN-less layer repair)", "IFM", "L1 + REPAIR (real data)"]
 MODELS = ("digits-mlp", "digits-vgg", "digits-resnet", "digits-resnet-2x", "digits-resnet18")
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
 
 
 def markdown(rows, args, load_before, load_after, wall) -> str:
-    lines = ["# Data-free repair panel (issue #12)", "",
+    lines = ["# Data-free repair panel", "",
              f"Seeds {args.seeds}; accuracy on the digits test split (450 images) as mean ± half-range over seeds; "
              "|log2 vr| = mean over BN layers of |log2 (folded/original activation variance)| on 256 test images "
              "(mean over seeds; 0 is ideal). Fold-R uses 512 real training images; every other column is data-free.",

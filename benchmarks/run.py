@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run the foldviz benchmarks (GitHub issue #5) and write markdown + CSV tables.
+"""Run the foldviz benchmarks and write markdown + CSV tables.
 
     .venv/bin/python benchmarks/run.py --quick            # < 5 min, writes benchmarks/results/quick/
     .venv/bin/python benchmarks/run.py                    # full run (~30-40 min), writes benchmarks/results/

@@ -415,7 +415,7 @@ def test_upload_checkpoint_and_torchvision_model_data_free():
     # a weights-only checkpoint for a demo architecture
     weights = (Path(__file__).resolve().parent.parent / "assets" / "models" / "digits-vgg.safetensors").read_bytes()
     at.radio(key="md_kind").set_value("Upload a checkpoint").run()
-    # the architecture offered for the checkpoint is the loaded model's (issue #9), not the first in the list
+    # the architecture offered for the checkpoint is the loaded model's, not the first in the list
     assert at.selectbox(key="md_up_arch").value == at.session_state["model_source"]["spec"] == "demo:digits-resnet"
     at.selectbox(key="md_up_arch").set_value("demo:digits-vgg").run()
     at.file_uploader(key="md_upload").set_value(("my-vgg.safetensors", weights, "application/octet-stream")).run()

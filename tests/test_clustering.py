@@ -127,7 +127,7 @@ def test_cluster_order_lists_largest_clusters_first():
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mlp"])
 @pytest.mark.parametrize("scale", [False, True])
 def test_feature_blocks_and_block_gram_equal_the_full_matrix_bit_for_bit(name, scale):
-    """The fold clusters from column blocks (never the whole (n, d) matrix, issue #13's memory bound); the Layer
+    """The fold clusters from column blocks (never the whole (n, d) matrix, the memory bound); the Layer
     explorer clusters the full matrix. Blocks cut across sources and through multi-row members (VGG's flatten
     keeps the spatial extent) must give exactly the same features, Gram matrix and labels."""
     from engine_models import random_demo

@@ -143,7 +143,7 @@ def test_one_default_repair_for_every_entry_point(tmp_path):
 
 
 def test_kmeans_clusters_are_never_empty_on_dead_channels():
-    """A trained model with many dead (all-zero) channels folds with every repair (issue #12's crash)."""
+    """A trained model with many dead (all-zero) channels folds with every repair."""
     m = random_demo("mlp")
     with torch.no_grad():
         m.fc1.weight[:300] = 0

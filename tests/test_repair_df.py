@@ -1,4 +1,4 @@
-"""Data-free repairs (issue #12): the authors' Fold-AR and Fold-DFR (data-free REPAIR)."""
+"""Data-free repairs: the authors' Fold-AR and Fold-DFR (data-free REPAIR)."""
 
 import numpy as np
 import pytest
