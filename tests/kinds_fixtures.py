@@ -68,7 +68,8 @@ def duplicate_mlp_neurons(model):
 
 @torch.no_grad()
 def duplicate_query_heads(model):
-    """Every query head twice, inside its own KV group (q rows copied, o columns halved): the same function."""
+    """Every query head twice, inside its own KV group (q rows copied, o columns halved): the same function. In MHA
+    (one query head per KV head) the head's k and v rows are copied too, so the copy stays its own KV head."""
     from foldviz.lm.groups import attn_shape, decoder_layers, sync_config
 
     m = copy.deepcopy(model)
@@ -85,6 +86,14 @@ def duplicate_query_heads(model):
         if q.bias is not None:
             nqw.bias.copy_(q.bias[rows])
         attn.q_proj = nqw
+        if nq == nkv:   # MHA: duplicate whole heads
+            for name in ("k_proj", "v_proj"):
+                lin = getattr(attn, name)
+                new = torch.nn.Linear(lin.in_features, 2 * lin.out_features, bias=lin.bias is not None)
+                new.weight.copy_(lin.weight[rows])
+                if lin.bias is not None:
+                    new.bias.copy_(lin.bias[rows])
+                setattr(attn, name, new)
         o = attn.o_proj
         now = torch.nn.Linear(2 * o.in_features, o.out_features, bias=o.bias is not None)
         now.weight.copy_(o.weight[:, rows] / 2)

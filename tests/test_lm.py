@@ -84,10 +84,7 @@ def test_duplicate_mlp_neurons_fold_back_exactly(x, tmp_path):
 @pytest.mark.parametrize("nq,nkv", [(4, 2), (4, 1), (2, 2)])
 def test_duplicate_query_heads_fold_back_within_their_kv_group(nq, nkv, x, tmp_path):
     ref_m = tiny_llama(nq=nq, nkv=nkv, inter=24)
-    dup_m = duplicate_query_heads(ref_m) if nq != nkv else None
-    if dup_m is None:   # MHA: duplicating a head duplicates its k and v too, which no GQA layout has
-        pytest.skip("MHA duplicates are covered by test_ratio_zero_and_k_equals_n_are_the_identity")
-    dup = loaded_from(dup_m, tmp_path)
+    dup = loaded_from(duplicate_query_heads(ref_m), tmp_path)   # MHA: whole heads (q, k, v) duplicated
     ref = logits(ref_m, x)
     torch.testing.assert_close(logits(dup.model, x), ref, rtol=1e-5, atol=1e-5)
     plan = FoldPlan(default_ratio=0.0, repair="none", ratios={f"model.layers.{i}.self_attn": 0.5 for i in range(2)})
