@@ -12,6 +12,7 @@ from pathlib import Path
 
 # Only the torch-free registry is imported here: `--help` and argument errors answer in well under a second;
 # each command imports the engine (torch, torchvision) when it runs.
+from .argtypes import count as _count, positive as _positive
 from .methods import (DEFAULT_CALIB_SAMPLES, DEFAULT_REPAIR_SAMPLES, KIND_NAMES, METHODS, MODEL_KINDS, VARIANCE_SAMPLES, fold_keys,
                       plan_method)
 
@@ -140,28 +141,11 @@ def _check_plan_matches(plan, plan_path, loaded, force: bool) -> None:
               file=sys.stderr)
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
-    return n
-
-
 def _ratio(text: str) -> float:
     r = float(text)
     if not 0 <= r < 1:
         raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {text}")
     return r
-
-
-def _positive(text: str) -> int:
-    n = _count(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
-    return n
 
 
 def cmd_inspect(args) -> int:

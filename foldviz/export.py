@@ -30,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 
+from .argtypes import positive as _positive
+
 # torch, numpy and the exporters are imported where they are used: registering the subcommand (``--help``) stays
 # free of them
 
@@ -416,16 +418,6 @@ def cmd_export(args) -> int:
 
         atomic_write_text(args.json, dumps_json(info))
     return 0
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
-    return n
 
 
 def _tolerance(text: str) -> float:

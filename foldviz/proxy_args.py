@@ -4,32 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from .argtypes import count as _seed, positive as _positive
+
 __all__ = ["PROXY_KINDS", "PROXY_DEFAULTS", "add_proxy_args", "proxy_settings_from_args", "apply_cache_args"]
 
 PROXY_KINDS = ("noise", "smooth", "di")
 #: Fold-DFR's proxy when a plan's ``repair_settings`` do not say (README, "Fold-DFR's proxy"); "samples" is scaled
 #: down for inputs larger than 32x32 unless set explicitly (foldviz.proxy.default_samples)
 PROXY_DEFAULTS = {"proxy": "di", "samples": 32, "proxy_steps": 30, "proxy_seed": 0, "proxy_resolution": None}
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
-    return n
-
-
-def _seed(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
-    return n
 
 
 def add_proxy_args(parser: argparse.ArgumentParser) -> None:
