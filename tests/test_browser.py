@@ -184,11 +184,18 @@ def wait_for_charts(page, n: int) -> None:
     """At least ``n`` plotly charts exist and each has drawn its SVG (charts render when scrolled into view)."""
     page.wait_for_function("n => document.querySelectorAll(\"[data-testid='stPlotlyChart']\").length >= n",
                            arg=n, timeout=60_000)
-    charts = page.get_by_test_id("stPlotlyChart")
-    for i in range(charts.count()):
-        c = charts.nth(i)
-        c.scroll_into_view_if_needed()
-        c.locator(".main-svg").first.wait_for(state="attached", timeout=60_000)
+    for attempt in range(4):   # a background result may rerun the page (charts redrawn): then look again
+        try:
+            charts = page.get_by_test_id("stPlotlyChart")
+            for i in range(charts.count()):
+                c = charts.nth(i)
+                c.scroll_into_view_if_needed()
+                c.locator(".main-svg").first.wait_for(state="attached", timeout=60_000)
+            break
+        except Exception as exc:  # noqa: BLE001 - playwright's Error: the element left the DOM mid-rerun
+            if attempt == 3 or "not attached" not in str(exc):
+                raise
+            settle(page)
     page.get_by_test_id("stMain").evaluate("el => el.scrollTo(0, 0)") if page.get_by_test_id("stMain").count() else None
     page.evaluate("window.scrollTo(0, 0)")
 
